@@ -1,0 +1,5 @@
+import sys
+
+from lorasft.cli import main
+
+sys.exit(main())

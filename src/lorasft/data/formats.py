@@ -1,0 +1,273 @@
+"""Read JSON / JSONL files and normalise alpaca, chat, ShareGPT and raw-text records.
+
+Every record becomes an `Example`: either a conversation (`messages`, roles system/user/assistant)
+or a raw `text`. A record that cannot be used becomes a `BadRecord` naming file, line or index,
+field and reason; nothing is coerced (`None` never becomes the text "None").
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("alpaca", "chat", "sharegpt", "text")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "chatgpt": "assistant", "bing": "assistant"}  # fmt: skip
+
+
+class DataError(ValueError):
+    """Bad data with `on_bad_record: error`, or a file that cannot be read at all."""
+
+
+@dataclass
+class Example:
+    source: str  # "file:line" or "file[index]"
+    messages: list[dict[str, str]] = field(default_factory=list)
+    text: str | None = None
+
+    @property
+    def is_text(self) -> bool:
+        return self.text is not None
+
+    def key(self) -> str:
+        return json.dumps([self.messages, self.text], ensure_ascii=False, sort_keys=True)
+
+
+@dataclass
+class BadRecord:
+    source: str
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.field}: {self.reason}"
+
+
+@dataclass
+class FileReport:
+    path: str
+    format: str
+    records: int = 0
+    bom: bool = False
+    crlf_records: int = 0
+
+
+@dataclass
+class LoadResult:
+    examples: list[Example] = field(default_factory=list)
+    bad: list[BadRecord] = field(default_factory=list)
+    files: list[FileReport] = field(default_factory=list)
+    duplicates: int = 0
+
+
+def read_records(path: Path) -> tuple[list[tuple[str, Any]], list[BadRecord], bool]:
+    """(source, parsed object) pairs of a JSON array or JSONL file, the lines that did not parse,
+    and whether a UTF-8 BOM was stripped."""
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    raw = path.read_bytes()
+    bom = raw.startswith(b"\xef\xbb\xbf")
+    raw = raw[3:] if bom else raw
+    if raw.lstrip()[:1] == b"[":
+        return _read_json_array(path, raw), [], bom
+    records, bad = [], []
+    for n, line in enumerate(raw.split(b"\n"), start=1):
+        src = f"{path}:{n}"
+        if not line.strip():
+            continue
+        try:
+            records.append((src, json.loads(line.decode("utf-8"))))
+        except UnicodeDecodeError as e:
+            bad.append(BadRecord(src, "<line>", f"invalid UTF-8 at byte {e.start}"))
+        except json.JSONDecodeError as e:
+            bad.append(BadRecord(src, "<line>", f"malformed JSON: {e.msg} at column {e.colno}"))
+    return records, bad, bom
+
+
+def _read_json_array(path: Path, raw: bytes) -> list[tuple[str, Any]]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: invalid UTF-8 at byte {e.start}; save the file as UTF-8") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    return [(f"{path}[{i}]", rec) for i, rec in enumerate(data)]
+
+
+def detect_format(records: list[tuple[str, Any]], path: Path) -> str:
+    for _, rec in records:
+        if not isinstance(rec, dict):
+            continue
+        if "messages" in rec:
+            return "chat"
+        if "conversations" in rec:
+            return "sharegpt"
+        if "instruction" in rec or "output" in rec:
+            return "alpaca"
+        if "text" in rec:
+            return "text"
+    raise DataError(
+        f"{path}: cannot detect the format: no record has 'instruction'/'output' (alpaca), "
+        "'messages' (chat), 'conversations' (ShareGPT) or 'text'; set data.format"
+    )
+
+
+def _string(rec: dict, key: str, required: bool) -> str | None:
+    """A string field, or None when optional and absent/null; raises with the reason otherwise."""
+    value = rec.get(key)
+    if value is None:
+        if required:
+            raise _Bad(key, "missing" if key not in rec else "null where a string is required")
+        return None
+    if not isinstance(value, str):
+        raise _Bad(key, f"must be a string, got {type(value).__name__}")
+    return value
+
+
+class _Bad(Exception):
+    def __init__(self, field_name: str, reason: str):
+        self.field, self.reason = field_name, reason
+
+
+def _alpaca(rec: dict) -> list[dict[str, str]]:
+    instruction = _string(rec, "instruction", required=True)
+    output = _string(rec, "output", required=True)
+    inp = _string(rec, "input", required=False) or ""
+    system = _string(rec, "system", required=False)
+    if not instruction.strip():
+        raise _Bad("instruction", "empty")
+    messages = [{"role": "system", "content": system}] if system else []
+    history = rec.get("history") or []
+    if not isinstance(history, list):
+        raise _Bad("history", f"must be a list of [instruction, response] pairs, got {type(history).__name__}")
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise _Bad(f"history[{i}]", "must be a pair of strings [instruction, response]")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    user = {"role": "user", "content": instruction + (f"\n\n{inp}" if inp else "")}
+    if inp:  # kept apart for templates (alpaca) that render the input in its own block
+        user.update(instruction=instruction, input=inp)
+    return messages + [user, {"role": "assistant", "content": output}]
+
+
+def _chat(rec: dict, key: str, role_key: str, text_key: str, roles: dict | None) -> list[dict]:
+    turns = rec.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise _Bad(key, "must be a non-empty list of turns")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise _Bad(f"{key}[{i}]", f"must be an object, got {type(turn).__name__}")
+        role, content = turn.get(role_key), turn.get(text_key)
+        if not isinstance(role, str):
+            raise _Bad(f"{key}[{i}].{role_key}", "missing or not a string")
+        role = roles.get(role.lower(), role) if roles else role
+        if not isinstance(content, str):
+            raise _Bad(f"{key}[{i}].{text_key}", f"must be a string, got {type(content).__name__}")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def check_conversation(messages: list[dict[str, str]], key: str = "messages") -> None:
+    """Optional system first, then user/assistant alternating, ending with a non-empty answer."""
+    start = 1 if messages and messages[0]["role"] == "system" else 0
+    if start == len(messages):
+        raise _Bad(key, "no user/assistant turns")
+    for i, msg in enumerate(messages[start:], start=start):
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        if msg["role"] != expected:
+            raise _Bad(f"{key}[{i}].role", f"expected '{expected}', got '{msg['role']}'")
+    if messages[-1]["role"] != "assistant":
+        raise _Bad(key, "the last turn must be the assistant's response")
+    for i, msg in enumerate(messages):
+        if msg["role"] == "assistant" and not msg["content"].strip():
+            raise _Bad(f"{key}[{i}].content" if key != "output" else "output", "empty response")
+
+
+def normalise(rec: Any, fmt: str) -> Example:
+    if not isinstance(rec, dict):
+        raise _Bad("<record>", f"must be a JSON object, got {type(rec).__name__}")
+    if fmt == "text":
+        text = _string(rec, "text", required=True)
+        if not text.strip():
+            raise _Bad("text", "empty")
+        return Example(source="", text=text)
+    if fmt == "alpaca":
+        messages, key = _alpaca(rec), "output"
+    elif fmt == "chat":
+        messages, key = _chat(rec, "messages", "role", "content", None), "messages"
+    else:
+        messages, key = _chat(rec, "conversations", "from", "value", SHAREGPT_ROLES), "conversations"
+    check_conversation(messages, key)
+    return Example(source="", messages=messages)
+
+
+def _fix_crlf(ex: Example) -> bool:
+    changed = False
+    if ex.text is not None and "\r" in ex.text:
+        ex.text, changed = ex.text.replace("\r\n", "\n"), True
+    for msg in ex.messages:
+        for k, v in msg.items():
+            if k != "role" and "\r" in v:
+                msg[k], changed = v.replace("\r\n", "\n"), True
+    return changed
+
+
+def load_file(path: str | Path, fmt: str = "auto") -> tuple[list[Example], list[BadRecord], FileReport]:
+    path = Path(path)
+    records, bad, bom = read_records(path)
+    if not records and not bad:
+        raise DataError(f"{path}: no records")
+    fmt = detect_format(records, path) if fmt == "auto" else fmt
+    report = FileReport(str(path), fmt, bom=bom)
+    examples = []
+    for src, rec in records:
+        try:
+            ex = normalise(rec, fmt)
+        except _Bad as b:
+            bad.append(BadRecord(src, b.field, b.reason))
+            continue
+        ex.source = src
+        report.crlf_records += _fix_crlf(ex)
+        examples.append(ex)
+    report.records = len(examples)
+    bad.sort(key=lambda b: int(re.findall(r"\d+", b.source)[-1]))  # file order
+    return examples, bad, report
+
+
+def load_files(paths: list[str], fmt: str, on_bad_record: str, dedup: bool) -> LoadResult:
+    result = LoadResult()
+    for p in paths:
+        examples, bad, report = load_file(p, fmt)
+        result.examples += examples
+        result.bad += bad
+        result.files.append(report)
+    if result.bad and on_bad_record == "error":
+        shown = "\n  ".join(str(b) for b in result.bad[:20])
+        more = f"\n  ... and {len(result.bad) - 20} more" if len(result.bad) > 20 else ""
+        raise DataError(
+            f"{len(result.bad)} bad record(s) (set data.on_bad_record=skip to skip and count them):"
+            f"\n  {shown}{more}"
+        )
+    if dedup:
+        result.examples, result.duplicates = drop_duplicates(result.examples)
+    if not result.examples:
+        raise DataError(f"no usable records in {', '.join(paths)}")
+    return result
+
+
+def drop_duplicates(examples: list[Example]) -> tuple[list[Example], int]:
+    seen: Counter[str] = Counter()
+    kept = []
+    for ex in examples:
+        k = ex.key()
+        seen[k] += 1
+        if seen[k] == 1:
+            kept.append(ex)
+    return kept, len(examples) - len(kept)

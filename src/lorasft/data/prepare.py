@@ -1,0 +1,141 @@
+"""From data config to tokenized train/eval sets, with every count a user needs to see."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from lorasft.config import DataSection
+from lorasft.data.augment import augment_examples
+from lorasft.data.formats import DataError, Example, LoadResult, load_files
+from lorasft.data.templates import with_system
+from lorasft.data.tokenize import EncodeStats, Encoded, encode_examples
+
+
+def demo_files() -> tuple[str, str]:
+    assets = files("lorasft") / "assets"
+    return str(assets / "demo_train.jsonl"), str(assets / "demo_eval.jsonl")
+
+
+def _as_list(value: str | list[str] | None) -> list[str]:
+    return [value] if isinstance(value, str) else list(value or [])
+
+
+def data_files(cfg: DataSection) -> tuple[list[str], list[str]]:
+    if cfg.train_file is None:
+        train, evals = demo_files()
+        return [train], _as_list(cfg.eval_file) or [evals]
+    return _as_list(cfg.train_file), _as_list(cfg.eval_file)
+
+
+@dataclass
+class Prepared:
+    train: list[Encoded]
+    eval: list[Encoded]
+    train_examples: list[Example]
+    eval_examples: list[Example]
+    counts: dict[str, Any] = field(default_factory=dict)
+
+
+def split(examples: list[Example], val_ratio: float, seed: int) -> tuple[list[Example], list[Example]]:
+    if val_ratio <= 0:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(examples) * val_ratio))
+    if n_eval >= len(examples):
+        raise DataError(f"data.val_ratio={val_ratio} leaves no training records of {len(examples)}")
+    eval_idx = set(order[:n_eval])
+    return (
+        [e for i, e in enumerate(examples) if i not in eval_idx],
+        [e for i, e in enumerate(examples) if i in eval_idx],
+    )
+
+
+def _load_counts(res: LoadResult) -> dict[str, Any]:
+    return {
+        "files": [asdict(f) for f in res.files],
+        "records": len(res.examples),
+        "bad_records": [str(b) for b in res.bad],
+        "skipped_bad": len(res.bad),
+        "duplicates_dropped": res.duplicates,
+    }
+
+
+def _encode_counts(stats: EncodeStats, encoded: list[Encoded]) -> dict[str, Any]:
+    tokens = sum(len(e) for e in encoded)
+    supervised = sum(e.n_supervised for e in encoded)
+    return {
+        "sequences": len(encoded),
+        "truncated_prompt": stats.truncated,
+        "dropped_too_long": len(stats.dropped_too_long),
+        "dropped_too_long_sources": stats.dropped_too_long[:50],
+        "text_records_split": stats.split_text,
+        "tokens": tokens,
+        "supervised_tokens": supervised,
+        "supervised_share": round(supervised / tokens, 4) if tokens else 0.0,
+    }
+
+
+def load_split(cfg: DataSection) -> tuple[list[Example], list[Example], dict[str, Any]]:
+    train_paths, eval_paths = data_files(cfg)
+    res = load_files(train_paths, cfg.format, cfg.on_bad_record, cfg.dedup)
+    counts: dict[str, Any] = {"train_files": _load_counts(res)}
+    if eval_paths:
+        eres = load_files(eval_paths, cfg.format, cfg.on_bad_record, cfg.dedup)
+        counts["eval_files"] = _load_counts(eres)
+        return res.examples, eres.examples, counts
+    train, evals = split(res.examples, cfg.val_ratio, cfg.seed)
+    counts["split"] = {"val_ratio": cfg.val_ratio, "seed": cfg.seed, "eval_records": len(evals)}
+    return train, evals, counts
+
+
+def prepare(cfg: DataSection, tokenizer) -> Prepared:
+    train, evals, counts = load_split(cfg)
+    for ex in train + evals:
+        ex.messages = with_system(ex.messages, cfg.system_prompt)
+    aug = cfg.augment
+    extra = augment_examples(train, aug.ratio, aug.methods, aug.prob, cfg.seed) if aug.ratio else []
+    counts["augmented_added"] = len(extra)
+    enc_train, s_train = encode_examples(
+        train + extra, tokenizer, cfg.max_length, cfg.truncation, cfg.train_on_prompt
+    )
+    # Eval is encoded with the same mask rules, so eval loss is on response tokens as in training.
+    enc_eval, s_eval = encode_examples(
+        evals, tokenizer, cfg.max_length, cfg.truncation, cfg.train_on_prompt
+    )
+    counts["train"] = _encode_counts(s_train, enc_train)
+    counts["eval"] = _encode_counts(s_eval, enc_eval)
+    if not enc_train:
+        raise DataError(
+            f"no training sequences left after length filtering (data.max_length={cfg.max_length}); "
+            "raise max_length or set data.truncation=truncate_prompt"
+        )
+    return Prepared(enc_train, enc_eval, train, evals, counts)
+
+
+def describe(counts: dict[str, Any]) -> list[str]:
+    """Console lines for the counts, so skips and cuts are seen, not only written to a file."""
+    lines = []
+    for key in ("train_files", "eval_files"):
+        c = counts.get(key)
+        if c:
+            lines.append(
+                f"{key.split('_')[0]}: {c['records']} records from "
+                f"{', '.join(Path(f['path']).name + ' (' + f['format'] + ')' for f in c['files'])}; "
+                f"bad skipped {c['skipped_bad']}, duplicates dropped {c['duplicates_dropped']}"
+            )
+            lines += [f"  skipped: {b}" for b in c["bad_records"][:10]]
+    for key in ("train", "eval"):
+        c = counts[key]
+        lines.append(
+            f"{key} sequences {c['sequences']}: {c['tokens']} tokens, "
+            f"{c['supervised_share']:.0%} in the loss; over-long dropped {c['dropped_too_long']}, "
+            f"prompt-truncated {c['truncated_prompt']}"
+        )
+    if counts.get("augmented_added"):
+        lines.append(f"augmentation added {counts['augmented_added']} training records")
+    return lines

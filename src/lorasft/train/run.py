@@ -1,0 +1,94 @@
+"""`lorasft train`: setup -> fit -> save. Evaluation and reports follow in the caller."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+from transformers import EarlyStoppingCallback, Trainer, set_seed
+
+from lorasft.config import Config, dump_config
+from lorasft.data.collate import PadCollator
+from lorasft.data.prepare import Prepared, describe, prepare
+from lorasft.data.tokenize import Encoded
+from lorasft.model.lora import trainable_summary
+from lorasft.train.setup import prepare_model_and_tokenizer, run_dir_and_checkpoint, training_arguments
+
+
+@dataclass
+class TrainOutcome:
+    run_dir: Path
+    model: Any
+    tokenizer: Any
+    data: Prepared
+    log_history: list[dict[str, Any]]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def to_dataset(encoded: list[Encoded]) -> Dataset:
+    return Dataset.from_list(
+        [{"input_ids": e.input_ids, "labels": e.labels, "length": len(e)} for e in encoded]
+    )
+
+
+def build_trainer(cfg: Config, model, tok, data: Prepared, run_dir: Path, precision: str) -> Trainer:
+    has_eval = bool(data.eval) and cfg.train.eval_strategy != "no"
+    args = training_arguments(
+        cfg.train, run_dir, precision, cfg.data.augment.neftune_noise_alpha, has_eval
+    )
+    callbacks = []
+    if has_eval and cfg.train.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
+    # The TensorBoard callback reads its folder from this variable (transformers 5).
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=to_dataset(data.train),
+        eval_dataset=to_dataset(data.eval) if has_eval else None,
+        data_collator=PadCollator(tok.pad_token_id),
+        processing_class=tok,
+        callbacks=callbacks,
+    )
+
+
+def train(cfg: Config) -> TrainOutcome:
+    run_dir, checkpoint = run_dir_and_checkpoint(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    print(f"[lorasft] run folder: {run_dir}" + (f" (resuming {checkpoint})" if checkpoint else ""))
+    set_seed(cfg.train.seed)  # LoRA init draws from the RNG before Trainer seeds it
+    model_path, precision, tok, model = prepare_model_and_tokenizer(cfg)
+    data = prepare(cfg.data, tok)
+    for line in describe(data.counts):
+        print(f"[lorasft] {line}")
+    params = trainable_summary(model)
+    print(f"[lorasft] model {model_path} ({precision}); trainable parameters "
+          f"{params['trainable']:,} of {params['total']:,} ({params['share']:.2%})")  # fmt: skip
+    trainer = build_trainer(cfg, model, tok, data, run_dir, precision)
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - start
+    model = trainer.model
+    model.save_pretrained(run_dir)
+    tok.save_pretrained(run_dir)
+    info = {
+        "precision": precision,
+        "base_model": str(model_path),
+        "parameters": params,
+        "train_seconds": round(seconds, 2),
+        "train_metrics": result.metrics,
+        "global_step": trainer.state.global_step,
+        "best_step": _best_step(trainer.state.best_model_checkpoint),
+        "best_metric": trainer.state.best_metric,
+        "resumed_from": checkpoint,
+    }
+    return TrainOutcome(run_dir, model, tok, data, trainer.state.log_history, info)
+
+
+def _best_step(best_checkpoint: str | None) -> int | None:
+    return int(best_checkpoint.rsplit("-", 1)[1]) if best_checkpoint else None

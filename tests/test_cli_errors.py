@@ -1,0 +1,76 @@
+"""Bad input a user can give: each one a clear error (exit 2) or a counted skip."""
+
+import json
+
+import pytest
+
+from lorasft.cli import main
+from tests.conftest import write_jsonl
+
+
+def run(capsys, *argv) -> tuple[int, str]:
+    rc = main(list(argv))
+    return rc, capsys.readouterr().err
+
+
+def test_unknown_config_key(capsys):
+    rc, err = run(capsys, "train", "train.lr=1e-4")
+    assert rc == 2 and "unknown key 'train.lr'" in err
+
+
+def test_missing_and_broken_models(capsys, tmp_path, tiny_llama_dir):
+    rc, err = run(capsys, "train", f"model.path={tmp_path / 'nope'}")
+    assert rc == 2 and "does not exist" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc, err = run(capsys, "train", f"model.path={empty}")
+    assert rc == 2 and "has no config.json" in err
+    (empty / "config.json").write_text("{not json")
+    rc, err = run(capsys, "train", f"model.path={empty}")
+    assert rc == 2 and "config.json: not valid JSON" in err
+    (empty / "config.json").write_text((tiny_llama_dir / "config.json").read_text())
+    rc, err = run(capsys, "train", f"model.path={empty}")
+    assert rc == 2 and "has no weights" in err
+    txt = tmp_path / "model.txt"
+    txt.write_text("x")
+    rc, err = run(capsys, "train", f"model.path={txt}")
+    assert rc == 2 and "is a file but not a .gguf" in err
+
+
+def test_bad_data_is_an_error_naming_the_record(capsys, tmp_path, tiny_llama_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": 3, "output": "b"}])
+    rc, err = run(capsys, "train", f"model.path={tiny_llama_dir}", f"data.train_file={data}")
+    assert rc == 2 and f"{data}:2: instruction: must be a string, got int" in err
+    assert "data.on_bad_record=skip" in err
+
+
+def test_every_record_too_long(capsys, tmp_path, tiny_llama_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "word " * 50, "output": "b"}] * 3)
+    rc, err = run(capsys, "train", f"model.path={tiny_llama_dir}", f"data.train_file={data}",
+                  "data.max_length=16", "data.val_ratio=0", "data.dedup=false")
+    assert rc == 2 and "no training sequences left" in err and "data.max_length=16" in err
+
+
+def test_data_check_reports_and_exits_non_zero_on_bad_data(capsys, tmp_path, tiny_llama_dir):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "hi", "output": "there"}\n{"instruction": "x", "output": ""}\n')
+    rc = main(["data", "check", str(data), f"model.path={tiny_llama_dir}", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 1 and report["records"] == 1
+    assert report["bad_records"] == [f"{data}:2: output: empty response"]
+    assert report["example"].endswith("[[there<|im_end|>]]\n")
+    good = write_jsonl(tmp_path / "g.jsonl", [{"instruction": "hi", "output": "there"}])
+    assert main(["data", "check", str(good), f"model.path={tiny_llama_dir}"]) == 0
+    out = capsys.readouterr().out
+    assert "share in the loss" in out and "[[there<|im_end|>]]" in out
+
+
+def test_resume_path_without_checkpoint(capsys, tmp_path, tiny_llama_dir):
+    rc, err = run(capsys, "train", f"model.path={tiny_llama_dir}", f"train.resume={tmp_path}")
+    assert rc == 2 and "no complete checkpoint found" in err
+
+
+@pytest.mark.parametrize("argv", [["eval", "/nonexistent/run"], ["generate", "/nonexistent/run", "--prompt", "x"]])
+def test_not_a_run(capsys, argv):
+    rc, err = run(capsys, *argv)
+    assert rc == 2 and "is not a finished lorasft run" in err

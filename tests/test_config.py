@@ -1,0 +1,68 @@
+import pytest
+
+from lorasft.config import ConfigError, load_config
+
+
+def test_defaults_run_the_demo():
+    cfg = load_config()
+    assert cfg.model.path == "default" and cfg.data.train_file is None
+    assert cfg.model.trust_remote_code is False and cfg.data.train_on_prompt is False
+
+
+def test_overrides_are_typed_yaml_values():
+    cfg = load_config(None, ["train.learning_rate=1e-4", "lora.target_modules=[q_proj,k_proj]",
+                             "eval.num_samples=0", "train.save_total_limit=null", "resume=auto"])
+    assert cfg.train.learning_rate == 1e-4 and cfg.lora.target_modules == ["q_proj", "k_proj"]
+    assert cfg.eval.num_samples == 0 and cfg.train.save_total_limit is None
+    assert cfg.train.resume == "auto"
+
+
+def test_unknown_key_names_the_closest_valid_one(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  learning_rte: 0.001\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'train.learning_rte'; did you mean 'learning_rate'\?"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"unknown key 'lora.rank'"):
+        load_config(None, ["lora.rank=8"])
+    with pytest.raises(ConfigError, match=r"unknown key 'trian'; did you mean 'train'\?"):
+        load_config(None, ["trian.epochs=1"])
+
+
+def test_bad_type_and_range_name_key_value_and_rule():
+    with pytest.raises(ConfigError, match=r"lora.r=0: Input should be greater than or equal to 1"):
+        load_config(None, ["lora.r=0"])
+    with pytest.raises(ConfigError, match=r"train.batch_size='eight': Input should be a valid integer"):
+        load_config(None, ["train.batch_size=eight"])
+    with pytest.raises(ConfigError, match=r"data.truncation='cut'.*'drop' or 'truncate_prompt'"):
+        load_config(None, ["data.truncation=cut"])
+
+
+def test_bad_files_and_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(lst)
+    with pytest.raises(ConfigError, match="not of the form section.key=value"):
+        load_config(None, ["train.epochs"])
+
+
+def test_relative_paths_are_relative_to_the_yaml(tmp_path):
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  train_file: d.jsonl\n")
+    assert load_config(p).data.train_file == str(tmp_path / "d.jsonl")
+
+
+def test_yaml_no_is_a_string_not_false(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  eval_strategy: no\n  early_stopping_patience: null\n  gradient_checkpointing: true\n")
+    cfg = load_config(p, ["train.load_best_model_at_end=false"])
+    assert cfg.train.eval_strategy == "no" and cfg.train.gradient_checkpointing is True
+    assert cfg.train.load_best_model_at_end is False
+    assert load_config(None, ["train.eval_strategy=no", "train.early_stopping_patience=null"]).train.eval_strategy == "no"
