@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,13 @@ USER_ERRORS = (ConfigError, DataError, ModelError, TemplateError, FileNotFoundEr
 
 
 def _config(path: str | None, overrides: list[str]) -> Config:
-    """`lorasft train a=b` with no file: the first word is an override, not a path."""
+    """`lorasft train a=b` with no file: the first word is an override, not a path. With no file
+    at all, the built-in demo config runs."""
     if path and "=" in path and not Path(path).exists():
         overrides, path = [path, *overrides], None
+    if path is None:
+        path = str(files("lorasft") / "assets" / "demo.yaml")
+        print(f"[lorasft] no config file: running the built-in demo ({path})")
     return load_config(path, overrides)
 
 

@@ -21,7 +21,8 @@ def args(model_dir, run_dir):
             "train.max_steps=24", "train.save_steps=2", "train.batch_size=2", "train.grad_accum=2",
             "train.save_total_limit=null", "train.early_stopping_patience=null",
             "train.eval_strategy=no", "lora.dropout=0.1", "train.learning_rate=1e-3",
-            "eval.num_samples=0", "eval.compare_base=false", f"output.run_dir={run_dir}"]  # fmt: skip
+            "eval.num_samples=0", "eval.compare_base=false", "lora.target_modules=[q_proj,v_proj]",
+            f"output.run_dir={run_dir}"]  # fmt: skip
 
 
 def kill_after_first_checkpoint(cmd: list[str], run_dir) -> int:
