@@ -47,3 +47,19 @@ def test_lora_steps_generate_then_reload_gives_same_greedy_output(tmp_path):
         with model.disable_adapter():
             base_logits = model(ids).logits
     assert (tuned_logits - base_logits).abs().max() > 1e-4
+
+
+def test_generation_stops_at_the_end_of_turn_token():
+    from lorasft.model.load import load_model, load_tokenizer
+
+    path = resolve_model_path("default")
+    tok, model = load_tokenizer(path), load_model(path)
+    messages = [{"role": "user", "content": "Reply with the single word: hello"}]
+    gen = GenSettings(max_new_tokens=120)
+    prompt_len = len(tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                         add_special_tokens=False).input_ids)
+    [text] = generate(model, tok, [messages], gen)
+    new_tokens = len(tok(text, add_special_tokens=False).input_ids)
+    assert 0 < new_tokens < 120 and "<|im_end|>" not in text
+    assert gen.kwargs(tok)["eos_token_id"] == [tok.convert_tokens_to_ids("<|im_end|>")]
+    assert prompt_len > 10

@@ -56,6 +56,13 @@ def test_eval_and_generate_on_a_finished_run(tiny_llama_dir, tmp_path, capsys):
     assert abs(ev["tuned"]["perplexity"]["loss"] - results["eval"]["tuned"]["perplexity"]["loss"]) < 1e-4
     assert len(ev["samples"]) == 2
     assert ev["samples"][0]["tuned"] == results["eval"]["samples"][0]["tuned"]
+    # --data evaluates on another file: here 3 records of the training file.
+    subset = tmp_path / "subset.jsonl"
+    subset.write_text("".join(open(demo_files()[0], encoding="utf-8").readlines()[:3]), encoding="utf-8")
+    assert main(["eval", str(run), "--data", str(subset), "--num-samples", "1"]) == 0
+    other = json.loads((run / "eval_results.json").read_text())
+    assert len(other["samples"]) == 1 and other["samples"][0]["source"] == f"{subset}:1"
+    assert other["tuned"]["perplexity"]["loss"] != ev["tuned"]["perplexity"]["loss"]
     capsys.readouterr()
     prompt = results["eval"]["samples"][0]["prompt"]
     assert main(["generate", str(run), "--prompt", prompt, "--max-new-tokens", "6"]) == 0
@@ -77,3 +84,17 @@ def test_skipped_records_are_counted_in_results(tiny_llama_dir, tmp_path):
     assert counts["train_files"]["bad_records"] == [f"{data}:13: output: missing",
                                                     f"{data}:14: <line>: malformed JSON: Expecting property name enclosed in double quotes at column 2"]  # fmt: skip
     assert counts["split"]["eval_records"] == 3 and counts["train"]["sequences"] == 9
+
+
+def test_chat_streams_and_keeps_history(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    import io
+
+    run = tmp_path / "run"
+    assert main(tiny_args(tiny_llama_dir, run, "eval.num_samples=0", "eval.compare_base=false")) == 0
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", io.StringIO("Alice lives in Paris.\n/reset\nhello\n\n"))
+    assert main(["chat", str(run), "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("model> ") == 2  # two questions answered, /reset and the empty line are not
+    answers = [line.split("model> ", 1)[1] for line in out.splitlines() if "model> " in line]
+    assert len(answers) == 2 and all(a.strip() for a in answers)

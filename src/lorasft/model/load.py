@@ -85,7 +85,9 @@ def check_hf_folder(p: Path) -> None:
 
 def _gguf_cache_dir(gguf: Path, name: str) -> Path:
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()
+    # Name, size and mtime rather than the path: every venv holding the same package file shares
+    # one converted copy.
+    key = hashlib.sha256(f"{gguf.name}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()
     return cache_root() / "models" / f"{name}-{key[:12]}"
 
 
@@ -145,6 +147,7 @@ def load_model(
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation,
+            weights_only=True,  # a pickled .bin loads tensors only, never arbitrary objects
         )
     except (OSError, ValueError) as e:
         raise ModelError(f"{path}: the model cannot be loaded ({e})") from e

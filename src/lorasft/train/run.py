@@ -16,7 +16,12 @@ from lorasft.data.collate import PadCollator
 from lorasft.data.prepare import Prepared, describe, prepare
 from lorasft.data.tokenize import Encoded
 from lorasft.model.lora import trainable_summary
-from lorasft.train.setup import prepare_model_and_tokenizer, run_dir_and_checkpoint, training_arguments
+from lorasft.train.setup import (
+    check_optimizer,
+    prepare_model_and_tokenizer,
+    run_dir_and_checkpoint,
+    training_arguments,
+)
 
 
 @dataclass
@@ -57,6 +62,7 @@ def build_trainer(cfg: Config, model, tok, data: Prepared, run_dir: Path, precis
 
 
 def train(cfg: Config) -> TrainOutcome:
+    check_optimizer(cfg.train.optimizer)  # before minutes of loading, not after
     run_dir, checkpoint = run_dir_and_checkpoint(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")

@@ -10,7 +10,7 @@ import torch
 from transformers import TrainingArguments
 from transformers.integrations import is_tensorboard_available
 
-from lorasft.config import Config, TrainSection
+from lorasft.config import Config, ConfigError, TrainSection
 from lorasft.data.templates import resolve_template
 from lorasft.model.load import load_model, load_tokenizer, resolve_model_path
 from lorasft.model.lora import apply_lora
@@ -94,6 +94,20 @@ def prepare_model_and_tokenizer(cfg: Config):
     precision = resolve_precision(cfg.train.precision)
     tok = load_tokenizer_with_template(cfg, model_path)
     return model_path, precision, tok, build_model(cfg, model_path, precision)
+
+
+def check_optimizer(name: str) -> None:
+    """8-bit AdamW needs bitsandbytes and, in practice, a CUDA device."""
+    if name != "adamw_8bit":
+        return
+    import importlib.util
+
+    if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            "train.optimizer=adamw_8bit needs a CUDA GPU and the bitsandbytes package "
+            f"(GPU: {torch.cuda.is_available()}, bitsandbytes installed: "
+            f"{importlib.util.find_spec('bitsandbytes') is not None}); use train.optimizer=adamw"
+        )
 
 
 def training_arguments(t: TrainSection, run_dir: Path, precision: str, neftune: float | None,
