@@ -16,6 +16,7 @@ from lorasft.data.collate import PadCollator
 from lorasft.data.prepare import Prepared, describe, prepare
 from lorasft.data.tokenize import Encoded
 from lorasft.model.lora import trainable_summary
+from lorasft.train.trainer import SupervisedTrainer
 from lorasft.train.setup import (
     check_optimizer,
     prepare_model_and_tokenizer,
@@ -50,7 +51,7 @@ def build_trainer(cfg: Config, model, tok, data: Prepared, run_dir: Path, precis
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
     # The TensorBoard callback reads its folder from this variable (transformers 5).
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
-    return Trainer(
+    return SupervisedTrainer(
         model=model,
         args=args,
         train_dataset=to_dataset(data.train),

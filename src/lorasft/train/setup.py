@@ -146,6 +146,7 @@ def training_arguments(t: TrainSection, run_dir: Path, precision: str, neftune: 
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         neftune_noise_alpha=neftune,
         remove_unused_columns=False,
+        prediction_loss_only=True,  # logits are kept only at supervised positions
         report_to=["tensorboard"] if is_tensorboard_available() else [],
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=False,
