@@ -76,6 +76,10 @@ class DataSection(Section):
     truncation: Literal["drop", "truncate_prompt"] = "drop"
     """Over-long instruction records: dropped, or prompt cut from the left keeping the response."""
     train_on_prompt: bool = False
+    packing: bool = False
+    """Several records per row up to max_length, attention kept inside each record (llama, gpt2).
+    Off by default: on CPU there is no variable-length attention kernel, so a packed row computes
+    the full max_length x max_length attention; length-grouped batches waste less (bench/)."""
     val_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
     seed: int = 42
     on_bad_record: Literal["error", "skip"] = "error"

@@ -13,6 +13,7 @@ from transformers import EarlyStoppingCallback, Trainer, set_seed
 
 from lorasft.config import Config, dump_config
 from lorasft.data.collate import PadCollator
+from lorasft.data.packing import PackedCollator, check_packing, pack
 from lorasft.data.prepare import Prepared, describe, prepare
 from lorasft.data.tokenize import Encoded
 from lorasft.model.lora import trainable_summary
@@ -41,6 +42,16 @@ def to_dataset(encoded: list[Encoded]) -> Dataset:
     )
 
 
+def train_dataset_and_collator(cfg: Config, model, tok, data: Prepared):
+    if not cfg.data.packing:
+        return to_dataset(data.train), PadCollator(tok.pad_token_id)
+    check_packing(model.get_base_model().config.model_type)
+    rows = pack(data.train, cfg.data.max_length)
+    print(f"[lorasft] packing: {len(data.train)} sequences into {len(rows)} rows of <= {cfg.data.max_length} tokens")
+    ds = Dataset.from_list([{**vars(r), "length": len(r.input_ids)} for r in rows])
+    return ds, PackedCollator(tok.pad_token_id)
+
+
 def build_trainer(cfg: Config, model, tok, data: Prepared, run_dir: Path, precision: str) -> Trainer:
     has_eval = bool(data.eval) and cfg.train.eval_strategy != "no"
     args = training_arguments(
@@ -51,12 +62,13 @@ def build_trainer(cfg: Config, model, tok, data: Prepared, run_dir: Path, precis
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
     # The TensorBoard callback reads its folder from this variable (transformers 5).
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
+    train_ds, collator = train_dataset_and_collator(cfg, model, tok, data)
     return SupervisedTrainer(
         model=model,
         args=args,
-        train_dataset=to_dataset(data.train),
+        train_dataset=train_ds,
         eval_dataset=to_dataset(data.eval) if has_eval else None,
-        data_collator=PadCollator(tok.pad_token_id),
+        data_collator=collator,
         processing_class=tok,
         callbacks=callbacks,
     )
