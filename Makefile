@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
 bench: $(STAMP)
-	$(VENV)/bin/python bench/train_throughput.py
+	$(VENV)/bin/python bench/train_speed.py
 
 clean-venv:
 	rm -rf $(VENV)
