@@ -158,6 +158,91 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapter_arg(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=RUN_DIR, e.g. tuned=runs/demo")
+    return name, path
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from lorasft.serve.app import create_app, serve
+    from lorasft.serve.engine import load_engine
+
+    engine = load_engine(args.base, args.adapter)
+    key = args.api_key or os.environ.get("LORASFT_API_KEY") or None
+    app = create_app(engine, key, args.max_tokens_cap, args.max_request_bytes)
+    print(f"[lorasft] serving {', '.join(engine.served)} on http://{args.host}:{args.port}/v1"
+          f"{' (API key required)' if key else ''}")  # fmt: skip
+    serve(app, args.host, args.port)
+    return 0
+
+
+def _serve_parser(sub) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible server for a base model and its adapters")
+    s.add_argument("--base", help="base model: default, a HF folder or a .gguf (default: the "
+                   "first adapter run's base, else the default model)")  # fmt: skip
+    s.add_argument("--adapter", action="append", type=_adapter_arg, default=[],
+                   metavar="NAME=RUN_DIR", help="a finished run served as model NAME (repeatable)")  # fmt: skip
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or env LORASFT_API_KEY)")
+    s.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens accepted")
+    s.add_argument("--max-request-bytes", type=int, default=1_000_000, help="largest request body")
+    s.set_defaults(fn=cmd_serve)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from lorasft.export.merge import merge
+
+    out = merge([args.run_dir, *args.also], args.out, args.dtype, args.weights)
+    print(f"merged model written: {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lorasft.export.gguf import export_gguf
+
+    out = export_gguf([args.run_dir, *args.also], args.out, args.type, args.weights)
+    print(f"GGUF written: {out}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from lorasft.export.verify import check_run
+
+    report = check_run(args.run_dir, args.merged, args.gguf, args.url, args.api_key,
+                       args.server_model, args.max_new_tokens, args.num_prompts)  # fmt: skip
+    return 0 if report.ok else 1
+
+
+def _add_export_parsers(sub) -> None:
+    m = sub.add_parser("merge", help="merge the adapter into its base: a plain Hugging Face folder")
+    x = sub.add_parser("export", help="export the merged model as GGUF (llama architecture)")
+    for q in (m, x):
+        q.add_argument("run_dir")
+        q.add_argument("--out", required=True, help="output folder (merge) or .gguf file (export)")
+        q.add_argument("--also", nargs="*", default=[], help="more runs of the same base, merged in order")
+        q.add_argument("--weights", nargs="*", type=float, help="one weight per run (default 1.0 each)")
+    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    m.set_defaults(fn=cmd_merge)
+    x.add_argument("--format", default="gguf", choices=["gguf"])
+    x.add_argument("--type", default="f32", choices=["f32", "f16", "q8_0"])
+    x.set_defaults(fn=cmd_export)
+    v = sub.add_parser("verify", help="check merged / GGUF / served forms answer like the run")
+    v.add_argument("run_dir")
+    v.add_argument("--merged", help="folder written by `lorasft merge`")
+    v.add_argument("--gguf", help="file written by `lorasft export`")
+    v.add_argument("--url", help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000")
+    v.add_argument("--api-key", help="bearer key for --url")
+    v.add_argument("--server-model", help="`model` field sent to --url (default: the run folder name)")
+    v.add_argument("--max-new-tokens", type=int, default=32)
+    v.add_argument("--num-prompts", type=int, default=8, help="eval records to compare on")
+    v.set_defaults(fn=cmd_verify)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lorasft", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -187,6 +272,8 @@ def parser() -> argparse.ArgumentParser:
         g.add_argument("--max-new-tokens", type=int)
         g.add_argument("--temperature", type=float, help="0 = greedy (default: the run's eval settings)")
         g.set_defaults(fn=fn)
+    _serve_parser(sub)
+    _add_export_parsers(sub)
     return p
 
 

@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP server for a base model and its LoRA adapters (`lorasft serve`)."""

@@ -1,0 +1,184 @@
+"""Write a merged Llama-architecture model as GGUF (llama.cpp, Ollama, transformers' GGUF loader).
+
+Tensor names, the q/k permutation and the tokenizer keys follow llama.cpp's convert_hf_to_gguf.py,
+which is also what transformers' GGUF loader undoes on load.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from lorasft.data.templates import adds_bos
+from lorasft.model.load import ModelError
+
+TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}  # fmt: skip
+
+
+def check_llama(config) -> None:
+    if config.model_type != "llama":
+        raise ModelError(
+            f"GGUF export supports the llama architecture (SmolLM2, Llama, TinyLlama); this model is "
+            f"{config.model_type!r}. Merge it with `lorasft merge` and convert that folder with "
+            "llama.cpp's convert_hf_to_gguf.py instead"
+        )
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ModelError(f"GGUF export: rope scaling {rope} is not supported yet; export a model without it")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise ModelError("GGUF export: llama models with attention or MLP biases are not supported")
+
+
+def _rope_theta(config) -> float:
+    rope = getattr(config, "rope_parameters", None) or {}
+    return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def write_hparams(w: gguf.GGUFWriter, config, name: str, ftype: gguf.LlamaFileType) -> None:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    w.add_name(name)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_rope_freq_base(_rope_theta(config))
+    w.add_rope_dimension_count(head_dim)
+    w.add_vocab_size(config.vocab_size)
+    w.add_file_type(ftype)
+
+
+def permute(weights: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
+    """llama.cpp's rotary layout for q/k rows (convert_hf_to_gguf.py LlamaModel.permute)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    shape = weights.shape
+    return weights.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def _encode(data: np.ndarray, qtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """Norms and other 1-D tensors stay f32, as llama.cpp keeps them; q8_0 falls back to f16 for
+    rows that do not split into 32-value blocks."""
+    if data.ndim == 1 or qtype == "f32":
+        return data.astype(np.float32), gguf.GGMLQuantizationType.F32
+    if qtype == "q8_0" and data.shape[-1] % 32 == 0:
+        q = gguf.GGMLQuantizationType.Q8_0
+        return gguf.quants.quantize(data.astype(np.float32), q), q
+    return data.astype(np.float16), gguf.GGMLQuantizationType.F16
+
+
+def write_tensors(w: gguf.GGUFWriter, model, qtype: str) -> None:
+    config = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        base, suffix = hf_name.rsplit(".", 1)
+        gguf_name = names.get_name(base)
+        if gguf_name is None:
+            raise ModelError(f"GGUF export: no GGUF name for tensor {hf_name}")
+        data = tensor.detach().to(torch.float32).cpu().numpy()
+        if hf_name.endswith("q_proj.weight"):
+            data = permute(data, config.num_attention_heads, config.num_attention_heads)
+        elif hf_name.endswith("k_proj.weight"):
+            data = permute(data, config.num_attention_heads, config.num_key_value_heads)
+        data, raw = _encode(data, qtype)
+        quantized = raw == gguf.GGMLQuantizationType.Q8_0
+        w.add_tensor(f"{gguf_name}.{suffix}", data, raw_dtype=raw if quantized else None)
+
+
+def pre_tokenizer(spec: dict) -> str:
+    """llama.cpp's name (tokenizer.ggml.pre) for the way this tokenizer.json splits text."""
+    pre = spec.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in parts]
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
+        return "smollm"
+    raise ModelError(
+        f"GGUF export: the tokenizer's pre-tokenizer {kinds} has no known llama.cpp name; "
+        "supported: byte-level BPE as in GPT-2 and SmolLM2"
+    )
+
+
+def _token_types(tok, n: int) -> list[int]:
+    special = set(tok.all_special_ids)
+    added = set(tok.added_tokens_decoder)
+    types = []
+    for i in range(n):
+        if i in special:
+            types.append(gguf.TokenType.CONTROL)
+        elif i in added:
+            types.append(gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    return types
+
+
+def write_tokenizer(w: gguf.GGUFWriter, tok, vocab_size: int) -> None:
+    """A byte-level BPE vocabulary (tokenizer.ggml.model = gpt2) with the run's chat template."""
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    if spec["model"]["type"] != "BPE":
+        kind = spec["model"]["type"]
+        raise ModelError(f"GGUF export: only byte-level BPE tokenizers are supported, not {kind}")
+    by_id = {i: t for t, i in tok.get_vocab().items()}
+    if len(by_id) > vocab_size:
+        raise ModelError(
+            f"GGUF export: the tokenizer has {len(by_id)} tokens but the model only {vocab_size} rows"
+        )
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre_tokenizer(spec))
+    w.add_token_list(tokens)
+    w.add_token_types(_token_types(tok, vocab_size))
+    w.add_token_merges(merges)
+    for add, tid in ((w.add_bos_token_id, tok.bos_token_id), (w.add_eos_token_id, tok.eos_token_id),
+                     (w.add_unk_token_id, tok.unk_token_id), (w.add_pad_token_id, tok.pad_token_id)):  # fmt: skip
+        if tid is not None:
+            add(tid)
+    w.add_add_bos_token(adds_bos(tok))
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(False)
+    if tok.chat_template:
+        w.add_chat_template(tok.chat_template)
+
+
+def write_gguf(model, tok, out: str | Path, qtype: str = "f32", name: str = "lorasft") -> Path:
+    """Write `model` (a merged, float Llama) and `tok` to one GGUF file."""
+    if qtype not in TYPES:
+        raise ModelError(f"--type {qtype}: expected one of {', '.join(TYPES)}")
+    check_llama(model.config)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    write_hparams(w, model.config, name, TYPES[qtype])
+    write_tokenizer(w, tok, model.config.vocab_size)
+    write_tensors(w, model, qtype)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def export_gguf(run_dirs: list[str | Path], out: str | Path, qtype: str = "f32",
+                weights: list[float] | None = None) -> Path:  # fmt: skip
+    """Merge the run's adapter into its base (float32) and write the GGUF file."""
+    from lorasft.export.merge import merge_runs
+
+    _, tok, model = merge_runs(run_dirs, weights)
+    check_llama(model.config)
+    path = write_gguf(model, tok, out, qtype, name=Path(run_dirs[0]).name)
+    print(f"[lorasft] wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {qtype})", file=sys.stderr)
+    return path

@@ -1,0 +1,146 @@
+"""The endpoints: /health, /v1/models, /v1/chat/completions, /v1/completions (OpenAI formats)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from jinja2 import TemplateError as JinjaError
+
+from lorasft.serve.engine import Engine, Generation, Params, Served
+from lorasft.serve.schemas import APIError, ChatRequest, CompletionRequest, Sampling, error_body
+
+router = APIRouter()
+
+
+def _engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def _served(engine: Engine, name: str) -> Served:
+    if name not in engine.served:
+        raise APIError(404, f"model {name!r} is not served here; choose one of "
+                       f"{', '.join(engine.served)} (GET /v1/models)", "model", "model_not_found")  # fmt: skip
+    return engine.served[name]
+
+
+def _params(request: Request, req: Sampling, n_prompt: int, field: str) -> Params:
+    """max_tokens against the server's cap, prompt + max_tokens against the context window."""
+    cap, window = request.app.state.max_tokens_cap, _engine(request).context_window
+    room = window - n_prompt
+    if room < 1:
+        raise APIError(400, f"the prompt is {n_prompt} tokens; model {req.model!r} has a context "
+                       f"window of {window} tokens: shorten the {field}", field,
+                       "context_length_exceeded")  # fmt: skip
+    max_tokens = req.max_tokens if req.max_tokens is not None else min(cap, room)
+    if max_tokens > cap:
+        raise APIError(400, f"max_tokens={max_tokens} is above this server's cap of {cap} "
+                       "(--max-tokens-cap)", "max_tokens")  # fmt: skip
+    if max_tokens > room:
+        raise APIError(400, f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the "
+                       f"context window of {window} tokens: lower max_tokens to {room} or less",
+                       "max_tokens", "context_length_exceeded")  # fmt: skip
+    return Params(max_tokens, req.temperature, req.top_p, req.stop, req.seed)
+
+
+def _encode_chat(engine: Engine, served: Served, messages: list[dict]) -> list[int]:
+    try:
+        return engine.encode_chat(served, messages)
+    except (JinjaError, ValueError) as e:  # a template that refuses these roles, or none at all
+        raise APIError(400, f"model {served.name!r}: the messages cannot be rendered with its "
+                       f"chat template ({e}); for raw text use /v1/completions", "messages") from e  # fmt: skip
+
+
+@router.get("/health")
+async def health(request: Request) -> dict:
+    return {"status": "ok", "models": list(_engine(request).served)}
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict:
+    return {"object": "list", "data": [
+        {"id": name, "object": "model", "created": 0, "owned_by": "lorasft",
+         "root": s.source, "parent": None if s.adapter is None else next(iter(_engine(request).served))}
+        for name, s in _engine(request).served.items()]}  # fmt: skip
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(req: ChatRequest, request: Request):
+    engine = _engine(request)
+    served = _served(engine, req.model)
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    ids = await run_in_threadpool(_encode_chat, engine, served, messages)
+    job = engine.submit(served, ids, _params(request, req, len(ids), "messages"))
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model}
+    if req.stream:
+        usage = req.stream_options is not None and req.stream_options.include_usage
+        return _sse(_chat_chunks(job, {**head, "object": "chat.completion.chunk"}, usage))
+    text = await run_in_threadpool(job.text)
+    choice = {"index": 0, "message": {"role": "assistant", "content": text},
+              "finish_reason": job.finish_reason, "logprobs": None}  # fmt: skip
+    return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(job)}
+
+
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, request: Request):
+    engine = _engine(request)
+    served = _served(engine, req.model)
+    ids = await run_in_threadpool(engine.encode_text, served, req.prompt)
+    job = engine.submit(served, ids, _params(request, req, len(ids), "prompt"))
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+            "created": int(time.time()), "model": req.model}  # fmt: skip
+    if req.stream:
+        usage = req.stream_options is not None and req.stream_options.include_usage
+        return _sse(_text_chunks(job, head, usage))
+    text = await run_in_threadpool(job.text)
+    choice = {"index": 0, "text": text, "finish_reason": job.finish_reason, "logprobs": None}
+    return {**head, "choices": [choice], "usage": _usage(job)}
+
+
+def _usage(job: Generation) -> dict:
+    return {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
+            "total_tokens": job.prompt_tokens + job.completion_tokens}  # fmt: skip
+
+
+def _chat_chunks(job: Generation, head: dict, usage: bool) -> Iterator[dict]:
+    def chunk(delta: dict, finish: str | None = None) -> dict:
+        return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+    yield chunk({"role": "assistant", "content": ""})
+    for piece in job.pieces():
+        yield chunk({"content": piece})
+    yield chunk({}, job.finish_reason)
+    if usage:
+        yield {**head, "choices": [], "usage": _usage(job)}
+
+
+def _text_chunks(job: Generation, head: dict, usage: bool) -> Iterator[dict]:
+    def chunk(text: str, finish: str | None = None) -> dict:
+        return {**head, "choices": [{"index": 0, "text": text, "finish_reason": finish,
+                                     "logprobs": None}]}  # fmt: skip
+
+    for piece in job.pieces():
+        yield chunk(piece)
+    yield chunk("", job.finish_reason)
+    if usage:
+        yield {**head, "choices": [], "usage": _usage(job)}
+
+
+def _sse(chunks: Iterator[dict]) -> StreamingResponse:
+    """Server-sent events; an error after the headers went out can only be reported in-stream."""
+
+    def events() -> Iterator[str]:
+        try:
+            for c in chunks:
+                yield f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
+        except Exception as e:  # noqa: BLE001 (the status line is out: say it in the stream)
+            yield f"data: {json.dumps(error_body(f'generation failed: {e}', 'server_error'))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})  # fmt: skip

@@ -1,0 +1,56 @@
+"""Generated token ids to text pieces, cut at the first stop string.
+
+Text is released only once it can no longer become part of a stop string or end inside a
+multi-byte character, so a streaming client never receives text that the final answer lacks.
+"""
+
+from __future__ import annotations
+
+REPLACEMENT = "\ufffd"  # what decode gives for an incomplete UTF-8 sequence
+
+
+class TextCutter:
+    def __init__(self, tok, stops: list[str] | None):
+        self.tok, self.stops = tok, stops or []
+        self.ids: list[int] = []
+        self.sent = 0
+        self.stopped = False
+
+    def add(self, token_id: int) -> str:
+        """The new text this token makes safe to send ('' if none)."""
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        cut = self._first_stop(text)
+        if cut is not None:
+            self.stopped = True
+            return self._release(text[:cut])
+        if text.endswith(REPLACEMENT):
+            return ""
+        return self._release(text[: len(text) - self._held(text)])
+
+    def flush(self) -> str:
+        """What is left once generation has ended (held text that never became a stop string)."""
+        if self.stopped:
+            return ""
+        return self._release(self.tok.decode(self.ids, skip_special_tokens=True))
+
+    def _release(self, text: str) -> str:
+        piece = text[self.sent :]
+        self.sent = max(self.sent, len(text))
+        return piece
+
+    def _first_stop(self, text: str) -> int | None:
+        found = [
+            i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stops) if i >= 0
+        ]
+        return min(found) if found else None
+
+    def _held(self, text: str) -> int:
+        """Length of the longest tail of `text` that starts some stop string."""
+        best = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:k]):
+                    best = k
+                    break
+        return best

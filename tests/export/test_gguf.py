@@ -1,0 +1,86 @@
+"""`lorasft export --format gguf`: transformers' GGUF loader reads back the same model."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lorasft.cli import main
+from lorasft.data.templates import build_prompt
+from lorasft.export.gguf import permute, write_gguf
+from lorasft.model.adapter import load_run
+from lorasft.model.load import ModelError, load_tokenizer
+from tests.conftest import build_model
+
+PROMPTS = ["hello world", "What is the capital of France?", "Alice lives in Paris. 你好", "answer 123"]
+
+
+def _greedy(model, tok, text, n=8):
+    ids = tok(build_prompt([{"role": "user", "content": text}], tok), add_special_tokens=False).input_ids
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                             pad_token_id=tok.pad_token_id)  # fmt: skip
+        logits = model(x).logits
+    return ids, out[0, len(ids) :].tolist(), logits
+
+
+def _load(path):
+    kw = dict(gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw)
+    return model.eval(), AutoTokenizer.from_pretrained(path.parent, **kw)
+
+
+def test_permute_is_undone_by_the_transformers_loader():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    w = np.arange(32 * 12, dtype=np.float32).reshape(32, 12)  # 4 heads of 8 rows
+    undo = LlamaTensorProcessor({"num_attention_heads": 4, "num_key_value_heads": 2})
+    for heads, kv, name in ((4, 4, "blk.0.attn_q.weight"), (4, 2, "blk.0.attn_k.weight")):
+        p = permute(w, heads, kv)
+        assert not np.array_equal(p, w)
+        assert np.array_equal(undo.process(p, name).weights, w)
+
+
+@pytest.mark.parametrize("qtype", ["f32", "q8_0"])
+def test_gguf_round_trip(tiny_run, tmp_path, qtype):
+    out = tmp_path / f"model-{qtype}.gguf"
+    assert main(["export", str(tiny_run), "--format", "gguf", "--out", str(out), "--type", qtype]) == 0
+    _, tok, peft = load_run(tiny_run)
+    model, gtok = _load(out)
+    assert gtok.chat_template == tok.chat_template
+    specials = lambda t: (t.bos_token_id, t.eos_token_id, t.pad_token_id)  # noqa: E731
+    assert specials(gtok) == specials(tok)
+    agree = 0
+    for text in PROMPTS:
+        ids, want, want_logits = _greedy(peft, tok, text)
+        gids, got, logits = _greedy(model, gtok, text)
+        assert gids == ids  # same prompt rendering and tokenization
+        diff = (logits - want_logits).abs().max().item()
+        assert diff < (1e-4 if qtype == "f32" else 5e-2), diff
+        agree += got == want
+    assert agree == len(PROMPTS) if qtype == "f32" else agree >= len(PROMPTS) // 2
+
+
+def test_gguf_refuses_other_architectures(tmp_path, tiny_tokenizer_dir):
+    folder = build_model("gpt2", tmp_path / "gpt2", tiny_tokenizer_dir)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with pytest.raises(ModelError, match="supports the llama architecture"):
+        write_gguf(model, load_tokenizer(folder), tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.slow
+def test_default_model_gguf_round_trip(tmp_path):
+    """The real default model (SmolLM2-135M, tied embeddings, 9 q / 3 kv heads) through GGUF f32."""
+    from lorasft.model.load import resolve_model_path
+
+    folder = resolve_model_path("default")
+    tok = load_tokenizer(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    write_gguf(model, tok, tmp_path / "smol.gguf", "f32")
+    back, gtok = _load(tmp_path / "smol.gguf")
+    ids, want, want_logits = _greedy(model, tok, "What is the capital of France? Say 12345.", n=12)
+    gids, got, logits = _greedy(back, gtok, "What is the capital of France? Say 12345.", n=12)
+    assert gids == ids and got == want
+    assert (logits - want_logits).abs().max().item() < 1e-4

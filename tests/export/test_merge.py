@@ -1,0 +1,57 @@
+"""`lorasft merge`: the merged folder loads with plain transformers and answers like the adapter."""
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lorasft.cli import main
+from lorasft.data.tokenize import stop_ids
+from lorasft.model.adapter import load_run
+
+PROMPT = "<|im_start|>user\nhello world, what is the answer?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _logits(model, tok):
+    with torch.no_grad():
+        return model(torch.tensor([tok(PROMPT).input_ids])).logits.float()
+
+
+def test_merged_folder_matches_adapter_on_base(tiny_run, tmp_path):
+    out = tmp_path / "merged"
+    assert main(["merge", str(tiny_run), "--out", str(out)]) == 0
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    _, tok, peft = load_run(tiny_run)
+    merged = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no peft
+    mtok = AutoTokenizer.from_pretrained(out)
+    want = _logits(peft, tok)
+    with peft.disable_adapter():
+        base = _logits(peft, tok)
+    assert (want - base).abs().max() > 1e-2  # the adapter matters, so a lost merge would show
+    assert torch.allclose(_logits(merged, mtok), want, atol=1e-5)
+    assert mtok.chat_template == tok.chat_template
+    assert sorted(merged.generation_config.eos_token_id) == stop_ids(tok)
+
+
+def test_merge_weights_and_dtype(tiny_run, tmp_path):
+    # The same adapter twice at weight 0.5 adds up to the adapter once.
+    one, halves = tmp_path / "one", tmp_path / "halves"
+    assert main(["merge", str(tiny_run), "--out", str(one)]) == 0
+    assert main(["merge", str(tiny_run), "--also", str(tiny_run), "--weights", "0.5", "0.5",
+                 "--out", str(halves), "--dtype", "bfloat16"]) == 0  # fmt: skip
+    a = AutoModelForCausalLM.from_pretrained(one)
+    b = AutoModelForCausalLM.from_pretrained(halves, dtype=torch.float32)
+    assert AutoModelForCausalLM.from_pretrained(halves).dtype == torch.bfloat16
+    tok = AutoTokenizer.from_pretrained(one)
+    diff = (_logits(a, tok) - _logits(b, tok)).abs().max()
+    assert 0 < diff < 0.1  # bfloat16 rounding only
+
+
+def test_merge_refuses_bad_input(tiny_run, tmp_path, capsys):
+    out = tmp_path / "full"
+    out.mkdir()
+    (out / "x").write_text("keep me")
+    assert main(["merge", str(tiny_run), "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["merge", str(tiny_run), "--weights", "1", "2", "--out", str(tmp_path / "n")]) == 2
+    assert "one per run" in capsys.readouterr().err
+    assert main(["merge", str(tmp_path), "--out", str(tmp_path / "m")]) == 2
+    assert "not a finished lorasft run" in capsys.readouterr().err

@@ -1,0 +1,43 @@
+"""Stop strings across token boundaries, and `lorasft serve` argument errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorasft.cli import main
+from lorasft.serve.textstream import TextCutter
+
+
+def feed(tok, text: str, stops: list[str]) -> tuple[list[str], TextCutter]:
+    cutter, pieces = TextCutter(tok, stops), []
+    for t in tok(text, add_special_tokens=False).input_ids:
+        pieces.append(cutter.add(t))
+        if cutter.stopped:
+            break
+    pieces.append(cutter.flush())
+    return pieces, cutter
+
+
+def test_stop_string_is_cut_and_never_streamed(tiny_tokenizer):
+    pieces, cutter = feed(tiny_tokenizer, "hello world answer question", ["d answ"])
+    assert "".join(pieces) == "hello worl" and cutter.stopped
+    assert not any("d" in p for p in pieces)  # the held-back "d" was never sent
+
+
+def test_held_text_is_released_when_no_stop_follows(tiny_tokenizer):
+    pieces, cutter = feed(tiny_tokenizer, "hello world", ["world peace"])
+    assert "".join(pieces) == "hello world" and not cutter.stopped
+    assert pieces[-1].endswith("world")  # held until the end, then flushed
+
+
+def test_multibyte_characters_are_never_split(tiny_tokenizer):
+    pieces, _ = feed(tiny_tokenizer, "从句子中提取人名和城市", [])
+    assert "".join(pieces) == "从句子中提取人名和城市" and not any("\ufffd" in p for p in pieces)
+
+
+def test_serve_arguments_are_checked(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--adapter", "no-equals-sign"])
+    assert e.value.code == 2 and "expected NAME=RUN_DIR" in capsys.readouterr().err
+    assert main(["serve", "--adapter", f"x={tmp_path}"]) == 2
+    assert "not a finished lorasft run (config.yaml is missing)" in capsys.readouterr().err
