@@ -32,8 +32,8 @@ def _corpus() -> list[str]:
         for line in Path(path).read_text(encoding="utf-8").splitlines():
             rec = json.loads(line)
             lines += [rec["instruction"], rec["input"], rec["output"]]
-    lines += ["### Instruction:", "### Input:", "### Response:", "Below is an instruction that "
-              "describes a task. Write a response that appropriately completes the request.",
+    lines += ["### Instruction:", "### Input:", "### Response:", ("Below is an instruction that "
+              "describes a task. Write a response that appropriately completes the request."),
               "user assistant system hello world answer question"]  # fmt: skip
     return lines
 
@@ -75,7 +75,7 @@ def tiny_tokenizer(tiny_tokenizer_dir):
 def _config(kind: str, vocab: int, tok, positions: int = 256):
     from transformers import GPT2Config, LlamaConfig, OPTConfig
 
-    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     if kind == "llama":
         return LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2,

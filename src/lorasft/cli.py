@@ -43,6 +43,10 @@ def finish_run(run_dir: Path, model, tok, cfg: Config, examples, encoded, log_hi
     write_samples(run_dir / "samples.md", ev.get("samples", []))
     results = {"config": cfg.model_dump(mode="json"), "data": counts, "train": info,
                "log_history": log_history, "eval": ev, "overfitting": v, "versions": versions()}  # fmt: skip
+    if cfg.context.target_length is not None:
+        from lorasft.eval.long import evaluate_long
+
+        results["long_context"] = evaluate_long(model, tok, cfg, out_dir=run_dir)
     write_results(run_dir / "results.json", results)
     print_summary(ev, v, str(run_dir))
     return results
@@ -81,6 +85,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     encoded, _ = encode_examples(examples, tok, cfg.data.max_length, cfg.data.truncation,
                                  cfg.data.train_on_prompt)  # fmt: skip
     ev = evaluate(model, tok, examples, encoded, cfg.eval)
+    if args.long:
+        from lorasft.eval.long import evaluate_long
+
+        ev["long_context"] = evaluate_long(model, tok, cfg, _long_settings(args), Path(args.run_dir))
     out = Path(args.run_dir) / "eval_results.json"
     out.write_text(json.dumps(ev, indent=2, ensure_ascii=False), encoding="utf-8")
     results = Path(args.run_dir) / "results.json"
@@ -88,6 +96,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print_summary(ev, verdict(log, cfg.eval.overfit_patience), str(args.run_dir))
     print(f"written: {out}")
     return 0
+
+
+def _long_settings(args: argparse.Namespace):
+    from lorasft.eval.long import LongSettings
+
+    s = LongSettings(lengths=args.lengths, stride=args.stride, data=args.long_data)
+    for name in ("max_windows", "trials", "depths"):
+        if getattr(args, name) is not None:
+            setattr(s, name, getattr(args, name))
+    return s
+
+
+def _long_args(e: argparse.ArgumentParser) -> None:
+    g = e.add_argument_group("evaluation by length (--long)")
+    g.add_argument("--long", action="store_true",
+                   help="also perplexity by length, passkey retrieval and the attention check")  # fmt: skip
+    g.add_argument("--long-data", nargs="+", metavar="FILE",
+                   help="long documents: text files or JSONL with 'text' (default: a shipped text)")  # fmt: skip
+    g.add_argument("--lengths", nargs="+", type=int,
+                   help="context lengths (default: half the model's window, doubling, up to the target)")  # fmt: skip
+    g.add_argument("--stride", type=int, help="sliding-window stride (default: half of each length)")
+    g.add_argument("--max-windows", type=int, help="windows read per length (default 4)")
+    g.add_argument("--trials", type=int, help="passkey trials per length x depth (default 2)")
+    g.add_argument("--depths", nargs="+", type=float, help="passkey depths, 0-1 (default 0 .25 .5 .75 1)")
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
@@ -163,6 +195,21 @@ def _adapter_arg(text: str) -> tuple[str, str]:
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=RUN_DIR, e.g. tuned=runs/demo")
     return name, path
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from transformers import AutoConfig
+
+    from lorasft.model.load import resolve_model_path
+    from lorasft.model.plan import describe_plan
+    from lorasft.train.setup import resolve_precision
+
+    cfg = _config(args.config, args.overrides)
+    path = resolve_model_path(cfg.model.path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    for line in describe_plan(config, cfg, resolve_precision(cfg.train.precision)):
+        print(line)
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -254,6 +301,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--data", help="JSON/JSONL file to evaluate on instead of the run's eval split")
     e.add_argument("--num-samples", type=int, help="eval records to generate on")
+    _long_args(e)
     e.set_defaults(fn=cmd_eval)
     d = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     c = d.add_parser("check", help="formats, bad records, lengths and what the loss sees")
@@ -274,6 +322,10 @@ def parser() -> argparse.ArgumentParser:
         g.set_defaults(fn=fn)
     _serve_parser(sub)
     _add_export_parsers(sub)
+    pl = sub.add_parser("plan", help="window, context method and peak memory per length, before training")
+    pl.add_argument("config", nargs="?", help="YAML file")
+    pl.add_argument("overrides", nargs="*", help="section.key=value")
+    pl.set_defaults(fn=cmd_plan)
     return p
 
 

@@ -30,7 +30,7 @@ _Loader.add_implicit_resolver(
 
 
 def yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    return yaml.load(text, Loader=_Loader)
 
 
 class ConfigError(ValueError):
@@ -158,6 +158,32 @@ class EvalSection(Section):
     """Eval-loss rises in a row (with train loss falling) that make an overfitting verdict."""
 
 
+class ContextSection(Section):
+    """Context-window extension (see README). Off unless target_length is set."""
+
+    target_length: int | None = Field(default=None, ge=16)
+    method: Literal["none", "linear", "dynamic", "yarn", "llama3", "interpolate", "copy", "random"] = "linear"
+    """RoPE models: none | linear | dynamic | yarn | llama3. Learned absolute positions (GPT-2,
+    OPT): interpolate | copy | random."""
+    factor: float | None = Field(default=None, gt=1.0)
+    """Scaling factor; None = target_length / the model's original window."""
+    trainable: list[Literal["embed", "norm"]] = []
+    """Also train (and save with the adapter) embeddings and/or normalisation layers (LongLoRA)."""
+
+
+class StageSection(Section):
+    """One stage of a staged run: overrides of `data` and `train` on top of the top-level sections.
+    Each stage starts from the adapter weights the previous stage ended with."""
+
+    name: str | None = None
+    data: dict[str, Any] = {}
+    """e.g. {train_file: long.jsonl, format: text, max_length: 4096}"""
+    train: dict[str, Any] = {}
+    """e.g. {max_steps: 200, learning_rate: 1e-4}. A stage whose max_length exceeds the model's
+    window defaults to batch_size 1, grad_accum = the top-level batch size and gradient
+    checkpointing, for each of these three it does not set itself."""
+
+
 class OutputSection(Section):
     dir: str = "runs"
     name: str = "demo"
@@ -171,7 +197,41 @@ class Config(Section):
     lora: LoraSection = LoraSection()
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
+    context: ContextSection = ContextSection()
+    stages: list[StageSection] = []
+    """Train in stages (e.g. long text at 1.5x, then 2x the window, then instructions); empty: one run."""
     output: OutputSection = OutputSection()
+
+    @model_validator(mode="after")
+    def _stages_are_valid(self) -> Config:
+        for i, stage in enumerate(self.stages):
+            for section, cls in (("data", DataSection), ("train", TrainSection)):
+                merged = {**getattr(self, section).model_dump(), **getattr(stage, section)}
+                try:
+                    cls.model_validate(merged)
+                except ValidationError as e:
+                    raise ValueError(_stage_error(f"stages.{i}.{section}", cls, e)) from None
+        if self.stages and self.train.resume is not None:
+            raise ValueError("train.resume cannot continue a staged run; unset it or remove `stages`")
+        return self
+
+    def stage(self, i: int) -> Config:
+        """The full config of stage i: the top level with the stage's overrides applied."""
+        st = self.stages[i]
+        data = DataSection.model_validate({**self.data.model_dump(), **st.data})
+        train = TrainSection.model_validate({**self.train.model_dump(), **st.train})
+        return self.model_copy(update={"data": data, "train": train, "stages": []})
+
+
+def _stage_error(prefix: str, cls: type[BaseModel], err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        key = f"{prefix}.{'.'.join(map(str, e['loc']))}"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{key}'{_closest(str(e['loc'][-1]), list(cls.model_fields))}")
+        else:
+            parts.append(f"{key}={e.get('input')!r}: {e['msg']}")
+    return "; ".join(parts)
 
 
 # Shorthands accepted on the command line, e.g. `lorasft train cfg.yaml resume=auto`.
@@ -196,7 +256,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
+        if not e["loc"]:  # a whole-config check (model_validator) whose message names the keys
+            lines.append(str(e["msg"]).removeprefix("Value error, "))
+        elif e["type"] == "extra_forbidden":
             hint = _closest(str(e["loc"][-1]), _section_keys(Config, e["loc"]))
             lines.append(f"unknown key '{loc}'{hint}")
         else:
@@ -271,6 +333,13 @@ def _resolve_paths(cfg: Config, base_dir: Path) -> Config:
             setattr(cfg.data, name, fix(value))
         elif isinstance(value, list):
             setattr(cfg.data, name, [fix(v) for v in value])
+    for stage in cfg.stages:
+        for name in ("train_file", "eval_file"):
+            value = stage.data.get(name)
+            if isinstance(value, str):
+                stage.data[name] = fix(value)
+            elif isinstance(value, list):
+                stage.data[name] = [fix(v) for v in value]
     if cfg.model.path != "default":
         cfg.model.path = fix(cfg.model.path)
     return cfg

@@ -7,7 +7,7 @@ from lorasft.data.formats import Example
 def test_chinese_is_segmented_into_words_not_one_chunk():
     words = [w for w in segment("王强去年搬到了广州。") if w.strip()]
     assert len(words) >= 4 and "".join(words) == "王强去年搬到了广州。"
-    assert "王强去年搬到了广州。".split() == ["王强去年搬到了广州。"]  # what whitespace splitting gives
+    assert ["王强去年搬到了广州。"] == ["王强去年搬到了广州。"]  # what whitespace splitting gives
 
 
 def test_words_in_the_response_are_never_touched():

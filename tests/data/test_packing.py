@@ -6,7 +6,13 @@ from transformers import AutoModelForCausalLM
 
 from lorasft.cli import main
 from lorasft.data.collate import PadCollator
-from lorasft.data.packing import PackedCollator, PackingError, best_fit_decreasing, check_packing, pack
+from lorasft.data.packing import (
+    PackedCollator,
+    PackingError,
+    best_fit_decreasing,
+    check_packing,
+    pack,
+)
 from lorasft.data.tokenize import IGNORE, Encoded
 from lorasft.train.trainer import causal_lm_loss
 

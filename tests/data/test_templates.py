@@ -1,8 +1,13 @@
-from lorasft.data.templates import BUILTIN, adds_bos, build_prompt, render, resolve_template
-
 import pytest
 
-from lorasft.data.templates import TemplateError
+from lorasft.data.templates import (
+    BUILTIN,
+    TemplateError,
+    adds_bos,
+    build_prompt,
+    render,
+    resolve_template,
+)
 
 CONV = [{"role": "user", "content": "Add\n\n1 2", "instruction": "Add", "input": "1 2"},
         {"role": "assistant", "content": "3"}]

@@ -32,7 +32,7 @@ def test_missing_shard_is_named(tiny_llama_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     sharded = tmp_path / "sharded"
     model.save_pretrained(sharded, max_shard_size="100KB")
-    victim = sorted(sharded.glob("*.safetensors"))[0]
+    victim = min(sharded.glob("*.safetensors"))
     victim.unlink()
     with pytest.raises(ModelError, match=f"names shards that are missing: {victim.name}"):
         resolve_model_path(str(sharded))

@@ -35,7 +35,7 @@ def test_lora_steps_generate_then_reload_gives_same_greedy_output(tmp_path):
     assert results["train"]["global_step"] == 3 and results["train"]["precision"] in ("fp32", "bf16")
     trained = [s["tuned"] for s in results["eval"]["samples"]]
     assert all(trained) and results["eval"]["tuned"]["perplexity"]["loss"] < 5
-    cfg, tok, model = load_run(run)
+    _cfg, tok, model = load_run(run)
     assert tok.eos_token == "<|im_end|>" and tok.pad_token_id == tok.eos_token_id
     prompts = [[{"role": "user", "content": s["prompt"]}] for s in results["eval"]["samples"]]
     again = generate(model, tok, prompts, GenSettings(max_new_tokens=24))

@@ -1,6 +1,7 @@
 """`lorasft train`, `eval` and `generate` end to end on tiny Llama, GPT-2 and OPT models."""
 
 import json
+from pathlib import Path
 
 from safetensors.torch import load_file
 
@@ -58,7 +59,8 @@ def test_eval_and_generate_on_a_finished_run(tiny_llama_dir, tmp_path, capsys):
     assert ev["samples"][0]["tuned"] == results["eval"]["samples"][0]["tuned"]
     # --data evaluates on another file: here 3 records of the training file.
     subset = tmp_path / "subset.jsonl"
-    subset.write_text("".join(open(demo_files()[0], encoding="utf-8").readlines()[:3]), encoding="utf-8")
+    lines = Path(demo_files()[0]).read_text(encoding="utf-8").splitlines(keepends=True)
+    subset.write_text("".join(lines[:3]), encoding="utf-8")
     assert main(["eval", str(run), "--data", str(subset), "--num-samples", "1"]) == 0
     other = json.loads((run / "eval_results.json").read_text())
     assert len(other["samples"]) == 1 and other["samples"][0]["source"] == f"{subset}:1"

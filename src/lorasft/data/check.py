@@ -52,7 +52,7 @@ def check(cfg: DataSection, tok) -> dict[str, Any]:
     supervised = sum(e.n_supervised for e in enc)
     return {
         "files": [{"path": f.path, "format": f.format, "records": f.records, "bom": f.bom,
-                   "crlf_records": f.crlf_records} for f in res.files],  # fmt: skip
+                   "crlf_records": f.crlf_records} for f in res.files],
         "records": len(res.examples),
         "bad_records": [str(b) for b in res.bad],
         "duplicates": res.duplicates,

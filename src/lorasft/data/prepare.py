@@ -12,7 +12,7 @@ from lorasft.config import DataSection
 from lorasft.data.augment import augment_examples
 from lorasft.data.formats import DataError, Example, LoadResult, load_files
 from lorasft.data.templates import with_system
-from lorasft.data.tokenize import EncodeStats, Encoded, encode_examples
+from lorasft.data.tokenize import Encoded, EncodeStats, encode_examples
 
 
 def demo_files() -> tuple[str, str]:

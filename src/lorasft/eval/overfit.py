@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 
@@ -31,7 +32,7 @@ def verdict(log_history: list[dict[str, Any]], patience: int = 3) -> dict[str, A
     out.update(best_step=best_step, best_eval_loss=best)
     for end in range(patience, len(evals)):
         window = evals[end - patience : end + 1]
-        rising = all(b[1] > a[1] for a, b in zip(window, window[1:]))
+        rising = all(b[1] > a[1] for a, b in itertools.pairwise(window))
         first_step, last_step = window[0][0], window[-1][0]
         before = _train_loss_near(train, -1, first_step)
         after = _train_loss_near(train, window[-2][0], last_step)

@@ -25,7 +25,7 @@ def evaluate(model, tok, eval_examples: list[Example], eval_encoded: list[Encode
              ev: EvalSection) -> dict[str, Any]:  # fmt: skip
     start = time.perf_counter()
     out: dict[str, Any] = {"loss_on": "response tokens only (the tokens in the loss mask)"}
-    ppl = lambda: perplexity(model, eval_encoded, tok.pad_token_id, ev.batch_size)  # noqa: E731
+    ppl = lambda: perplexity(model, eval_encoded, tok.pad_token_id, ev.batch_size)
     out["tuned"] = {"perplexity": ppl()}
     if ev.compare_base:
         out["base"] = {"perplexity": _with_adapter(model, False, ppl)}

@@ -7,6 +7,7 @@ from pathlib import Path
 from peft import PeftModel
 
 from lorasft.config import Config, load_config
+from lorasft.model.context import apply_context
 from lorasft.model.load import ModelError, load_model, load_tokenizer, resolve_model_path
 
 
@@ -24,6 +25,8 @@ def load_run(run_dir: str | Path, precision_dtype=None) -> tuple[Config, object,
         attn_implementation=cfg.model.attn_implementation,
         **kwargs,
     )
+    # The adapter was trained on the extended model; rebuild that before loading it.
+    apply_context(base, cfg.context)
     model = PeftModel.from_pretrained(base, run)
     model.eval()
     return cfg, tok, model

@@ -17,13 +17,13 @@ from lorasft.data.packing import PackedCollator, check_packing, pack
 from lorasft.data.prepare import Prepared, describe, prepare
 from lorasft.data.tokenize import Encoded
 from lorasft.model.lora import trainable_summary
-from lorasft.train.trainer import SupervisedTrainer
 from lorasft.train.setup import (
     check_optimizer,
     prepare_model_and_tokenizer,
     run_dir_and_checkpoint,
     training_arguments,
 )
+from lorasft.train.trainer import SupervisedTrainer
 
 
 @dataclass
@@ -82,31 +82,38 @@ def train(cfg: Config) -> TrainOutcome:
     print(f"[lorasft] run folder: {run_dir}" + (f" (resuming {checkpoint})" if checkpoint else ""))
     set_seed(cfg.train.seed)  # LoRA init draws from the RNG before Trainer seeds it
     model_path, precision, tok, model = prepare_model_and_tokenizer(cfg)
-    data = prepare(cfg.data, tok)
-    for line in describe(data.counts):
-        print(f"[lorasft] {line}")
     params = trainable_summary(model)
     print(f"[lorasft] model {model_path} ({precision}); trainable parameters "
           f"{params['trainable']:,} of {params['total']:,} ({params['share']:.2%})")  # fmt: skip
+    if cfg.stages:
+        from lorasft.train.stages import train_stages
+
+        out = train_stages(cfg, model, tok, run_dir, precision, model_path)
+    else:
+        out = fit(cfg, model, tok, run_dir, precision, checkpoint)
+    out.model.save_pretrained(run_dir)
+    tok.save_pretrained(run_dir)
+    out.info.update(precision=precision, base_model=str(model_path), parameters=params)
+    return out
+
+
+def fit(cfg: Config, model, tok, run_dir: Path, precision: str, checkpoint: str | None = None) -> TrainOutcome:
+    """One training pass on cfg.data with cfg.train: an ordinary run, or one stage of a staged run."""
+    data = prepare(cfg.data, tok)
+    for line in describe(data.counts):
+        print(f"[lorasft] {line}")
     trainer = build_trainer(cfg, model, tok, data, run_dir, precision)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    seconds = time.perf_counter() - start
-    model = trainer.model
-    model.save_pretrained(run_dir)
-    tok.save_pretrained(run_dir)
     info = {
-        "precision": precision,
-        "base_model": str(model_path),
-        "parameters": params,
-        "train_seconds": round(seconds, 2),
+        "train_seconds": round(time.perf_counter() - start, 2),
         "train_metrics": result.metrics,
         "global_step": trainer.state.global_step,
         "best_step": _best_step(trainer.state.best_model_checkpoint),
         "best_metric": trainer.state.best_metric,
         "resumed_from": checkpoint,
     }
-    return TrainOutcome(run_dir, model, tok, data, trainer.state.log_history, info)
+    return TrainOutcome(run_dir, trainer.model, tok, data, trainer.state.log_history, info)
 
 
 def _best_step(best_checkpoint: str | None) -> int | None:

@@ -12,6 +12,7 @@ from transformers.integrations import is_tensorboard_available
 
 from lorasft.config import Config, ConfigError, TrainSection
 from lorasft.data.templates import resolve_template
+from lorasft.model.context import apply_context, context_modules_to_save
 from lorasft.model.load import load_model, load_tokenizer, resolve_model_path
 from lorasft.model.lora import apply_lora
 from lorasft.train.checkpoints import find_resume
@@ -83,10 +84,23 @@ def build_model(cfg: Config, model_path: Path, precision: str):
         attn_implementation=cfg.model.attn_implementation,
         global_dropout=cfg.model.global_dropout,
     )
+    plan = apply_context(model, cfg.context)  # before LoRA: it resizes and rebuilds modules
+    if plan is not None:
+        factor = f", factor {plan.factor:g}" if plan.factor else ""
+        print(f"[lorasft] context: {plan.method} from {plan.original} to {plan.target} positions{factor}")
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    return apply_lora(model, cfg.lora)
+    return apply_lora(model, lora_with_context(model, cfg))
+
+
+def lora_with_context(model, cfg: Config):
+    """The LoRA section plus the modules the context section trains in full (saved with the adapter)."""
+    extra = context_modules_to_save(model, cfg.context)
+    if not extra:
+        return cfg.lora
+    names = list(dict.fromkeys([*(cfg.lora.modules_to_save or []), *extra]))
+    return cfg.lora.model_copy(update={"modules_to_save": names})
 
 
 def prepare_model_and_tokenizer(cfg: Config):

@@ -1,0 +1,63 @@
+"""The three models compared by length: the base as trained, the base with the run's context
+scaling applied but untrained, and the tuned run. Base variants are loaded one at a time and
+freed after use, so at most two models are in memory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from transformers import AutoConfig
+
+from lorasft.config import Config
+from lorasft.model.context import ContextPlan, apply_context, original_window, plan_context
+from lorasft.model.load import load_model, resolve_model_path
+
+
+def base_config(cfg: Config):
+    return AutoConfig.from_pretrained(resolve_model_path(cfg.model.path),
+                                      trust_remote_code=cfg.model.trust_remote_code)  # fmt: skip
+
+
+def window_and_plan(cfg: Config) -> tuple[int, ContextPlan | None]:
+    config = base_config(cfg)
+    return original_window(config), plan_context(config, cfg.context)
+
+
+def load_base(cfg: Config, device, scaled: bool):
+    model = load_model(resolve_model_path(cfg.model.path),
+                       trust_remote_code=cfg.model.trust_remote_code,
+                       attn_implementation=cfg.model.attn_implementation)  # fmt: skip
+    if scaled:
+        apply_context(model, cfg.context)
+    return model.to(device).eval()
+
+
+def base_variants(cfg: Config, plan: ContextPlan | None, device) -> dict[str, tuple[str, Callable]]:
+    """name -> (label, loader). No scaled variant when the run has no scaling to apply."""
+    out = {"base": ("base, no scaling", lambda: load_base(cfg, device, False))}
+    if plan is not None and plan.method != "none":
+        label = f"base + {plan.method} (untrained)"
+        out["base_scaled"] = (label, lambda: load_base(cfg, device, True))
+    return out
+
+
+def position_limit(model) -> int | None:
+    """Learned position tables cannot read past their last row; RoPE has no hard limit."""
+    if getattr(model.config, "rope_parameters", None):
+        return None
+    return getattr(model.config, "max_position_embeddings", None) or getattr(
+        model.config, "n_positions", None
+    )
+
+
+@contextmanager
+def eager_attention(model) -> Iterator[None]:
+    """Switch to eager attention (the only one that materialises the weights) and back."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    before = inner.config._attn_implementation
+    inner.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        inner.set_attn_implementation(before)

@@ -1,0 +1,68 @@
+"""Staged training: each stage trains the same LoRA model on its own data and settings, so it
+starts from the weights the previous stage ended with. Each stage's adapter is also saved in
+`<run>/stages/<n>-<name>/` and its resolved config beside it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lorasft.config import Config, dump_config
+
+LONG_STAGE_DEFAULTS = ("batch_size", "grad_accum", "gradient_checkpointing")
+
+
+def model_window(model_path: Path, cfg: Config) -> int:
+    """The window the base model was trained with: read from its folder, since the loaded model's
+    config already carries the context extension."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    return int(config.max_position_embeddings)
+
+
+def stage_config(cfg: Config, i: int, window: int) -> Config:
+    """Stage i's config; a stage longer than the window gets the long-stage defaults for the
+    settings it does not give itself (batch 1, the batch made up by accumulation, checkpointing)."""
+    stage = cfg.stage(i)
+    if stage.data.max_length <= window:
+        return stage
+    own = cfg.stages[i].train
+    defaults = {"batch_size": 1, "grad_accum": cfg.train.batch_size * cfg.train.grad_accum,
+                "gradient_checkpointing": True}  # fmt: skip
+    update = {k: v for k, v in defaults.items() if k not in own}
+    return stage.model_copy(update={"train": stage.train.model_copy(update=update)})
+
+
+def set_checkpointing(model, on: bool) -> None:
+    base = model.get_base_model()
+    if on and not base.is_gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    elif not on and base.is_gradient_checkpointing:
+        base.gradient_checkpointing_disable()
+
+
+def train_stages(cfg: Config, model, tok, run_dir: Path, precision: str, model_path: Path):
+    from lorasft.train.run import fit
+
+    window = model_window(model_path, cfg)
+    history, summaries, out = [], [], None
+    for i, st in enumerate(cfg.stages):
+        scfg = stage_config(cfg, i, window)
+        name = f"{i + 1}-{st.name or 'stage'}"
+        stage_dir = run_dir / "stages" / name
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(scfg, stage_dir / "config.yaml")
+        t = scfg.train
+        print(f"[lorasft] stage {name}: max_length {scfg.data.max_length}, batch {t.batch_size} x "
+              f"accum {t.grad_accum}, checkpointing {t.gradient_checkpointing}", file=sys.stderr)  # fmt: skip
+        set_checkpointing(model, t.gradient_checkpointing)
+        out = fit(scfg, model, tok, stage_dir, precision)
+        model = out.model
+        model.save_pretrained(stage_dir)
+        history += [{**h, "stage": name} for h in out.log_history]
+        summaries.append({"stage": name, **out.info})
+    out.run_dir, out.log_history = run_dir, history
+    out.info = {**out.info, "stages": summaries}
+    return out

@@ -1,0 +1,178 @@
+"""Evaluation by length: sliding-window perplexity, passkey retrieval, attention bands, plots."""
+
+import functools
+import json
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from lorasft.cli import main
+from lorasft.eval.attention import attention_by_distance, default_bands
+from lorasft.eval.long import LongSettings, default_lengths
+from lorasft.eval.long_data import read_documents, token_stream
+from lorasft.eval.long_models import eager_attention
+from lorasft.eval.passkey import FILLER, NEEDLE, build_prompt, first_integer, passkey_grid
+from lorasft.eval.sliding import sliding_perplexity, windows
+from lorasft.report.long_report import write_long_plots
+from tests.train.test_train_e2e import PNG, tiny_args
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+
+
+def test_windows_score_only_new_tokens():
+    # 10 tokens, window 4, stride 2: the first window scores 3 tokens, every later one 2.
+    assert windows(10, 4, 2) == [(0, 4, 3), (2, 6, 2), (4, 8, 2), (6, 10, 2)]
+    # stride == window: each window's first token has no context and is not scored.
+    assert windows(8, 4, 4) == [(0, 4, 3), (4, 8, 3)]
+
+
+def test_sliding_perplexity_equals_hand_computation(llama):
+    ids = [7, 42, 99, 3, 250, 18, 77, 5, 301, 64]
+    with torch.no_grad():
+        logits = [
+            llama(torch.tensor([ids[b:e]])).logits[0] for b, e in ((0, 4), (2, 6), (4, 8), (6, 10))
+        ]
+
+    def nll(window, begin, pos):  # token ids[pos] predicted inside the window starting at begin
+        return F.cross_entropy(logits[window][pos - begin - 1], torch.tensor(ids[pos])).item()
+
+    # window 0 scores tokens 1-3; windows 1, 2, 3 score only their two new tokens (4-5, 6-7, 8-9).
+    terms = [nll(0, 0, 1), nll(0, 0, 2), nll(0, 0, 3), nll(1, 2, 4), nll(1, 2, 5),
+             nll(2, 4, 6), nll(2, 4, 7), nll(3, 6, 8), nll(3, 6, 9)]  # fmt: skip
+    got = sliding_perplexity(llama, ids, length=4, stride=2)
+    assert got["tokens"] == 9 and got["windows"] == 4
+    assert abs(got["loss"] - sum(terms) / 9) < 1e-4
+    assert abs(got["perplexity"] - math.exp(sum(terms) / 9)) < 1e-2
+    # max_windows=2 reads ids[:6]: tokens 1-5.
+    assert sliding_perplexity(llama, ids, 4, 2, max_windows=2)["tokens"] == 5
+    assert sliding_perplexity(llama, ids, 16, 8)["perplexity"] is None  # text shorter than a window
+
+
+def test_passkey_prompt_and_scoring(tiny_tokenizer):
+    p = build_prompt(tiny_tokenizer, 1200, 0.25, 48213)
+    needle = NEEDLE.format(key=48213)
+    assert p.text.count(needle) == 1 and p.text.count("48213") == 2
+    unit = len(tiny_tokenizer(" " + FILLER, add_special_tokens=False).input_ids)
+    assert 1200 - 2 * unit < len(p.ids) <= 1200
+    assert p.filler_total >= 8 and p.filler_before == round(0.25 * p.filler_total)
+    before = p.text[: p.text.index(needle)].count(FILLER)
+    after = p.text[p.text.index(needle) :].count(FILLER)
+    assert (before, after) == (p.filler_before, p.filler_total - p.filler_before)
+    assert p.text.endswith("What is the pass key? The pass key is")
+    edge = build_prompt(tiny_tokenizer, 1200, 1.0, 11111)
+    assert edge.text.index(NEEDLE.format(key=11111)) > edge.text.rindex(FILLER)
+    assert first_integer(" 48213. Remember") == 48213
+    assert first_integer("is 4821 3") == 4821
+    assert first_integer("the key is -7") == 7
+    assert first_integer("no digits here") is None
+
+
+class KeyEcho:
+    """Answers every prompt with the key it finds in it, as a model with perfect retrieval."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **_):
+        key = re.search(r"pass key is (\d+)", self.tok.decode(input_ids[0])).group(1)
+        new = self.tok(f" {key}. Done", add_special_tokens=False).input_ids[:max_new_tokens]
+        return torch.cat([input_ids, torch.tensor([new])], dim=1)
+
+
+def test_passkey_grid_perfect_and_random_models(tiny_tokenizer, llama):
+    grid = passkey_grid(
+        KeyEcho(tiny_tokenizer), tiny_tokenizer, [600, 900], [0.0, 0.5, 1.0], trials=3
+    )
+    assert grid["accuracy"] == [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
+    assert len(grid["records"]) == 18 and len({r["key"] for r in grid["records"]}) > 1
+    again = passkey_grid(
+        KeyEcho(tiny_tokenizer), tiny_tokenizer, [600, 900], [0.0, 0.5, 1.0], trials=3
+    )
+    assert [r["key"] for r in again["records"]] == [r["key"] for r in grid["records"]]  # seeded
+    # An untrained model does not write the key: 0% in every cell, same shape.
+    dumb = passkey_grid(llama, tiny_tokenizer, [600], [0.0, 1.0], trials=1, max_new_tokens=4)
+    assert dumb["accuracy"] == [[0.0, 0.0]]
+
+
+def test_attention_bands_sum_to_one_per_layer(llama):
+    ids = list(range(5, 205))
+    with pytest.raises(ValueError, match="eager"):
+        attention_by_distance(llama, ids)
+    with eager_attention(llama):
+        res = attention_by_distance(llama, ids, n_sink=4)
+    assert llama.config._attn_implementation == "sdpa"  # switched back
+    assert res["bands"] == [[0, 64], [64, 200]] and len(res["layers"]) == 2
+    for row in res["layers"]:
+        assert abs(sum(row["bands"]) - 1) < 1e-4 and row["queries"] == 100
+        assert 0 < row["sink"] < 1 and all(b >= 0 for b in row["bands"])
+    # Random weights spread attention roughly evenly: the long band (keys 64+ back) gets most.
+    assert res["layers"][0]["bands"][1] > res["layers"][0]["bands"][0]
+    assert default_bands(8192) == [(0, 64), (64, 256), (256, 1024), (1024, 4096), (4096, 8192)]
+
+
+def test_lengths_and_long_data(tmp_path, tiny_tokenizer):
+    assert default_lengths(8192, 16384) == [4096, 8192, 16384]
+    assert default_lengths(64, 256) == [32, 64, 128, 256]
+    docs = read_documents(None)
+    assert len(docs) == 1 and len(docs[0].split()) > 3000
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"text": "one two"}) + "\n" + json.dumps({"text": "three"}) + "\n")
+    ids = token_stream(read_documents([f]), tiny_tokenizer)
+    assert ids.count(tiny_tokenizer.eos_token_id) == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"body": "x"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: .*'text'"):
+        read_documents([bad])
+
+
+def test_eval_long_after_training_and_from_cli(tiny_llama_dir, tmp_path, monkeypatch):
+    # fewer passkey cells than the defaults after training, to keep the test fast
+    few = functools.partial(LongSettings, depths=[0.0, 1.0], trials=1)
+    monkeypatch.setattr("lorasft.eval.long.LongSettings", few)
+    run = tmp_path / "run"
+    args = tiny_args(tiny_llama_dir, run, "eval.num_samples=0", "eval.compare_base=false",
+                     "context.target_length=512", "context.method=linear")  # fmt: skip
+    assert main(args) == 0
+    lc = json.loads((run / "results.json").read_text())["long_context"]
+    assert lc["original_window"] == 256 and lc["lengths"] == [128, 256, 512] and lc["factor"] == 2.0
+    assert set(lc["perplexity"]) == {"base", "base_scaled", "tuned"}
+    assert all(lc["perplexity"]["tuned"][str(n)]["perplexity"] > 1 for n in (128, 256, 512))
+    # linear scaling changes the base's outputs at every length
+    assert lc["perplexity"]["base"]["512"] != lc["perplexity"]["base_scaled"]["512"]
+    assert len(lc["passkey"]["accuracy"]) == 3 and len(lc["passkey"]["accuracy"][0]) == 2
+    for name in ("ppl_by_length.png", "passkey.png", "attention_by_distance.png"):
+        assert (run / name).read_bytes()[:8] == PNG, name
+    text = tmp_path / "long.txt"
+    text.write_text(read_documents(None)[0][:6000], encoding="utf-8")
+    for name in lc["plots"]:
+        (run / name).unlink()
+    assert main(["eval", str(run), "--num-samples", "0", "--long", "--long-data", str(text),
+                 "--lengths", "64", "128", "--trials", "1", "--depths", "0.5"]) == 0  # fmt: skip
+    ev = json.loads((run / "eval_results.json").read_text())["long_context"]
+    assert ev["lengths"] == [64, 128] and ev["passkey"]["accuracy"] == [[0.0], [0.0]]
+    assert ev["perplexity"]["tuned"]["128"]["perplexity"] is not None
+    assert (run / "passkey.png").read_bytes()[:8] == PNG
+
+
+def test_plots_are_pngs(tmp_path):
+    res = {"original_window": 64, "target_length": 256, "method": "linear", "lengths": [32, 64],
+           "labels": {"base": "base", "tuned": "tuned"},
+           "perplexity": {"base": {"32": {"perplexity": 9.0}, "64": {"perplexity": None}},
+                          "tuned": {"32": {"perplexity": 8.0}, "64": {"perplexity": 7.5}}},
+           "passkey": {"lengths": [32, 64], "depths": [0.0, 1.0], "trials": 1,
+                       "accuracy": [[1.0, 0.0], [0.5, 1.0]]},
+           "attention": {"length": 64, "first_query": 32, "n_sink": 4, "bands": [[0, 64]],
+                         "layers": [{"bands": [1.0], "sink": 0.2}, {"bands": [1.0], "sink": 0.3}]}}  # fmt: skip
+    names = write_long_plots(res, tmp_path)
+    assert names == ["ppl_by_length.png", "passkey.png", "attention_by_distance.png"]
+    for n in names:
+        assert (tmp_path / n).read_bytes()[:8] == PNG
