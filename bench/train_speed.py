@@ -97,7 +97,13 @@ def naive_trainer(steps: int, max_length: int = 512):
     tok = AutoTokenizer.from_pretrained(path)
     examples, _, _ = load_file(demo_files()[0])
     texts = [tok.apply_chat_template(e.messages, tokenize=False) for e in examples]
-    enc = tok(texts, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=False)
+    enc = tok(
+        texts,
+        padding="max_length",
+        max_length=max_length,
+        truncation=True,
+        add_special_tokens=False,
+    )
     rows = [{"input_ids": i, "attention_mask": m, "labels": [t if k else -100 for t, k in zip(i, m)]}
             for i, m in zip(enc["input_ids"], enc["attention_mask"])]  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -119,7 +125,9 @@ def run_mode(mode: str, steps: int) -> dict:
     trainer.add_callback(clock)
     trainer.train()
     seconds = time.perf_counter() - clock.start
-    real, sup, comp = (n - s for n, s in zip((counter.real, counter.supervised, counter.computed), clock.at_start))
+    real, sup, comp = (
+        n - s for n, s in zip((counter.real, counter.supervised, counter.computed), clock.at_start)
+    )
     params = sum(p.numel() for p in trainer.model.parameters())
     head = trainer.model.get_input_embeddings().weight.numel()  # tied with the output head
     return {"mode": mode, "seconds_per_step": seconds / (steps - 1), "real_tps": real / seconds,
@@ -145,12 +153,18 @@ def main() -> None:
         out = subprocess.run([sys.executable, str(HERE), "--child", mode, "--steps", str(a.steps)],
                              capture_output=True, text=True, check=True).stdout  # fmt: skip
         results.append(json.loads(out.split("RESULT ", 1)[1]))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"cpu capability {torch.backends.cpu.get_cpu_capability()}, fp32 matmul peak {peak:.1f} GFLOP/s")
-    print(f"{'mode':8} {'real tok/s':>10} {'sup tok/s':>10} {'pad %':>6} {'s/step':>7} {'peak MiB':>9} {'~MFU %':>7}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"cpu capability {torch.backends.cpu.get_cpu_capability()}, fp32 matmul peak {peak:.1f} GFLOP/s"
+    )
+    print(
+        f"{'mode':8} {'real tok/s':>10} {'sup tok/s':>10} {'pad %':>6} {'s/step':>7} {'peak MiB':>9} {'~MFU %':>7}"
+    )
     for r in results:
-        print(f"{r['mode']:8} {r['real_tps']:10.1f} {r['supervised_tps']:10.1f} {100 * r['padding_share']:6.1f} "
-              f"{r['seconds_per_step']:7.2f} {r['peak_rss_mib']:9.0f} {100 * r['gflops'] / peak:7.1f}")
+        print(
+            f"{r['mode']:8} {r['real_tps']:10.1f} {r['supervised_tps']:10.1f} {100 * r['padding_share']:6.1f} "
+            f"{r['seconds_per_step']:7.2f} {r['peak_rss_mib']:9.0f} {100 * r['gflops'] / peak:7.1f}"
+        )
     base = next((r for r in results if r["mode"] == "naive"), None)
     for r in results:
         if base and r is not base:

@@ -38,7 +38,10 @@ def test_missing_and_broken_models(capsys, tmp_path, tiny_llama_dir):
 
 
 def test_bad_data_is_an_error_naming_the_record(capsys, tmp_path, tiny_llama_dir):
-    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": 3, "output": "b"}])
+    data = write_jsonl(
+        tmp_path / "d.jsonl",
+        [{"instruction": "a", "output": "b"}, {"instruction": 3, "output": "b"}],
+    )
     rc, err = run(capsys, "train", f"model.path={tiny_llama_dir}", f"data.train_file={data}")
     assert rc == 2 and f"{data}:2: instruction: must be a string, got int" in err
     assert "data.on_bad_record=skip" in err
@@ -46,14 +49,23 @@ def test_bad_data_is_an_error_naming_the_record(capsys, tmp_path, tiny_llama_dir
 
 def test_every_record_too_long(capsys, tmp_path, tiny_llama_dir):
     data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "word " * 50, "output": "b"}] * 3)
-    rc, err = run(capsys, "train", f"model.path={tiny_llama_dir}", f"data.train_file={data}",
-                  "data.max_length=16", "data.val_ratio=0", "data.dedup=false")
+    rc, err = run(
+        capsys,
+        "train",
+        f"model.path={tiny_llama_dir}",
+        f"data.train_file={data}",
+        "data.max_length=16",
+        "data.val_ratio=0",
+        "data.dedup=false",
+    )
     assert rc == 2 and "no training sequences left" in err and "data.max_length=16" in err
 
 
 def test_data_check_reports_and_exits_non_zero_on_bad_data(capsys, tmp_path, tiny_llama_dir):
     data = tmp_path / "d.jsonl"
-    data.write_text('{"instruction": "hi", "output": "there"}\n{"instruction": "x", "output": ""}\n')
+    data.write_text(
+        '{"instruction": "hi", "output": "there"}\n{"instruction": "x", "output": ""}\n'
+    )
     rc = main(["data", "check", str(data), f"model.path={tiny_llama_dir}", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert rc == 1 and report["records"] == 1
@@ -70,7 +82,9 @@ def test_resume_path_without_checkpoint(capsys, tmp_path, tiny_llama_dir):
     assert rc == 2 and "no complete checkpoint found" in err
 
 
-@pytest.mark.parametrize("argv", [["eval", "/nonexistent/run"], ["generate", "/nonexistent/run", "--prompt", "x"]])
+@pytest.mark.parametrize(
+    "argv", [["eval", "/nonexistent/run"], ["generate", "/nonexistent/run", "--prompt", "x"]]
+)
 def test_not_a_run(capsys, argv):
     rc, err = run(capsys, *argv)
     assert rc == 2 and "is not a finished lorasft run" in err

@@ -10,8 +10,16 @@ def test_defaults_run_the_demo():
 
 
 def test_overrides_are_typed_yaml_values():
-    cfg = load_config(None, ["train.learning_rate=1e-4", "lora.target_modules=[q_proj,k_proj]",
-                             "eval.num_samples=0", "train.save_total_limit=null", "resume=auto"])
+    cfg = load_config(
+        None,
+        [
+            "train.learning_rate=1e-4",
+            "lora.target_modules=[q_proj,k_proj]",
+            "eval.num_samples=0",
+            "train.save_total_limit=null",
+            "resume=auto",
+        ],
+    )
     assert cfg.train.learning_rate == 1e-4 and cfg.lora.target_modules == ["q_proj", "k_proj"]
     assert cfg.eval.num_samples == 0 and cfg.train.save_total_limit is None
     assert cfg.train.resume == "auto"
@@ -20,7 +28,9 @@ def test_overrides_are_typed_yaml_values():
 def test_unknown_key_names_the_closest_valid_one(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("train:\n  learning_rte: 0.001\n")
-    with pytest.raises(ConfigError, match=r"unknown key 'train.learning_rte'; did you mean 'learning_rate'\?"):
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'train.learning_rte'; did you mean 'learning_rate'\?"
+    ):
         load_config(p)
     with pytest.raises(ConfigError, match=r"unknown key 'lora.rank'"):
         load_config(None, ["lora.rank=8"])
@@ -31,7 +41,9 @@ def test_unknown_key_names_the_closest_valid_one(tmp_path):
 def test_bad_type_and_range_name_key_value_and_rule():
     with pytest.raises(ConfigError, match=r"lora.r=0: Input should be greater than or equal to 1"):
         load_config(None, ["lora.r=0"])
-    with pytest.raises(ConfigError, match=r"train.batch_size='eight': Input should be a valid integer"):
+    with pytest.raises(
+        ConfigError, match=r"train.batch_size='eight': Input should be a valid integer"
+    ):
         load_config(None, ["train.batch_size=eight"])
     with pytest.raises(ConfigError, match=r"data.truncation='cut'.*'drop' or 'truncate_prompt'"):
         load_config(None, ["data.truncation=cut"])
@@ -61,8 +73,15 @@ def test_relative_paths_are_relative_to_the_yaml(tmp_path):
 
 def test_yaml_no_is_a_string_not_false(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("train:\n  eval_strategy: no\n  early_stopping_patience: null\n  gradient_checkpointing: true\n")
+    p.write_text(
+        "train:\n  eval_strategy: no\n  early_stopping_patience: null\n  gradient_checkpointing: true\n"
+    )
     cfg = load_config(p, ["train.load_best_model_at_end=false"])
     assert cfg.train.eval_strategy == "no" and cfg.train.gradient_checkpointing is True
     assert cfg.train.load_best_model_at_end is False
-    assert load_config(None, ["train.eval_strategy=no", "train.early_stopping_patience=null"]).train.eval_strategy == "no"
+    assert (
+        load_config(
+            None, ["train.eval_strategy=no", "train.early_stopping_patience=null"]
+        ).train.eval_strategy
+        == "no"
+    )

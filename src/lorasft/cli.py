@@ -67,10 +67,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lorasft.data.prepare import load_split
     from lorasft.data.templates import with_system
     from lorasft.data.tokenize import encode_examples
+    from lorasft.eval.overfit import verdict
     from lorasft.eval.run import evaluate
     from lorasft.model.adapter import load_run
     from lorasft.report.console import print_summary
-    from lorasft.eval.overfit import verdict
 
     cfg, tok, model = load_run(args.run_dir)
     if args.data:
@@ -88,7 +88,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.long:
         from lorasft.eval.long import evaluate_long
 
-        ev["long_context"] = evaluate_long(model, tok, cfg, _long_settings(args), Path(args.run_dir))
+        ev["long_context"] = evaluate_long(
+            model, tok, cfg, _long_settings(args), Path(args.run_dir)
+        )
     out = Path(args.run_dir) / "eval_results.json"
     out.write_text(json.dumps(ev, indent=2, ensure_ascii=False), encoding="utf-8")
     results = Path(args.run_dir) / "results.json"
@@ -116,16 +118,20 @@ def _long_args(e: argparse.ArgumentParser) -> None:
                    help="long documents: text files or JSONL with 'text' (default: a shipped text)")  # fmt: skip
     g.add_argument("--lengths", nargs="+", type=int,
                    help="context lengths (default: half the model's window, doubling, up to the target)")  # fmt: skip
-    g.add_argument("--stride", type=int, help="sliding-window stride (default: half of each length)")
+    g.add_argument(
+        "--stride", type=int, help="sliding-window stride (default: half of each length)"
+    )
     g.add_argument("--max-windows", type=int, help="windows read per length (default 4)")
     g.add_argument("--trials", type=int, help="passkey trials per length x depth (default 2)")
-    g.add_argument("--depths", nargs="+", type=float, help="passkey depths, 0-1 (default 0 .25 .5 .75 1)")
+    g.add_argument(
+        "--depths", nargs="+", type=float, help="passkey depths, 0-1 (default 0 .25 .5 .75 1)"
+    )
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
     from lorasft.data.check import check, render_report
-    from lorasft.train.setup import load_tokenizer_with_template
     from lorasft.model.load import resolve_model_path
+    from lorasft.train.setup import load_tokenizer_with_template
 
     target = Path(args.target)
     if target.suffix.lower() in (".yaml", ".yml"):
@@ -155,7 +161,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lorasft.model.adapter import load_run
 
     cfg, tok, model = load_run(args.run_dir)
-    messages = with_system([{"role": "user", "content": args.prompt}], args.system or cfg.data.system_prompt)
+    messages = with_system(
+        [{"role": "user", "content": args.prompt}], args.system or cfg.data.system_prompt
+    )
     print(generate(model, tok, [messages], _gen_settings(args, cfg), base=args.base)[0])
     return 0
 
@@ -271,8 +279,12 @@ def _add_export_parsers(sub) -> None:
     for q in (m, x):
         q.add_argument("run_dir")
         q.add_argument("--out", required=True, help="output folder (merge) or .gguf file (export)")
-        q.add_argument("--also", nargs="*", default=[], help="more runs of the same base, merged in order")
-        q.add_argument("--weights", nargs="*", type=float, help="one weight per run (default 1.0 each)")
+        q.add_argument(
+            "--also", nargs="*", default=[], help="more runs of the same base, merged in order"
+        )
+        q.add_argument(
+            "--weights", nargs="*", type=float, help="one weight per run (default 1.0 each)"
+        )
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     m.set_defaults(fn=cmd_merge)
     x.add_argument("--format", default="gguf", choices=["gguf"])
@@ -284,7 +296,9 @@ def _add_export_parsers(sub) -> None:
     v.add_argument("--gguf", help="file written by `lorasft export`")
     v.add_argument("--url", help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000")
     v.add_argument("--api-key", help="bearer key for --url")
-    v.add_argument("--server-model", help="`model` field sent to --url (default: the run folder name)")
+    v.add_argument(
+        "--server-model", help="`model` field sent to --url (default: the run folder name)"
+    )
     v.add_argument("--max-new-tokens", type=int, default=32)
     v.add_argument("--num-prompts", type=int, default=8, help="eval records to compare on")
     v.set_defaults(fn=cmd_verify)
@@ -293,7 +307,9 @@ def _add_export_parsers(sub) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lorasft", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="fine-tune (no config: the built-in demo on the default model)")
+    t = sub.add_parser(
+        "train", help="fine-tune (no config: the built-in demo on the default model)"
+    )
     t.add_argument("config", nargs="?", help="YAML file (one experiment)")
     t.add_argument("overrides", nargs="*", help="section.key=value, or resume=auto")
     t.set_defaults(fn=cmd_train)
@@ -318,11 +334,15 @@ def parser() -> argparse.ArgumentParser:
             g.add_argument("--base", action="store_true", help="with the adapter disabled")
         g.add_argument("--system", help="system message")
         g.add_argument("--max-new-tokens", type=int)
-        g.add_argument("--temperature", type=float, help="0 = greedy (default: the run's eval settings)")
+        g.add_argument(
+            "--temperature", type=float, help="0 = greedy (default: the run's eval settings)"
+        )
         g.set_defaults(fn=fn)
     _serve_parser(sub)
     _add_export_parsers(sub)
-    pl = sub.add_parser("plan", help="window, context method and peak memory per length, before training")
+    pl = sub.add_parser(
+        "plan", help="window, context method and peak memory per length, before training"
+    )
     pl.add_argument("config", nargs="?", help="YAML file")
     pl.add_argument("overrides", nargs="*", help="section.key=value")
     pl.set_defaults(fn=cmd_plan)

@@ -162,7 +162,9 @@ class ContextSection(Section):
     """Context-window extension (see README). Off unless target_length is set."""
 
     target_length: int | None = Field(default=None, ge=16)
-    method: Literal["none", "linear", "dynamic", "yarn", "llama3", "interpolate", "copy", "random"] = "linear"
+    method: Literal[
+        "none", "linear", "dynamic", "yarn", "llama3", "interpolate", "copy", "random"
+    ] = "linear"
     """RoPE models: none | linear | dynamic | yarn | llama3. Learned absolute positions (GPT-2,
     OPT): interpolate | copy | random."""
     factor: float | None = Field(default=None, gt=1.0)
@@ -212,7 +214,9 @@ class Config(Section):
                 except ValidationError as e:
                     raise ValueError(_stage_error(f"stages.{i}.{section}", cls, e)) from None
         if self.stages and self.train.resume is not None:
-            raise ValueError("train.resume cannot continue a staged run; unset it or remove `stages`")
+            raise ValueError(
+                "train.resume cannot continue a staged run; unset it or remove `stages`"
+            )
         return self
 
     def stage(self, i: int) -> Config:
@@ -228,7 +232,9 @@ def _stage_error(prefix: str, cls: type[BaseModel], err: ValidationError) -> str
     for e in err.errors():
         key = f"{prefix}.{'.'.join(map(str, e['loc']))}"
         if e["type"] == "extra_forbidden":
-            parts.append(f"unknown key '{key}'{_closest(str(e['loc'][-1]), list(cls.model_fields))}")
+            parts.append(
+                f"unknown key '{key}'{_closest(str(e['loc'][-1]), list(cls.model_fields))}"
+            )
         else:
             parts.append(f"{key}={e.get('input')!r}: {e['msg']}")
     return "; ".join(parts)
@@ -302,7 +308,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from e
     if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(
+            f"{p}: the top level must be a mapping of sections, got {type(raw).__name__}"
+        )
     return raw
 
 

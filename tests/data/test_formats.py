@@ -24,7 +24,9 @@ def test_alpaca_with_input_system_and_history(tmp_path):
 
 
 def test_alpaca_null_input_is_absent_not_the_text_none(tmp_path):
-    p = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Say hi", "input": None, "output": "hi"}])
+    p = write_jsonl(
+        tmp_path / "a.jsonl", [{"instruction": "Say hi", "input": None, "output": "hi"}]
+    )
     [ex], _, _ = load_file(p)
     assert ex.messages[0] == {"role": "user", "content": "Say hi"}
     assert "None" not in json.dumps(ex.messages)
@@ -58,7 +60,11 @@ BAD = [
     ({"instruction": 5, "output": "y"}, "instruction", "must be a string, got int"),
     ({"instruction": "x", "output": "   "}, "output", "empty response"),
     ({"instruction": "x", "output": "y", "input": ["a"]}, "input", "must be a string, got list"),
-    ({"instruction": "x", "output": "y", "history": [["only one"]]}, "history[0]", "must be a pair"),
+    (
+        {"instruction": "x", "output": "y", "history": [["only one"]]},
+        "history[0]",
+        "must be a pair",
+    ),
 ]
 
 
@@ -115,8 +121,12 @@ def test_broken_json_array_names_file_and_position(tmp_path):
 
 
 def test_policy_error_lists_records_and_skip_counts_them(tmp_path):
-    p = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "a"}])
-    with pytest.raises(DataError, match=r"(?s)1 bad record.*on_bad_record=skip.*a.jsonl:2: output: missing"):
+    p = write_jsonl(
+        tmp_path / "a.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "a"}]
+    )
+    with pytest.raises(
+        DataError, match=r"(?s)1 bad record.*on_bad_record=skip.*a.jsonl:2: output: missing"
+    ):
         load_files([str(p)], "auto", "error", True)
     res = load_files([str(p)], "auto", "skip", True)
     assert len(res.examples) == 1 and len(res.bad) == 1

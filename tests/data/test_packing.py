@@ -20,7 +20,9 @@ from lorasft.train.trainer import causal_lm_loss
 def test_best_fit_decreasing():
     # 7 and 3 share a bin of 10; 6 takes the 4 in; 5 alone.
     assert best_fit_decreasing([3, 7, 6, 5, 4], 10) == [[1, 0], [2, 4], [3]]
-    assert all(sum([3, 7, 6, 5, 4][i] for i in b) <= 10 for b in best_fit_decreasing([3, 7, 6, 5, 4], 10))
+    assert all(
+        sum([3, 7, 6, 5, 4][i] for i in b) <= 10 for b in best_fit_decreasing([3, 7, 6, 5, 4], 10)
+    )
 
 
 def test_rows_restart_positions_and_mask_each_first_label():
@@ -31,15 +33,21 @@ def test_rows_restart_positions_and_mask_each_first_label():
     assert rows[0].labels == [IGNORE, 2, 3, IGNORE, 5]
 
 
-RECORDS = [Encoded([5, 6, 7, 8, 9, 10], [-100, -100, -100, 8, 9, 10]), Encoded([11, 12, 13], [11, 12, 13]),
-           Encoded([14, 15, 16, 17], [-100, -100, 16, 17]), Encoded([18, 19], [-100, 19])]
+RECORDS = [
+    Encoded([5, 6, 7, 8, 9, 10], [-100, -100, -100, 8, 9, 10]),
+    Encoded([11, 12, 13], [11, 12, 13]),
+    Encoded([14, 15, 16, 17], [-100, -100, 16, 17]),
+    Encoded([18, 19], [-100, 19]),
+]
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_packed_loss_equals_unpacked(kind, tmp_path, tiny_tokenizer_dir):
     from tests.conftest import build_model
 
-    model = AutoModelForCausalLM.from_pretrained(build_model(kind, tmp_path / kind, tiny_tokenizer_dir))
+    model = AutoModelForCausalLM.from_pretrained(
+        build_model(kind, tmp_path / kind, tiny_tokenizer_dir)
+    )
     model.eval()
     # Unpacked, a record's first label is never a target (nothing precedes it).
     unpacked = PadCollator(pad_token_id=0)([vars(e) for e in RECORDS])
@@ -59,7 +67,9 @@ def test_packed_loss_equals_unpacked(kind, tmp_path, tiny_tokenizer_dir):
 
 def test_unsupported_architecture_is_a_clear_error():
     check_packing("llama")
-    with pytest.raises(PackingError, match="not supported for model type 'opt'.*data.packing=false"):
+    with pytest.raises(
+        PackingError, match="not supported for model type 'opt'.*data.packing=false"
+    ):
         check_packing("opt")
 
 
@@ -67,7 +77,18 @@ def test_training_with_packing(tiny_llama_dir, tmp_path):
     from tests.train.test_train_e2e import tiny_args
 
     run = tmp_path / "run"
-    assert main(tiny_args(tiny_llama_dir, run, "data.packing=true", "eval.num_samples=1",
-                          "eval.compare_base=false", "data.max_length=256")) == 0
+    assert (
+        main(
+            tiny_args(
+                tiny_llama_dir,
+                run,
+                "data.packing=true",
+                "eval.num_samples=1",
+                "eval.compare_base=false",
+                "data.max_length=256",
+            )
+        )
+        == 0
+    )
     r = json.loads((run / "results.json").read_text())
     assert r["train"]["global_step"] == 4 and r["eval"]["tuned"]["perplexity"]["loss"] > 0

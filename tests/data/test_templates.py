@@ -9,8 +9,10 @@ from lorasft.data.templates import (
     resolve_template,
 )
 
-CONV = [{"role": "user", "content": "Add\n\n1 2", "instruction": "Add", "input": "1 2"},
-        {"role": "assistant", "content": "3"}]
+CONV = [
+    {"role": "user", "content": "Add\n\n1 2", "instruction": "Add", "input": "1 2"},
+    {"role": "assistant", "content": "3"},
+]
 
 
 @pytest.fixture
@@ -25,15 +27,20 @@ def test_alpaca_renders_instruction_input_response(tok):
     assert render(CONV, tok, False) == (
         "Below is an instruction that describes a task. Write a response that appropriately "
         "completes the request.\n\n### Instruction:\nAdd\n\n### Input:\n1 2\n\n"
-        "### Response:\n3<|im_end|>\n\n")
+        "### Response:\n3<|im_end|>\n\n"
+    )
     assert build_prompt(CONV[:1], tok).endswith("### Input:\n1 2\n\n### Response:\n")
 
 
 def test_chatml_and_plain(tok):
     tok.chat_template = BUILTIN["chatml"]
     assert render(CONV, tok, False) == (
-        "<|im_start|>user\nAdd\n\n1 2<|im_end|>\n<|im_start|>assistant\n3<|im_end|>\n")
-    assert build_prompt(CONV[:1], tok) == "<|im_start|>user\nAdd\n\n1 2<|im_end|>\n<|im_start|>assistant\n"
+        "<|im_start|>user\nAdd\n\n1 2<|im_end|>\n<|im_start|>assistant\n3<|im_end|>\n"
+    )
+    assert (
+        build_prompt(CONV[:1], tok)
+        == "<|im_start|>user\nAdd\n\n1 2<|im_end|>\n<|im_start|>assistant\n"
+    )
     tok.chat_template = BUILTIN["plain"]
     assert render(CONV, tok, False) == "Add\n\n1 2\n3<|im_end|>\n"
 
@@ -48,7 +55,10 @@ def test_no_doubled_bos(tok):
 
 def test_resolve(tok):
     own = tok.chat_template
-    assert resolve_template("auto", tok) == own and resolve_template("chatml", tok) == BUILTIN["chatml"]
+    assert (
+        resolve_template("auto", tok) == own
+        and resolve_template("chatml", tok) == BUILTIN["chatml"]
+    )
     tok.chat_template = None
     assert resolve_template("auto", tok) == BUILTIN["alpaca"]
     with pytest.raises(TemplateError, match="no chat template; use alpaca, chatml or plain"):

@@ -62,8 +62,12 @@ def test_eos_appended_when_template_has_none(word_tok):
 
 def test_prompt_for_generation_equals_training_prefix(word_tok):
     ex = conv("hi there", "ok")
-    prompt_ids = word_tok(build_prompt(ex.messages[:1], word_tok), add_special_tokens=False).input_ids
-    assert encode_conversation(ex, word_tok).input_ids[: len(prompt_ids)] == prompt_ids == [HI, THERE]
+    prompt_ids = word_tok(
+        build_prompt(ex.messages[:1], word_tok), add_special_tokens=False
+    ).input_ids
+    assert (
+        encode_conversation(ex, word_tok).input_ids[: len(prompt_ids)] == prompt_ids == [HI, THERE]
+    )
 
 
 def test_truncation_drop_and_truncate_prompt(word_tok):

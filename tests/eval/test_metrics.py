@@ -14,7 +14,19 @@ def test_chinese_is_scored_per_character():
 
 def test_mixed_tokenizer():
     assert MixedTokenizer().tokenize('{"name": "李娜"} Hello World') == [
-        "{", '"', "name", '"', ":", '"', "李", "娜", '"', "}", "hello", "world"]
+        "{",
+        '"',
+        "name",
+        '"',
+        ":",
+        '"',
+        "李",
+        "娜",
+        '"',
+        "}",
+        "hello",
+        "world",
+    ]
 
 
 def test_english_rouge_and_exact_match():

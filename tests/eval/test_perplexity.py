@@ -10,7 +10,10 @@ from lorasft.eval.perplexity import perplexity
 
 def test_token_weighted_over_supervised_tokens_only(tiny_llama_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    seqs = [Encoded([5, 6, 7, 8, 9], [IGNORE, IGNORE, 7, 8, 9]), Encoded([10, 11, 12], [IGNORE, 11, IGNORE])]
+    seqs = [
+        Encoded([5, 6, 7, 8, 9], [IGNORE, IGNORE, 7, 8, 9]),
+        Encoded([10, 11, 12], [IGNORE, 11, IGNORE]),
+    ]
     total, n = 0.0, 0
     with torch.no_grad():
         for e in seqs:

@@ -12,11 +12,18 @@ from lorasft.model.adapter import load_run
 from lorasft.model.load import ModelError, load_tokenizer
 from tests.conftest import build_model
 
-PROMPTS = ["hello world", "What is the capital of France?", "Alice lives in Paris. 你好", "answer 123"]
+PROMPTS = [
+    "hello world",
+    "What is the capital of France?",
+    "Alice lives in Paris. 你好",
+    "answer 123",
+]
 
 
 def _greedy(model, tok, text, n=8):
-    ids = tok(build_prompt([{"role": "user", "content": text}], tok), add_special_tokens=False).input_ids
+    ids = tok(
+        build_prompt([{"role": "user", "content": text}], tok), add_special_tokens=False
+    ).input_ids
     x = torch.tensor([ids])
     with torch.no_grad():
         out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
@@ -26,7 +33,7 @@ def _greedy(model, tok, text, n=8):
 
 
 def _load(path):
-    kw = dict(gguf_file=path.name)
+    kw = {"gguf_file": path.name}
     model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw)
     return model.eval(), AutoTokenizer.from_pretrained(path.parent, **kw)
 
@@ -45,11 +52,13 @@ def test_permute_is_undone_by_the_transformers_loader():
 @pytest.mark.parametrize("qtype", ["f32", "q8_0"])
 def test_gguf_round_trip(tiny_run, tmp_path, qtype):
     out = tmp_path / f"model-{qtype}.gguf"
-    assert main(["export", str(tiny_run), "--format", "gguf", "--out", str(out), "--type", qtype]) == 0
+    assert (
+        main(["export", str(tiny_run), "--format", "gguf", "--out", str(out), "--type", qtype]) == 0
+    )
     _, tok, peft = load_run(tiny_run)
     model, gtok = _load(out)
     assert gtok.chat_template == tok.chat_template
-    specials = lambda t: (t.bos_token_id, t.eos_token_id, t.pad_token_id)  # noqa: E731
+    specials = lambda t: (t.bos_token_id, t.eos_token_id, t.pad_token_id)
     assert specials(gtok) == specials(tok)
     agree = 0
     for text in PROMPTS:

@@ -3,6 +3,7 @@
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import ClassVar
 
 import pytest
 
@@ -42,9 +43,9 @@ def test_verify_fails_on_a_changed_template(tiny_run, shipped, tmp_path, capsys)
 
 
 class _Stub(BaseHTTPRequestHandler):
-    seen: list = []
+    seen: ClassVar[list] = []
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         _Stub.seen.append((self.path, self.headers.get("Authorization"), body))
         reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": "not it"}}]})
@@ -70,7 +71,12 @@ def test_verify_against_a_server(tiny_run, capsys):
     assert rc == 1
     path, auth, body = _Stub.seen[0]
     assert (path, auth, body["model"], body["temperature"], body["max_tokens"]) == (
-        "/v1/chat/completions", "Bearer k", "tuned", 0, 4)
+        "/v1/chat/completions",
+        "Bearer k",
+        "tuned",
+        0,
+        4,
+    )
     assert body["messages"][-1]["role"] == "user"
     assert "on server: text: expected" in capsys.readouterr().out
     assert main(["verify", str(tiny_run), "--url", url, "--num-prompts", "1"]) == 2  # now closed

@@ -19,7 +19,10 @@ def test_sharded_safetensors_and_bin_load_the_same_weights(tiny_llama_dir, tmp_p
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     sharded = tmp_path / "sharded"
     model.save_pretrained(sharded, max_shard_size="100KB")
-    assert len(list(sharded.glob("*.safetensors"))) > 1 and (sharded / "model.safetensors.index.json").exists()
+    assert (
+        len(list(sharded.glob("*.safetensors"))) > 1
+        and (sharded / "model.safetensors.index.json").exists()
+    )
     assert torch.allclose(_logits(sharded), ref)
     binary = tmp_path / "bin"
     binary.mkdir()
@@ -48,7 +51,9 @@ def test_global_dropout_sets_the_fields_the_architecture_has(tiny_llama_dir):
 
 
 def test_8bit_optimizer_on_cpu_is_a_clear_error(capsys, tiny_llama_dir):
-    with pytest.raises(ConfigError, match="adamw_8bit needs a CUDA GPU and the bitsandbytes package"):
+    with pytest.raises(
+        ConfigError, match="adamw_8bit needs a CUDA GPU and the bitsandbytes package"
+    ):
         check_optimizer("adamw_8bit")
     assert main(["train", f"model.path={tiny_llama_dir}", "train.optimizer=adamw_8bit"]) == 2
     assert "use train.optimizer=adamw" in capsys.readouterr().err

@@ -32,7 +32,10 @@ def test_lora_steps_generate_then_reload_gives_same_greedy_output(tmp_path):
                  "eval.num_samples=2", "eval.max_new_tokens=24", "eval.compare_base=false",
                  f"output.run_dir={run}"]) == 0  # fmt: skip
     results = json.loads((run / "results.json").read_text())
-    assert results["train"]["global_step"] == 3 and results["train"]["precision"] in ("fp32", "bf16")
+    assert results["train"]["global_step"] == 3 and results["train"]["precision"] in (
+        "fp32",
+        "bf16",
+    )
     trained = [s["tuned"] for s in results["eval"]["samples"]]
     assert all(trained) and results["eval"]["tuned"]["perplexity"]["loss"] < 5
     _cfg, tok, model = load_run(run)
@@ -56,8 +59,12 @@ def test_generation_stops_at_the_end_of_turn_token():
     tok, model = load_tokenizer(path), load_model(path)
     messages = [{"role": "user", "content": "Reply with the single word: hello"}]
     gen = GenSettings(max_new_tokens=120)
-    prompt_len = len(tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
-                         add_special_tokens=False).input_ids)
+    prompt_len = len(
+        tok(
+            tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+            add_special_tokens=False,
+        ).input_ids
+    )
     [text] = generate(model, tok, [messages], gen)
     new_tokens = len(tok(text, add_special_tokens=False).input_ids)
     assert 0 < new_tokens < 120 and "<|im_end|>" not in text

@@ -5,7 +5,7 @@ from tests.serve.conftest import API_KEY
 
 
 def test_verify_passes_against_the_live_server(live, adapter_runs, capsys):
-    a, b = adapter_runs
+    _a, b = adapter_runs
     args = ["verify", str(b), "--url", live.url, "--api-key", API_KEY, "--server-model", "b",
             "--num-prompts", "3", "--max-new-tokens", "8"]  # fmt: skip
     assert main(args) == 0
@@ -13,7 +13,7 @@ def test_verify_passes_against_the_live_server(live, adapter_runs, capsys):
 
 
 def test_verify_fails_when_the_server_serves_another_adapter(live, adapter_runs, capsys):
-    a, b = adapter_runs
+    _a, b = adapter_runs
     args = ["verify", str(b), "--url", live.url, "--api-key", API_KEY, "--server-model", "a",
             "--num-prompts", "3", "--max-new-tokens", "8"]  # fmt: skip
     assert main(args) == 1

@@ -39,12 +39,18 @@ def kill_after_first_checkpoint(cmd: list[str], run_dir) -> int:
 def test_kill_and_resume_matches_uninterrupted(tiny_llama_dir, tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert main(args(tiny_llama_dir, full)) == 0
-    rc = kill_after_first_checkpoint([sys.executable, "-m", "lorasft", *args(tiny_llama_dir, cut)], cut)
+    rc = kill_after_first_checkpoint(
+        [sys.executable, "-m", "lorasft", *args(tiny_llama_dir, cut)], cut
+    )
     assert rc == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (cut / "adapter_model.safetensors").exists()
     steps_done = sorted(int(p.name.split("-")[1]) for p in (cut / "checkpoints").iterdir())
     assert 4 <= steps_done[-1] < 24
-    complete = [s for s in steps_done if (cut / "checkpoints" / f"checkpoint-{s}" / "trainer_state.json").exists()]
+    complete = [
+        s
+        for s in steps_done
+        if (cut / "checkpoints" / f"checkpoint-{s}" / "trainer_state.json").exists()
+    ]
     assert main([*args(tiny_llama_dir, cut), "resume=auto"]) == 0
     resumed = json.loads((cut / "results.json").read_text())["train"]["resumed_from"]
     assert resumed == str(cut / "checkpoints" / f"checkpoint-{complete[-1]}")

@@ -43,7 +43,9 @@ def test_train_writes_every_output(tiny_model_dir, tmp_path):
     assert samples.count("- reference:") == 3 and "- base:" in samples
     # The template the run trained with is saved with its tokenizer.
     assert "<|im_start|>" in json.loads((run / "tokenizer_config.json").read_text()).get(
-        "chat_template", (run / "chat_template.jinja").read_text() if (run / "chat_template.jinja").exists() else "")
+        "chat_template",
+        (run / "chat_template.jinja").read_text() if (run / "chat_template.jinja").exists() else "",
+    )
 
 
 def test_eval_and_generate_on_a_finished_run(tiny_llama_dir, tmp_path, capsys):
@@ -54,7 +56,10 @@ def test_eval_and_generate_on_a_finished_run(tiny_llama_dir, tmp_path, capsys):
     assert main(["eval", str(run), "--num-samples", "2"]) == 0
     ev = json.loads((run / "eval_results.json").read_text())
     # Same adapter, same eval split: the reloaded run reproduces the loss of the trained one.
-    assert abs(ev["tuned"]["perplexity"]["loss"] - results["eval"]["tuned"]["perplexity"]["loss"]) < 1e-4
+    assert (
+        abs(ev["tuned"]["perplexity"]["loss"] - results["eval"]["tuned"]["perplexity"]["loss"])
+        < 1e-4
+    )
     assert len(ev["samples"]) == 2
     assert ev["samples"][0]["tuned"] == results["eval"]["samples"][0]["tuned"]
     # --data evaluates on another file: here 3 records of the training file.
@@ -92,7 +97,9 @@ def test_chat_streams_and_keeps_history(tiny_llama_dir, tmp_path, capsys, monkey
     import io
 
     run = tmp_path / "run"
-    assert main(tiny_args(tiny_llama_dir, run, "eval.num_samples=0", "eval.compare_base=false")) == 0
+    assert (
+        main(tiny_args(tiny_llama_dir, run, "eval.num_samples=0", "eval.compare_base=false")) == 0
+    )
     capsys.readouterr()
     monkeypatch.setattr("sys.stdin", io.StringIO("Alice lives in Paris.\n/reset\nhello\n\n"))
     assert main(["chat", str(run), "--max-new-tokens", "5"]) == 0

@@ -45,14 +45,24 @@ def check(cfg: DataSection, tok) -> dict[str, Any]:
     """Everything `data check` prints, as a dict; `ok` is False when there are bad records."""
     train_paths, eval_paths = data_files(cfg)
     res = load_files(train_paths + eval_paths, cfg.format, "skip", cfg.dedup)
-    enc, stats = encode_examples(res.examples, tok, cfg.max_length, cfg.truncation, cfg.train_on_prompt)
+    enc, stats = encode_examples(
+        res.examples, tok, cfg.max_length, cfg.truncation, cfg.train_on_prompt
+    )
     prompt_lens = [e.response_start for e in enc if e.response_start]
     resp_lens = [len(e) - e.response_start for e in enc if e.response_start]
     tokens = sum(len(e) for e in enc)
     supervised = sum(e.n_supervised for e in enc)
     return {
-        "files": [{"path": f.path, "format": f.format, "records": f.records, "bom": f.bom,
-                   "crlf_records": f.crlf_records} for f in res.files],
+        "files": [
+            {
+                "path": f.path,
+                "format": f.format,
+                "records": f.records,
+                "bom": f.bom,
+                "crlf_records": f.crlf_records,
+            }
+            for f in res.files
+        ],
         "records": len(res.examples),
         "bad_records": [str(b) for b in res.bad],
         "duplicates": res.duplicates,
@@ -83,7 +93,10 @@ def render_report(r: dict[str, Any]) -> str:
                  f"dropped, {r['would_truncate']} prompt-truncated; "
                  f"{r['text_records_split']} text records split into windows")  # fmt: skip
     for key in ("sequence_lengths", "prompt_lengths", "response_lengths"):
-        lines.append(f"{key.replace('_', ' ')} (tokens): " + ", ".join(f"{k}: {v}" for k, v in r[key].items()))
+        lines.append(
+            f"{key.replace('_', ' ')} (tokens): "
+            + ", ".join(f"{k}: {v}" for k, v in r[key].items())
+        )
     lines.append(f"tokens {r['tokens']}, share in the loss {r['supervised_share']:.1%}")
     if r["example"] is not None:
         lines += ["example (loss tokens in [[ ]]):", r["example"]]

@@ -96,7 +96,9 @@ def _read_json_array(path: Path, raw: bytes) -> list[tuple[str, Any]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+        raise DataError(
+            f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"
+        ) from e
     return [(f"{path}[{i}]", rec) for i, rec in enumerate(data)]
 
 
@@ -145,11 +147,19 @@ def _alpaca(rec: dict) -> list[dict[str, str]]:
     messages = [{"role": "system", "content": system}] if system else []
     history = rec.get("history") or []
     if not isinstance(history, list):
-        raise _Bad("history", f"must be a list of [instruction, response] pairs, got {type(history).__name__}")
+        raise _Bad(
+            "history",
+            f"must be a list of [instruction, response] pairs, got {type(history).__name__}",
+        )
     for i, pair in enumerate(history):
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+        if not (
+            isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)
+        ):
             raise _Bad(f"history[{i}]", "must be a pair of strings [instruction, response]")
-        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+        messages += [
+            {"role": "user", "content": pair[0]},
+            {"role": "assistant", "content": pair[1]},
+        ]
     user = {"role": "user", "content": instruction + (f"\n\n{inp}" if inp else "")}
     if inp:  # kept apart for templates (alpaca) that render the input in its own block
         user.update(instruction=instruction, input=inp)
@@ -203,7 +213,10 @@ def normalise(rec: Any, fmt: str) -> Example:
     elif fmt == "chat":
         messages, key = _chat(rec, "messages", "role", "content", None), "messages"
     else:
-        messages, key = _chat(rec, "conversations", "from", "value", SHAREGPT_ROLES), "conversations"
+        messages, key = (
+            _chat(rec, "conversations", "from", "value", SHAREGPT_ROLES),
+            "conversations",
+        )
     check_conversation(messages, key)
     return Example(source="", messages=messages)
 
@@ -219,7 +232,9 @@ def _fix_crlf(ex: Example) -> bool:
     return changed
 
 
-def load_file(path: str | Path, fmt: str = "auto") -> tuple[list[Example], list[BadRecord], FileReport]:
+def load_file(
+    path: str | Path, fmt: str = "auto"
+) -> tuple[list[Example], list[BadRecord], FileReport]:
     path = Path(path)
     records, bad, bom = read_records(path)
     if not records and not bad:

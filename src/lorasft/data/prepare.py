@@ -40,7 +40,9 @@ class Prepared:
     counts: dict[str, Any] = field(default_factory=dict)
 
 
-def split(examples: list[Example], val_ratio: float, seed: int) -> tuple[list[Example], list[Example]]:
+def split(
+    examples: list[Example], val_ratio: float, seed: int
+) -> tuple[list[Example], list[Example]]:
     if val_ratio <= 0:
         return examples, []
     order = list(range(len(examples)))

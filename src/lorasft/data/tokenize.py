@@ -134,7 +134,11 @@ def encode_examples(
             continue
         enc = encode_conversation(ex, tokenizer, train_on_prompt)
         if len(enc) > max_length:
-            enc = truncate_prompt(enc, max_length, keep_bos) if truncation == "truncate_prompt" else None
+            enc = (
+                truncate_prompt(enc, max_length, keep_bos)
+                if truncation == "truncate_prompt"
+                else None
+            )
             if enc is None:
                 stats.dropped_too_long.append(ex.source)
                 continue

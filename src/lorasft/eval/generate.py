@@ -25,7 +25,9 @@ class GenSettings:
 
     @classmethod
     def from_config(cls, ev) -> GenSettings:
-        return cls(ev.max_new_tokens, ev.do_sample, ev.temperature, ev.top_k, ev.top_p, ev.batch_size)
+        return cls(
+            ev.max_new_tokens, ev.do_sample, ev.temperature, ev.top_k, ev.top_p, ev.batch_size
+        )
 
     def kwargs(self, tok) -> dict:
         kw = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,

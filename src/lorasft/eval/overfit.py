@@ -9,7 +9,9 @@ import itertools
 from typing import Any
 
 
-def split_logs(log_history: list[dict[str, Any]]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+def split_logs(
+    log_history: list[dict[str, Any]],
+) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     train = [(int(h["step"]), float(h["loss"])) for h in log_history if "loss" in h and "step" in h]
     evals = [(int(h["step"]), float(h["eval_loss"])) for h in log_history if "eval_loss" in h]
     return train, evals

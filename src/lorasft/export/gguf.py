@@ -30,7 +30,9 @@ def check_llama(config) -> None:
         )
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ModelError(f"GGUF export: rope scaling {rope} is not supported yet; export a model without it")
+        raise ModelError(
+            f"GGUF export: rope scaling {rope} is not supported yet; export a model without it"
+        )
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise ModelError("GGUF export: llama models with attention or MLP biases are not supported")
 
@@ -61,7 +63,11 @@ def permute(weights: np.ndarray, n_head: int, n_head_kv: int | None = None) -> n
     if n_head_kv is not None and n_head != n_head_kv:
         n_head = n_head_kv
     shape = weights.shape
-    return weights.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+    return (
+        weights.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:])
+        .swapaxes(1, 2)
+        .reshape(shape)
+    )
 
 
 def _encode(data: np.ndarray, qtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
@@ -180,5 +186,7 @@ def export_gguf(run_dirs: list[str | Path], out: str | Path, qtype: str = "f32",
     _, tok, model = merge_runs(run_dirs, weights)
     check_llama(model.config)
     path = write_gguf(model, tok, out, qtype, name=Path(run_dirs[0]).name)
-    print(f"[lorasft] wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {qtype})", file=sys.stderr)
+    print(
+        f"[lorasft] wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {qtype})", file=sys.stderr
+    )
     return path

@@ -43,7 +43,9 @@ def merge_runs(run_dirs: list[str | Path], weights: list[float] | None = None):
 
     weights = list(weights) if weights else [1.0] * len(run_dirs)
     if len(weights) != len(run_dirs):
-        raise ModelError(f"--weights: {len(weights)} weights for {len(run_dirs)} runs; give one per run")
+        raise ModelError(
+            f"--weights: {len(weights)} weights for {len(run_dirs)} runs; give one per run"
+        )
     cfg, tok, model = load_run(run_dirs[0])
     _set_weight(model, "default", weights[0])
     merged = model.merge_and_unload()

@@ -65,7 +65,9 @@ def prompt_set(cfg, limit: int) -> list[list[dict]]:
     chats = [ex for ex in (evals or train) if not ex.is_text and ex.messages]
     if not chats:
         raise ModelError("verify: the run's data has no chat records to build prompts from")
-    return [with_system(prompt_messages(ex.messages), cfg.data.system_prompt) for ex in chats[:limit]]
+    return [
+        with_system(prompt_messages(ex.messages), cfg.data.system_prompt) for ex in chats[:limit]
+    ]
 
 
 def _eos_list(value) -> list[int]:
@@ -79,7 +81,9 @@ def load_merged(folder: str | Path) -> Target:
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        raise ModelError(f"--merged {folder}: no config.json; give the folder `lorasft merge` wrote")
+        raise ModelError(
+            f"--merged {folder}: no config.json; give the folder `lorasft merge` wrote"
+        )
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     return Target("merged", tok, _eos_list(model.generation_config.eos_token_id), model)
@@ -92,7 +96,9 @@ def load_gguf(path: str | Path) -> Target:
     if not path.is_file():
         raise ModelError(f"--gguf {path}: no such file")
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    )
     return Target("gguf", tok, _eos_list(model.generation_config.eos_token_id), model.eval())
 
 
@@ -106,7 +112,9 @@ def special_problems(ref: Target, t: Target) -> list[str]:
         if want != got:
             out.append(f"{t.name}: {what} is {got!r}, the run has {want!r}")
     if t.model is not None and not set(t.eos) & set(ref.eos):
-        out.append(f"{t.name}: generation stops at ids {t.eos}, none of the run's stop ids {ref.eos}")
+        out.append(
+            f"{t.name}: generation stops at ids {t.eos}, none of the run's stop ids {ref.eos}"
+        )
     if (t.tok.chat_template or "") != (ref.tok.chat_template or ""):
         out.append(f"{t.name}: chat_template differs from the template the run trained with")
     return out
@@ -130,7 +138,12 @@ def prompt_logits(model, ids: list[int]) -> torch.Tensor:
 
 def ask_server(t: Target, messages: list[dict], max_tokens: int) -> str:
     """One chat completion at temperature 0 from an OpenAI-compatible server."""
-    body = {"model": t.server_model, "messages": messages, "temperature": 0, "max_tokens": max_tokens}
+    body = {
+        "model": t.server_model,
+        "messages": messages,
+        "temperature": 0,
+        "max_tokens": max_tokens,
+    }
     headers = {"Content-Type": "application/json"}
     if t.api_key:
         headers["Authorization"] = f"Bearer {t.api_key}"
@@ -142,7 +155,9 @@ def ask_server(t: Target, messages: list[dict], max_tokens: int) -> str:
     except urllib.error.HTTPError as e:
         raise ModelError(f"--url {t.url}: HTTP {e.code}: {e.read()[:300]!r}") from e
     except urllib.error.URLError as e:
-        raise ModelError(f"--url {t.url}: cannot connect ({e.reason}); is `lorasft serve` running?") from e
+        raise ModelError(
+            f"--url {t.url}: cannot connect ({e.reason}); is `lorasft serve` running?"
+        ) from e
     except TimeoutError as e:
         raise ModelError(f"--url {t.url}: no answer within 120 s") from e
     return data["choices"][0]["message"]["content"] or ""
@@ -159,7 +174,7 @@ def _describe(tok, want: list[int], got: list[int], what: str) -> str:
     i = _first_diff(want, got)
     if i is None:
         return ""
-    show = lambda ids: f"{ids[i]} {tok.decode([ids[i]])!r}" if i < len(ids) else "<end>"  # noqa: E731
+    show = lambda ids: f"{ids[i]} {tok.decode([ids[i]])!r}" if i < len(ids) else "<end>"
     return f"{what} token {i}: expected {show(want)}, got {show(got)}"
 
 
@@ -169,8 +184,12 @@ def compare_model(ref: Target, t: Target, messages: list[dict], ref_ids: list[in
     out = greedy(t, ids, max_new_tokens)
     diff = None
     if t.model.config.vocab_size == ref.model.config.vocab_size:
-        diff = (prompt_logits(ref.model, ref_ids) - prompt_logits(t.model, ref_ids)).abs().max().item()
-    detail = _describe(ref.tok, ref_ids, ids, "prompt") or _describe(ref.tok, ref_out, out, "output")
+        diff = (
+            (prompt_logits(ref.model, ref_ids) - prompt_logits(t.model, ref_ids)).abs().max().item()
+        )
+    detail = _describe(ref.tok, ref_ids, ids, "prompt") or _describe(
+        ref.tok, ref_out, out, "output"
+    )
     return Row(i, t.name, ids == ref_ids, out == ref_out, diff, detail)
 
 
@@ -182,7 +201,9 @@ def compare_server(ref: Target, t: Target, messages: list[dict], ref_out: list[i
     return Row(i, t.name, True, got == want, None, detail)
 
 
-def verify(ref: Target, targets: list[Target], prompts: list[list[dict]], max_new_tokens: int) -> Report:
+def verify(
+    ref: Target, targets: list[Target], prompts: list[list[dict]], max_new_tokens: int
+) -> Report:
     """Compare every target with the reference on every prompt."""
     report = Report()
     for t in targets:
@@ -191,12 +212,16 @@ def verify(ref: Target, targets: list[Target], prompts: list[list[dict]], max_ne
     for i, messages in enumerate(prompts):
         ref_ids = encode_prompt(messages, ref.tok)
         ref_out = greedy(ref, ref_ids, max_new_tokens)
-        report.rows.append(Row(i, ref.name, True, True, None, f"{len(ref_ids)} prompt + {len(ref_out)} new"))
+        report.rows.append(
+            Row(i, ref.name, True, True, None, f"{len(ref_ids)} prompt + {len(ref_out)} new")
+        )
         for t in targets:
             if t.model is None:
                 report.rows.append(compare_server(ref, t, messages, ref_out, i, max_new_tokens))
             else:
-                report.rows.append(compare_model(ref, t, messages, ref_ids, ref_out, i, max_new_tokens))
+                report.rows.append(
+                    compare_model(ref, t, messages, ref_ids, ref_out, i, max_new_tokens)
+                )
     return report
 
 
@@ -209,7 +234,9 @@ def load_reference(run_dir: str | Path):
 
 
 def render(report: Report, prompts: list[list[dict]]) -> str:
-    lines = [f"{'prompt':>6}  {'target':<8} {'prompt ids':<10} {'tokens':<7} {'max|dlogit|':>11}  note"]
+    lines = [
+        f"{'prompt':>6}  {'target':<8} {'prompt ids':<10} {'tokens':<7} {'max|dlogit|':>11}  note"
+    ]
     for r in report.rows:
         diff = "" if r.logit_diff is None else f"{r.logit_diff:.2e}"
         lines.append(f"{r.prompt:>6}  {r.target:<8} {'same' if r.prompt_ok else 'DIFFER':<10} "
@@ -218,7 +245,9 @@ def render(report: Report, prompts: list[list[dict]]) -> str:
     bad = next((r for r in report.rows if not r.ok), None)
     if bad is not None:
         user = prompts[bad.prompt][-1]["content"]
-        lines.append(f"first mismatch: prompt {bad.prompt} ({user[:80]!r}) on {bad.target}: {bad.detail}")
+        lines.append(
+            f"first mismatch: prompt {bad.prompt} ({user[:80]!r}) on {bad.target}: {bad.detail}"
+        )
     agree = sum(r.ok for r in report.rows if r.target != "adapter")
     total = sum(1 for r in report.rows if r.target != "adapter")
     lines.append(f"{'OK' if report.ok else 'MISMATCH'}: {agree}/{total} prompt-target pairs agree")
@@ -236,7 +265,9 @@ def check_run(run_dir: str | Path, merged: str | None = None, gguf: str | None =
         name = server_model or Path(run_dir).resolve().name
         targets.append(Target("server", None, [], url=url, api_key=api_key, server_model=name))
     if not targets:
-        raise ModelError("verify: nothing to compare; give --merged DIR, --gguf FILE and/or --url URL")
+        raise ModelError(
+            "verify: nothing to compare; give --merged DIR, --gguf FILE and/or --url URL"
+        )
     prompts = prompt_set(cfg, num_prompts)
     report = verify(ref, targets, prompts, max_new_tokens)
     print(render(report, prompts))

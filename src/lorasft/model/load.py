@@ -52,7 +52,9 @@ def resolve_model_path(path: str) -> Path:
         return convert_gguf(default_gguf(), name=DEFAULT_NAME)
     p = Path(path).expanduser()
     if not p.exists():
-        raise ModelError(f"model.path: {p} does not exist (give a Hugging Face folder or a .gguf file)")
+        raise ModelError(
+            f"model.path: {p} does not exist (give a Hugging Face folder or a .gguf file)"
+        )
     if p.is_file():
         if p.suffix.lower() != ".gguf":
             raise ModelError(f"model.path: {p} is a file but not a .gguf; give its folder instead")
@@ -95,7 +97,9 @@ def convert_gguf(gguf: Path, name: str) -> Path:
     out = _gguf_cache_dir(gguf, name)
     if (out / "model.safetensors").is_file() and (out / "lorasft_converted.json").is_file():
         return out
-    print(f"[lorasft] converting {gguf.name} to a safetensors folder (once): {out}", file=sys.stderr)
+    print(
+        f"[lorasft] converting {gguf.name} to a safetensors folder (once): {out}", file=sys.stderr
+    )
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         quantized = AutoModelForCausalLM.from_pretrained(

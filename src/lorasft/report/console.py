@@ -31,5 +31,7 @@ def print_summary(ev: dict[str, Any], verdict: dict[str, Any], run_dir: str) -> 
     console.print(comparison_table(ev))
     console.print(f"overfitting: {'YES' if verdict['overfitting'] else 'no'} ({verdict['reason']})")
     if verdict.get("best_step") is not None:
-        console.print(f"best step {verdict['best_step']} (eval loss {verdict['best_eval_loss']:.4f})")
+        console.print(
+            f"best step {verdict['best_step']} (eval loss {verdict['best_eval_loss']:.4f})"
+        )
     console.print(f"run folder: {run_dir}")

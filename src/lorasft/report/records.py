@@ -22,7 +22,9 @@ def versions() -> dict[str, str]:
 
 
 def write_results(path: Path, results: dict[str, Any]) -> Path:
-    path.write_text(json.dumps(results, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    path.write_text(
+        json.dumps(results, indent=2, ensure_ascii=False, default=str), encoding="utf-8"
+    )
     return path
 
 

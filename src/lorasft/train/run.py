@@ -47,19 +47,25 @@ def train_dataset_and_collator(cfg: Config, model, tok, data: Prepared):
         return to_dataset(data.train), PadCollator(tok.pad_token_id)
     check_packing(model.get_base_model().config.model_type)
     rows = pack(data.train, cfg.data.max_length)
-    print(f"[lorasft] packing: {len(data.train)} sequences into {len(rows)} rows of <= {cfg.data.max_length} tokens")
+    print(
+        f"[lorasft] packing: {len(data.train)} sequences into {len(rows)} rows of <= {cfg.data.max_length} tokens"
+    )
     ds = Dataset.from_list([{**vars(r), "length": len(r.input_ids)} for r in rows])
     return ds, PackedCollator(tok.pad_token_id)
 
 
-def build_trainer(cfg: Config, model, tok, data: Prepared, run_dir: Path, precision: str) -> Trainer:
+def build_trainer(
+    cfg: Config, model, tok, data: Prepared, run_dir: Path, precision: str
+) -> Trainer:
     has_eval = bool(data.eval) and cfg.train.eval_strategy != "no"
     args = training_arguments(
         cfg.train, run_dir, precision, cfg.data.augment.neftune_noise_alpha, has_eval
     )
     callbacks = []
     if has_eval and cfg.train.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
+        callbacks.append(
+            EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience)
+        )
     # The TensorBoard callback reads its folder from this variable (transformers 5).
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
     train_ds, collator = train_dataset_and_collator(cfg, model, tok, data)
@@ -97,7 +103,9 @@ def train(cfg: Config) -> TrainOutcome:
     return out
 
 
-def fit(cfg: Config, model, tok, run_dir: Path, precision: str, checkpoint: str | None = None) -> TrainOutcome:
+def fit(
+    cfg: Config, model, tok, run_dir: Path, precision: str, checkpoint: str | None = None
+) -> TrainOutcome:
     """One training pass on cfg.data with cfg.train: an ordinary run, or one stage of a staged run."""
     data = prepare(cfg.data, tok)
     for line in describe(data.counts):

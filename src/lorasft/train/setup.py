@@ -87,7 +87,9 @@ def build_model(cfg: Config, model_path: Path, precision: str):
     plan = apply_context(model, cfg.context)  # before LoRA: it resizes and rebuilds modules
     if plan is not None:
         factor = f", factor {plan.factor:g}" if plan.factor else ""
-        print(f"[lorasft] context: {plan.method} from {plan.original} to {plan.target} positions{factor}")
+        print(
+            f"[lorasft] context: {plan.method} from {plan.original} to {plan.target} positions{factor}"
+        )
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
