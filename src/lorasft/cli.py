@@ -83,7 +83,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.num_samples is not None:
         cfg.eval.num_samples = args.num_samples
     encoded, _ = encode_examples(examples, tok, cfg.data.max_length, cfg.data.truncation,
-                                 cfg.data.train_on_prompt)  # fmt: skip
+                                 cfg.data.train_on_prompt, cfg.data.keep_tail)  # fmt: skip
     ev = evaluate(model, tok, examples, encoded, cfg.eval)
     if args.long:
         from lorasft.eval.long import evaluate_long

@@ -76,6 +76,8 @@ class DataSection(Section):
     truncation: Literal["drop", "truncate_prompt"] = "drop"
     """Over-long instruction records: dropped, or prompt cut from the left keeping the response."""
     train_on_prompt: bool = False
+    keep_tail: bool = True
+    """Raw text: keep the last, shorter window of the joined documents (false drops it)."""
     packing: bool = False
     """Several records per row up to max_length, attention kept inside each record (llama, gpt2).
     Off by default: on CPU there is no variable-length attention kernel, so a packed row computes

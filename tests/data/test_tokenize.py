@@ -4,7 +4,7 @@ import pytest
 
 from lorasft.data.formats import Example
 from lorasft.data.templates import BUILTIN, build_prompt
-from lorasft.data.tokenize import IGNORE, encode_conversation, encode_examples, encode_text
+from lorasft.data.tokenize import IGNORE, encode_conversation, encode_examples, text_windows
 
 VOCAB = {"<unk>": 0, "<s>": 1, "</s>": 2, "hi": 3, "there": 4, "ok": 5, "bye": 6, "now": 7}
 HI, THERE, OK, BYE, NOW, EOS = 3, 4, 5, 6, 7, 2
@@ -84,8 +84,28 @@ def test_truncation_drop_and_truncate_prompt(word_tok):
     assert kept == [] and stats.dropped_too_long == ["f:1"]
 
 
-def test_text_is_split_into_windows_without_repetition(word_tok):
-    ex = Example("t:1", text="hi there ok bye now")
-    windows = encode_text(ex, word_tok, max_length=4)
-    assert [w.input_ids for w in windows] == [[HI, THERE, OK, BYE], [NOW, EOS]]
+def test_documents_joined_with_eos_cut_into_windows_without_repetition(word_tok):
+    docs = [Example("t:1", text="hi there"), Example("t:2", text="ok bye now")]
+    windows, counts = text_windows(docs, word_tok, max_length=3)
+    stream = [HI, THERE, EOS, OK, BYE, NOW, EOS]
+    assert [w.input_ids for w in windows] == [[HI, THERE, EOS], [OK, BYE, NOW]]
+    assert sum((w.input_ids for w in windows), []) == stream[:6]  # a prefix: nothing repeated
     assert all(w.labels == w.input_ids for w in windows)
+    assert counts == {"documents": 2, "windows": 2, "tokens": 7, "tail_dropped_tokens": 1}
+    kept, _ = text_windows(docs, word_tok, max_length=4, keep_tail=True)
+    assert [w.input_ids for w in kept] == [[HI, THERE, EOS, OK], [BYE, NOW, EOS]]
+    dropped, c = text_windows(docs, word_tok, max_length=4, keep_tail=False)
+    assert [w.input_ids for w in dropped] == [[HI, THERE, EOS, OK]] and c[
+        "tail_dropped_tokens"
+    ] == 3
+
+
+def test_text_files_are_documents(word_tok, tmp_path):
+    from lorasft.data.formats import load_file
+
+    p = tmp_path / "book.txt"
+    p.write_text("hi there\nok", encoding="utf-8")
+    [ex], bad, rep = load_file(p)
+    assert rep.format == "text" and ex.text == "hi there\nok" and bad == []
+    enc, stats = encode_examples([ex], word_tok, max_length=8)
+    assert enc[0].input_ids == [HI, THERE, OK, EOS] and stats.text["documents"] == 1

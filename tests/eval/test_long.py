@@ -127,10 +127,10 @@ def test_lengths_and_long_data(tmp_path, tiny_tokenizer):
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps({"text": "one two"}) + "\n" + json.dumps({"text": "three"}) + "\n")
     ids = token_stream(read_documents([f]), tiny_tokenizer)
-    assert ids.count(tiny_tokenizer.eos_token_id) == 1
+    assert ids.count(tiny_tokenizer.eos_token_id) == 2  # one after each document
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"body": "x"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: .*'text'"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: text: missing"):
         read_documents([bad])
 
 

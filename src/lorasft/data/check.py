@@ -46,7 +46,7 @@ def check(cfg: DataSection, tok) -> dict[str, Any]:
     train_paths, eval_paths = data_files(cfg)
     res = load_files(train_paths + eval_paths, cfg.format, "skip", cfg.dedup)
     enc, stats = encode_examples(
-        res.examples, tok, cfg.max_length, cfg.truncation, cfg.train_on_prompt
+        res.examples, tok, cfg.max_length, cfg.truncation, cfg.train_on_prompt, cfg.keep_tail
     )
     prompt_lens = [e.response_start for e in enc if e.response_start]
     resp_lens = [len(e) - e.response_start for e in enc if e.response_start]
@@ -70,7 +70,7 @@ def check(cfg: DataSection, tok) -> dict[str, Any]:
         "truncation": cfg.truncation,
         "would_drop": len(stats.dropped_too_long),
         "would_truncate": stats.truncated,
-        "text_records_split": stats.split_text,
+        "long_text": stats.text,
         "sequence_lengths": histogram([len(e) for e in enc]),
         "prompt_lengths": histogram(prompt_lens),
         "response_lengths": histogram(resp_lens),
@@ -90,8 +90,11 @@ def render_report(r: dict[str, Any]) -> str:
     lines += [f"  {b}" for b in r["bad_records"][:50]]
     lines.append(f"duplicates dropped: {r['duplicates']}")
     lines.append(f"max_length {r['max_length']} ({r['truncation']}): {r['would_drop']} would be "
-                 f"dropped, {r['would_truncate']} prompt-truncated; "
-                 f"{r['text_records_split']} text records split into windows")  # fmt: skip
+                 f"dropped, {r['would_truncate']} prompt-truncated")  # fmt: skip
+    if r["long_text"]:
+        t = r["long_text"]
+        lines.append(f"raw text: {t['documents']} documents, {t['tokens']} tokens joined with EOS "
+                     f"into {t['windows']} windows (tail dropped: {t['tail_dropped_tokens']} tokens)")  # fmt: skip
     for key in ("sequence_lengths", "prompt_lengths", "response_lengths"):
         lines.append(
             f"{key.replace('_', ' ')} (tokens): "

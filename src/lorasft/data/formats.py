@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 FORMATS = ("alpaca", "chat", "sharegpt", "text")
+TEXT_SUFFIXES = (".txt", ".md")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "chatgpt": "assistant", "bing": "assistant"}  # fmt: skip
 
@@ -72,6 +73,8 @@ def read_records(path: Path) -> tuple[list[tuple[str, Any]], list[BadRecord], bo
     raw = path.read_bytes()
     bom = raw.startswith(b"\xef\xbb\xbf")
     raw = raw[3:] if bom else raw
+    if path.suffix.lower() in TEXT_SUFFIXES:  # a plain text file is one raw-text document
+        return [(str(path), {"text": _decode(path, raw)})], [], bom
     if raw.lstrip()[:1] == b"[":
         return _read_json_array(path, raw), [], bom
     records, bad = [], []
@@ -88,11 +91,15 @@ def read_records(path: Path) -> tuple[list[tuple[str, Any]], list[BadRecord], bo
     return records, bad, bom
 
 
-def _read_json_array(path: Path, raw: bytes) -> list[tuple[str, Any]]:
+def _decode(path: Path, raw: bytes) -> str:
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: invalid UTF-8 at byte {e.start}; save the file as UTF-8") from e
+
+
+def _read_json_array(path: Path, raw: bytes) -> list[tuple[str, Any]]:
+    text = _decode(path, raw)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

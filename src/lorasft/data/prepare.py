@@ -75,7 +75,7 @@ def _encode_counts(stats: EncodeStats, encoded: list[Encoded]) -> dict[str, Any]
         "truncated_prompt": stats.truncated,
         "dropped_too_long": len(stats.dropped_too_long),
         "dropped_too_long_sources": stats.dropped_too_long[:50],
-        "text_records_split": stats.split_text,
+        "long_text": stats.text,
         "tokens": tokens,
         "supervised_tokens": supervised,
         "supervised_share": round(supervised / tokens, 4) if tokens else 0.0,
@@ -103,11 +103,11 @@ def prepare(cfg: DataSection, tokenizer) -> Prepared:
     extra = augment_examples(train, aug.ratio, aug.methods, aug.prob, cfg.seed) if aug.ratio else []
     counts["augmented_added"] = len(extra)
     enc_train, s_train = encode_examples(
-        train + extra, tokenizer, cfg.max_length, cfg.truncation, cfg.train_on_prompt
+        train + extra, tokenizer, cfg.max_length, cfg.truncation, cfg.train_on_prompt, cfg.keep_tail
     )
     # Eval is encoded with the same mask rules, so eval loss is on response tokens as in training.
     enc_eval, s_eval = encode_examples(
-        evals, tokenizer, cfg.max_length, cfg.truncation, cfg.train_on_prompt
+        evals, tokenizer, cfg.max_length, cfg.truncation, cfg.train_on_prompt, cfg.keep_tail
     )
     counts["train"] = _encode_counts(s_train, enc_train)
     counts["eval"] = _encode_counts(s_eval, enc_eval)

@@ -34,8 +34,8 @@ class EncodeStats:
     records: int = 0
     truncated: int = 0
     dropped_too_long: list[str] = field(default_factory=list)
-    split_text: int = 0
     windows: int = 0
+    text: dict[str, int] = field(default_factory=dict)  # documents, windows, tokens, tail
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -103,17 +103,33 @@ def truncate_prompt(enc: Encoded, max_length: int, keep_bos: bool) -> Encoded | 
     return Encoded(ids, labels, enc.source, enc.response_start - cut + head)
 
 
-def encode_text(ex: Example, tokenizer, max_length: int) -> list[Encoded]:
-    """Raw text for continued pre-training: every token trained, EOS at the end, an over-long
-    document split into consecutive windows (never padded by repeating its own tokens)."""
+def document_stream(texts: list[str], tokenizer) -> list[int]:
+    """Documents as one token sequence, each ending with EOS (and starting with BOS where the
+    tokenizer adds one), so no window reads one document as the continuation of another."""
     bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
-    ids = bos + _ids(tokenizer, ex.text) + [tokenizer.eos_token_id]
-    windows = []
-    for start in range(0, len(ids), max_length):
-        chunk = ids[start : start + max_length]
-        if len(chunk) >= 2:  # a single token has nothing to predict
-            windows.append(Encoded(chunk, list(chunk), ex.source))
-    return windows
+    stream: list[int] = []
+    for text in texts:
+        stream += bos + _ids(tokenizer, text) + [tokenizer.eos_token_id]
+    return stream
+
+
+def text_windows(
+    docs: list[Example], tokenizer, max_length: int, keep_tail: bool = True
+) -> tuple[list[Encoded], dict[str, int]]:
+    """Raw text for continued pre-training: documents tokenized, joined with EOS between them,
+    cut into consecutive windows of max_length, every token trained. A window is never filled by
+    repeating tokens (that teaches copying); the last, shorter window is kept or dropped."""
+    stream = document_stream([ex.text for ex in docs], tokenizer)
+    windows, tail = [], 0
+    for start in range(0, len(stream), max_length):
+        chunk = stream[start : start + max_length]
+        if (len(chunk) < max_length and not keep_tail) or len(chunk) < 2:
+            tail = len(chunk)  # a single token has nothing to predict
+            continue
+        windows.append(Encoded(chunk, list(chunk), docs[0].source if len(docs) == 1 else "text"))
+    counts = {"documents": len(docs), "windows": len(windows), "tokens": len(stream),
+              "tail_dropped_tokens": tail}  # fmt: skip
+    return windows, counts
 
 
 def encode_examples(
@@ -122,15 +138,14 @@ def encode_examples(
     max_length: int,
     truncation: str = "drop",
     train_on_prompt: bool = False,
+    keep_tail: bool = True,
 ) -> tuple[list[Encoded], EncodeStats]:
     stats = EncodeStats(records=len(examples))
-    out: list[Encoded] = []
+    docs = [ex for ex in examples if ex.is_text]
+    out, stats.text = text_windows(docs, tokenizer, max_length, keep_tail) if docs else ([], {})
     keep_bos = adds_bos(tokenizer)
     for ex in examples:
         if ex.is_text:
-            windows = encode_text(ex, tokenizer, max_length)
-            stats.split_text += len(windows) > 1
-            out += windows
             continue
         enc = encode_conversation(ex, tokenizer, train_on_prompt)
         if len(enc) > max_length:
