@@ -85,3 +85,15 @@ def test_yaml_no_is_a_string_not_false(tmp_path):
         ).train.eval_strategy
         == "no"
     )
+
+
+@pytest.mark.parametrize("name", ["my_data.yaml", "fsdp.yaml", "deepspeed.yaml"])
+def test_example_configs_load(name):
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    cfg = load_config(examples / name)
+    if name == "deepspeed.yaml":
+        assert Path(cfg.train.deepspeed).is_file()
+    if name == "fsdp.yaml":
+        assert cfg.train.fsdp == "full_shard auto_wrap"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -24,7 +25,8 @@ def _config(path: str | None, overrides: list[str]) -> Config:
         overrides, path = [path, *overrides], None
     if path is None:
         path = str(files("lorasft") / "assets" / "demo.yaml")
-        print(f"[lorasft] no config file: running the built-in demo ({path})")
+        if os.environ.get("RANK", "0") == "0":  # once, not per torchrun process
+            print(f"[lorasft] no config file: running the built-in demo ({path})")
     return load_config(path, overrides)
 
 
@@ -57,6 +59,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _config(args.config, args.overrides)
     out = train(cfg)
+    if not out.is_main:  # other ranks of a distributed run: rank 0 evaluates and writes
+        return 0
     d = out.data
     finish_run(out.run_dir, out.model, out.tokenizer, cfg, d.eval_examples, d.eval,
                out.log_history, out.info, d.counts)  # fmt: skip

@@ -133,6 +133,11 @@ class TrainSection(Section):
     metric_for_best_model: str = "eval_loss"
     load_best_model_at_end: bool = True
     group_by_length: bool = True
+    fsdp: str | None = None
+    """Passed to TrainingArguments.fsdp, e.g. "full_shard auto_wrap" (launch with torchrun)."""
+    fsdp_config: dict[str, Any] | None = None
+    deepspeed: str | None = None
+    """Path to a DeepSpeed JSON config (ZeRO stage etc.), passed to TrainingArguments.deepspeed."""
     resume: str | None = None
     """`auto` (latest checkpoint of the latest run with this name) or a run/checkpoint folder."""
 
@@ -352,6 +357,8 @@ def _resolve_paths(cfg: Config, base_dir: Path) -> Config:
                 stage.data[name] = [fix(v) for v in value]
     if cfg.model.path != "default":
         cfg.model.path = fix(cfg.model.path)
+    if cfg.train.deepspeed:
+        cfg.train.deepspeed = fix(cfg.train.deepspeed)
     return cfg
 
 

@@ -89,7 +89,7 @@ def test_documents_joined_with_eos_cut_into_windows_without_repetition(word_tok)
     windows, counts = text_windows(docs, word_tok, max_length=3)
     stream = [HI, THERE, EOS, OK, BYE, NOW, EOS]
     assert [w.input_ids for w in windows] == [[HI, THERE, EOS], [OK, BYE, NOW]]
-    assert sum((w.input_ids for w in windows), []) == stream[:6]  # a prefix: nothing repeated
+    assert [t for w in windows for t in w.input_ids] == stream[:6]  # a prefix: nothing repeated
     assert all(w.labels == w.input_ids for w in windows)
     assert counts == {"documents": 2, "windows": 2, "tokens": 7, "tail_dropped_tokens": 1}
     kept, _ = text_windows(docs, word_tok, max_length=4, keep_tail=True)

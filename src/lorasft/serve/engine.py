@@ -21,9 +21,10 @@ from peft import PeftModel
 from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
 from transformers.generation.streamers import BaseStreamer
 
-from lorasft.config import load_config
+from lorasft.config import ContextSection, load_config
 from lorasft.data.tokenize import stop_ids
 from lorasft.eval.generate import GenSettings, encode_prompt
+from lorasft.model.context import apply_context
 from lorasft.model.load import ModelError, load_model, load_tokenizer, resolve_model_path
 from lorasft.serve.textstream import TextCutter
 
@@ -166,11 +167,22 @@ class Engine:
         return nullcontext()
 
 
-def _run_base(run: Path) -> str:
+def _run_config(run: Path):
     for name in ("config.yaml", "adapter_config.json"):
         if not (run / name).is_file():
             raise ModelError(f"--adapter {run}: not a finished lorasft run ({name} is missing)")
-    return load_config(run / "config.yaml").model.path
+    return load_config(run / "config.yaml")
+
+
+def shared_context(runs: list[tuple[str, Path]], configs: list) -> ContextSection:
+    """The context settings the adapters were trained with (a PEFT adapter does not carry them).
+    They change the base itself, so every adapter on one base must share them."""
+    contexts = [c.context for c in configs]
+    for (name, _), ctx in zip(runs[1:], contexts[1:]):
+        if ctx != contexts[0]:
+            raise ModelError(f"--adapter {name} was trained with context settings {ctx} and "
+                             f"{runs[0][0]} with {contexts[0]}; serve them from separate servers")  # fmt: skip
+    return contexts[0] if contexts else ContextSection()
 
 
 def base_name(path: str) -> str:
@@ -190,7 +202,8 @@ def context_window(config) -> int:
 def load_engine(base: str | None, adapters: list[tuple[str, str]]) -> Engine:
     """The base (by default the first adapter run's base, else the default model) and adapters."""
     runs = [(name, Path(d).expanduser()) for name, d in adapters]
-    run_bases = [_run_base(run) for _, run in runs]
+    configs = [_run_config(run) for _, run in runs]
+    run_bases = [c.model.path for c in configs]
     base = base or (run_bases[0] if run_bases else "default")
     resolved = resolve_model_path(base)
     served = [Served(base_name(base), load_tokenizer(resolved), None, str(resolved))]
@@ -199,6 +212,7 @@ def load_engine(base: str | None, adapters: list[tuple[str, str]]) -> Engine:
         raise ModelError(f"served names must be unique, got {names} (the base is served as "
                          f"{names[0]!r}; rename the adapter)")  # fmt: skip
     model = load_model(resolved)
+    apply_context(model, shared_context(runs, configs))  # as load_run does for one run
     for (name, run), run_base in zip(runs, run_bases):
         if resolve_model_path(run_base) != resolved:
             print(f"[lorasft] warning: adapter {name} was trained on {run_base}, served on {base}",

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from datasets import Dataset
 from transformers import EarlyStoppingCallback, Trainer, set_seed
 
@@ -34,6 +37,7 @@ class TrainOutcome:
     data: Prepared
     log_history: list[dict[str, Any]]
     info: dict[str, Any] = field(default_factory=dict)
+    is_main: bool = True  # rank 0 of a distributed run: the one that evaluates and writes
 
 
 def to_dataset(encoded: list[Encoded]) -> Dataset:
@@ -47,7 +51,7 @@ def train_dataset_and_collator(cfg: Config, model, tok, data: Prepared):
         return to_dataset(data.train), PadCollator(tok.pad_token_id)
     check_packing(model.get_base_model().config.model_type)
     rows = pack(data.train, cfg.data.max_length)
-    print(
+    say(
         f"[lorasft] packing: {len(data.train)} sequences into {len(rows)} rows of <= {cfg.data.max_length} tokens"
     )
     ds = Dataset.from_list([{**vars(r), "length": len(r.input_ids)} for r in rows])
@@ -80,16 +84,41 @@ def build_trainer(
     )
 
 
+def process_state() -> PartialState:
+    """This process's place in a torchrun/accelerate launch (one process otherwise). On a
+    CPU-only machine accelerate needs cpu=True to form a gloo process group."""
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def say(message: str) -> None:
+    """Console output from rank 0 only."""
+    process_state().print(message)
+
+
+def shared_run_dir(cfg: Config, state: PartialState) -> tuple[Path, str | None]:
+    """Under torchrun/accelerate every process must write to the folder rank 0 chose (its
+    timestamp), so rank 0 decides and the others receive it."""
+    found = [run_dir_and_checkpoint(cfg) if state.is_main_process else None]
+    if state.num_processes > 1:
+        broadcast_object_list(found)
+    return found[0]
+
+
 def train(cfg: Config) -> TrainOutcome:
     check_optimizer(cfg.train.optimizer)  # before minutes of loading, not after
-    run_dir, checkpoint = run_dir_and_checkpoint(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
-    print(f"[lorasft] run folder: {run_dir}" + (f" (resuming {checkpoint})" if checkpoint else ""))
+    state = process_state()  # joins the process group when launched by torchrun / accelerate
+    run_dir, checkpoint = shared_run_dir(cfg, state)
+    if state.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+        say(
+            f"[lorasft] run folder: {run_dir}" + (f" (resuming {checkpoint})" if checkpoint else "")
+        )
     set_seed(cfg.train.seed)  # LoRA init draws from the RNG before Trainer seeds it
-    model_path, precision, tok, model = prepare_model_and_tokenizer(cfg)
+    with state.main_process_first():  # rank 0 converts a GGUF once; the others read the cache
+        model_path, precision, tok, model = prepare_model_and_tokenizer(cfg)
     params = trainable_summary(model)
-    print(f"[lorasft] model {model_path} ({precision}); trainable parameters "
+    say(f"[lorasft] model {model_path} ({precision}); trainable parameters "
           f"{params['trainable']:,} of {params['total']:,} ({params['share']:.2%})")  # fmt: skip
     if cfg.stages:
         from lorasft.train.stages import train_stages
@@ -97,9 +126,12 @@ def train(cfg: Config) -> TrainOutcome:
         out = train_stages(cfg, model, tok, run_dir, precision, model_path)
     else:
         out = fit(cfg, model, tok, run_dir, precision, checkpoint)
-    out.model.save_pretrained(run_dir)
-    tok.save_pretrained(run_dir)
-    out.info.update(precision=precision, base_model=str(model_path), parameters=params)
+    out.is_main = state.is_main_process
+    if out.is_main:
+        out.model.save_pretrained(run_dir)
+        tok.save_pretrained(run_dir)
+    out.info.update(precision=precision, base_model=str(model_path), parameters=params,
+                    processes=state.num_processes)  # fmt: skip
     return out
 
 
@@ -109,7 +141,7 @@ def fit(
     """One training pass on cfg.data with cfg.train: an ordinary run, or one stage of a staged run."""
     data = prepare(cfg.data, tok)
     for line in describe(data.counts):
-        print(f"[lorasft] {line}")
+        say(f"[lorasft] {line}")
     trainer = build_trainer(cfg, model, tok, data, run_dir, precision)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)

@@ -165,5 +165,10 @@ def training_arguments(t: TrainSection, run_dir: Path, precision: str, neftune: 
         prediction_loss_only=True,  # logits are kept only at supervised positions
         report_to=["tensorboard"] if is_tensorboard_available() else [],
         dataloader_pin_memory=torch.cuda.is_available(),
+        # On a CPU-only machine this is what makes torchrun/accelerate run DDP over gloo.
+        use_cpu=not torch.cuda.is_available(),
+        fsdp=t.fsdp,
+        fsdp_config=t.fsdp_config,
+        deepspeed=t.deepspeed,
         disable_tqdm=False,
     )
