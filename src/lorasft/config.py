@@ -133,6 +133,9 @@ class TrainSection(Section):
     metric_for_best_model: str = "eval_loss"
     load_best_model_at_end: bool = True
     group_by_length: bool = True
+    dataloader_workers: int = Field(default=0, ge=0)
+    torch_compile: bool = False
+    """torch.compile the model (transformers' torch_compile); measure before relying on it."""
     fsdp: str | None = None
     """Passed to TrainingArguments.fsdp, e.g. "full_shard auto_wrap" (launch with torchrun)."""
     fsdp_config: dict[str, Any] | None = None

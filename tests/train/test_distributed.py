@@ -30,7 +30,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_llama_dir, tmp_
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-port", "29517", "-m", "lorasft", *args(tiny_llama_dir, ddp, batch_size=2)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("[lorasft] run folder:") == 1  # rank 0 alone reports
     assert proc.stdout.count("base vs tuned") == 1  # and alone evaluates

@@ -15,7 +15,9 @@ dtype of p_w bytes and activations of p bytes:
                                                            recomputed at a time)
   peak = weights + trainable + activations
 
-It ignores allocator slack, the CUDA context and temporary buffers; treat it as a lower bound.
+The 5*a*s/h term stores the attention scores, as eager (and SDPA's math path) do; flash and
+memory-efficient SDPA kernels keep none, so for them it overestimates, and more so the longer s.
+It ignores allocator slack, the CUDA context and temporary buffers.
 """
 
 from __future__ import annotations

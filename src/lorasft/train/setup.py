@@ -167,6 +167,8 @@ def training_arguments(t: TrainSection, run_dir: Path, precision: str, neftune: 
         dataloader_pin_memory=torch.cuda.is_available(),
         # On a CPU-only machine this is what makes torchrun/accelerate run DDP over gloo.
         use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=t.dataloader_workers,
+        torch_compile=t.torch_compile,
         fsdp=t.fsdp,
         fsdp_config=t.fsdp_config,
         deepspeed=t.deepspeed,
