@@ -55,3 +55,25 @@ def test_merge_refuses_bad_input(tiny_run, tmp_path, capsys):
     assert "one per run" in capsys.readouterr().err
     assert main(["merge", str(tmp_path), "--out", str(tmp_path / "m")]) == 2
     assert "not a finished lorasft run" in capsys.readouterr().err
+
+
+def test_merged_config_carries_the_context_extension(tiny_llama_dir, tmp_path):
+    import json
+
+    from tests.serve.conftest import QUICK
+    from tests.train.test_train_e2e import tiny_args
+
+    run, out = tmp_path / "run", tmp_path / "merged"
+    ctx = ["context.target_length=512", "context.method=yarn"]
+    assert main(tiny_args(tiny_llama_dir, run, *QUICK, *ctx)) == 0
+    assert main(["merge", str(run), "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "yarn"
+    assert config["rope_parameters"]["original_max_position_embeddings"] == 256
+    assert config["max_position_embeddings"] == 512
+    # Plain transformers reads the long input exactly as the run does.
+    _, _, ref = load_run(run)
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.arange(5, 405).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, ref(ids).logits, atol=1e-4)
