@@ -4,17 +4,16 @@ from lorasft.cli import main
 from tests.serve.conftest import API_KEY
 
 
+def verify(run, live, served_as: str) -> int:
+    return main(["verify", str(run), "--url", live.url, "--api-key", API_KEY,
+                 "--server-model", served_as, "--num-prompts", "3", "--max-new-tokens", "8"])  # fmt: skip
+
+
 def test_verify_passes_against_the_live_server(live, adapter_runs, capsys):
-    _a, b = adapter_runs
-    args = ["verify", str(b), "--url", live.url, "--api-key", API_KEY, "--server-model", "b",
-            "--num-prompts", "3", "--max-new-tokens", "8"]  # fmt: skip
-    assert main(args) == 0
+    assert verify(adapter_runs[1], live, "b") == 0
     assert "OK" in capsys.readouterr().out
 
 
 def test_verify_fails_when_the_server_serves_another_adapter(live, adapter_runs, capsys):
-    _a, b = adapter_runs
-    args = ["verify", str(b), "--url", live.url, "--api-key", API_KEY, "--server-model", "a",
-            "--num-prompts", "3", "--max-new-tokens", "8"]  # fmt: skip
-    assert main(args) == 1
+    assert verify(adapter_runs[1], live, "a") == 1  # run b checked against adapter a
     assert "MISMATCH" in capsys.readouterr().out
