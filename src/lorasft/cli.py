@@ -309,7 +309,9 @@ def _add_export_parsers(sub) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lorasft", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="lorasft", description="LoRA instruction fine-tuning: train, check, evaluate, ship."
+    )
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser(
         "train", help="fine-tune (no config: the built-in demo on the default model)"
