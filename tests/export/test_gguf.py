@@ -93,3 +93,34 @@ def test_default_model_gguf_round_trip(tmp_path):
     gids, got, logits = _greedy(back, gtok, "What is the capital of France? Say 12345.", n=12)
     assert gids == ids and got == want
     assert (logits - want_logits).abs().max().item() < 1e-4
+
+
+def test_a_gguf_file_is_a_model_source(tiny_run, tmp_path, monkeypatch, capsys):
+    """model.path may be a .gguf: converted once into the cache, then trained on like a folder."""
+    from lorasft.model.load import load_model, resolve_model_path
+
+    monkeypatch.setenv("LORASFT_CACHE", str(tmp_path / "cache"))
+    gguf, merged = tmp_path / "m.gguf", tmp_path / "merged"
+    assert main(["export", str(tiny_run), "--format", "gguf", "--out", str(gguf)]) == 0
+    assert main(["merge", str(tiny_run), "--out", str(merged)]) == 0
+    folder = resolve_model_path(str(gguf))
+    assert (
+        folder.parent == tmp_path / "cache" / "models" and (folder / "model.safetensors").is_file()
+    )
+    assert resolve_model_path(str(gguf)) == folder  # cached: converted once
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        a = load_model(folder)(ids).logits
+        b = AutoModelForCausalLM.from_pretrained(merged)(ids).logits
+    assert torch.allclose(a, b, atol=1e-4)
+    from tests.train.test_train_e2e import tiny_args
+
+    run = tmp_path / "run"
+    args = tiny_args(
+        folder, run, f"model.path={gguf}", "eval.num_samples=0", "eval.compare_base=false"
+    )
+    assert main(args) == 0 and (run / "adapter_model.safetensors").is_file()
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a gguf file")
+    with pytest.raises(ModelError, match="broken.gguf: cannot be read as GGUF"):
+        resolve_model_path(str(broken))
