@@ -6,6 +6,7 @@ steps on the demo records, LoRA r=8 on q_proj/v_proj, batch 8, fp32 base unless 
 - lorasft: lorasft's defaults (padding per batch, length-grouped batches, logits only where the
            loss is taken)
 - packed:  lorasft with data.packing=true
+- trl:     TRL's SFTTrainer (prompt-completion data, dynamic padding), when trl is installed
 Prints real (non-padding) tokens/s, supervised tokens/s, padding share, peak RSS, an approximate
 MFU against an fp32 matmul peak measured in the same run, and the ratios. Figures only.
 
@@ -115,10 +116,43 @@ def naive_trainer(steps: int, max_length: int = 512):
                    data_collator=default_data_collator)  # fmt: skip
 
 
+def trl_trainer(steps: int):
+    """TRL's SFTTrainer with its defaults for prompt-completion data (dynamic padding, loss on
+    the completion), the same LoRA and batch; only when trl is installed."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from lorasft.data.formats import load_file
+    from lorasft.data.prepare import demo_files
+    from lorasft.model.load import resolve_model_path
+
+    path = resolve_model_path("default")
+    examples, _, _ = load_file(demo_files()[0])
+    rows = [{"prompt": e.messages[:-1], "completion": e.messages[-1:]} for e in examples]
+    for row in rows:  # TRL's templates take role/content only
+        row["prompt"] = [{"role": m["role"], "content": m["content"]} for m in row["prompt"]]
+    args = SFTConfig(output_dir="/tmp/trl-bench", max_steps=steps, per_device_train_batch_size=8,
+                     bf16=False,  # fp32 like the other modes (TRL defaults to bf16)
+                     learning_rate=2e-4, max_length=512, report_to=[], save_strategy="no",
+                     disable_tqdm=True)  # fmt: skip
+    return SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=AutoTokenizer.from_pretrained(path),
+        peft_config=LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+        ),
+    )
+
+
 def run_mode(mode: str, steps: int) -> dict:
     set_seed(0)
     trainer = {"naive": lambda: naive_trainer(steps), "lorasft": lambda: lorasft_trainer(steps, []),
-               "packed": lambda: lorasft_trainer(steps, ["data.packing=true"])}[mode]()  # fmt: skip
+               "packed": lambda: lorasft_trainer(steps, ["data.packing=true"]),
+               "trl": lambda: trl_trainer(steps)}[mode]()  # fmt: skip
     counter = Counter(trainer.data_collator)
     trainer.data_collator = counter
     clock = Clock(counter)
@@ -138,10 +172,16 @@ def run_mode(mode: str, steps: int) -> dict:
             "gflops": (4 * (params - head) * real + 4 * head * sup) / seconds / 1e9}  # fmt: skip
 
 
+def _has_trl() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("trl") is not None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--modes", default="naive,lorasft,packed")
+    ap.add_argument("--modes", default="naive,lorasft,packed" + (",trl" if _has_trl() else ""))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -165,10 +205,13 @@ def main() -> None:
             f"{r['mode']:8} {r['real_tps']:10.1f} {r['supervised_tps']:10.1f} {100 * r['padding_share']:6.1f} "
             f"{r['seconds_per_step']:7.2f} {r['peak_rss_mib']:9.0f} {100 * r['gflops'] / peak:7.1f}"
         )
-    base = next((r for r in results if r["mode"] == "naive"), None)
-    for r in results:
-        if base and r is not base:
-            print(f"{r['mode']} / naive: {r['real_tps'] / base['real_tps']:.1f}x real tokens/s")
+    by = {r["mode"]: r for r in results}
+    for ref in ("naive", "trl"):
+        for r in results:
+            if ref in by and r["mode"] not in (ref, "naive", "trl"):
+                print(
+                    f"{r['mode']} / {ref}: {r['real_tps'] / by[ref]['real_tps']:.1f}x real tokens/s"
+                )
 
 
 if __name__ == "__main__":
