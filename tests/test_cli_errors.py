@@ -88,3 +88,48 @@ def test_resume_path_without_checkpoint(capsys, tmp_path, tiny_llama_dir):
 def test_not_a_run(capsys, argv):
     rc, err = run(capsys, *argv)
     assert rc == 2 and "is not a finished lorasft run" in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--lengths", "0"], "at least 2 tokens"), (["--lengths", "64", "--stride", "100"], "--stride 100"),
+     (["--depths", "50"], "fractions from 0 to 1"), (["--trials", "0"], "--trials 0: must be at least 1")],
+)  # fmt: skip
+def test_bad_long_eval_arguments(capsys, flags, message):
+    from lorasft.cli import check_long_settings, parser
+
+    args = parser().parse_args(["eval", "/some/run", "--long", *flags])
+    with pytest.raises(Exception, match=message) as err:
+        check_long_settings(args)
+    assert type(err.value).__name__ == "ConfigError"
+
+
+def test_tokenizer_without_eos_is_a_clear_error(tmp_path, tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from lorasft.model.load import ModelError, load_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tok.eos_token = None
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match="has no eos_token"):
+        load_tokenizer(tmp_path)
+
+
+def test_data_check_counts_the_system_prompt(capsys, tmp_path, tiny_llama_dir):
+    good = write_jsonl(tmp_path / "g.jsonl", [{"instruction": "hi", "output": "there"}])
+    main(["data", "check", str(good), f"model.path={tiny_llama_dir}", "--json"])
+    plain = json.loads(capsys.readouterr().out)
+    main(
+        [
+            "data",
+            "check",
+            str(good),
+            f"model.path={tiny_llama_dir}",
+            "data.system_prompt=Be brief.",
+            "--json",
+        ]
+    )
+    system = json.loads(capsys.readouterr().out)
+    assert "Be brief." in system["example"] and system["tokens"] > plain["tokens"]

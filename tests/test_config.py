@@ -97,3 +97,19 @@ def test_example_configs_load(name):
         assert Path(cfg.train.deepspeed).is_file()
     if name == "fsdp.yaml":
         assert cfg.train.fsdp == "full_shard auto_wrap"
+
+
+def test_save_steps_must_fall_on_evaluations_to_load_the_best():
+    with pytest.raises(
+        ConfigError, match=r"train.save_steps=50 must be a multiple of train.eval_steps=20"
+    ):
+        load_config(None, ["train.save_steps=50"])
+    with pytest.raises(ConfigError, match="must be a multiple"):
+        load_config(None, ["train.save_steps=40", "train.eval_strategy=epoch"])
+    assert load_config(None, ["train.save_steps=40"]).train.save_steps == 40
+    assert (
+        load_config(
+            None, ["train.save_steps=50", "train.load_best_model_at_end=false"]
+        ).train.save_steps
+        == 50
+    )

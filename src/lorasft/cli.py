@@ -111,7 +111,25 @@ def _long_settings(args: argparse.Namespace):
     for name in ("max_windows", "trials", "depths"):
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
+    check_long_settings(args)
     return s
+
+
+def check_long_settings(args: argparse.Namespace) -> None:
+    """Bad --long arguments are user errors with a message, not tracebacks from deep inside."""
+    if args.lengths and min(args.lengths) < 2:
+        raise ConfigError(f"--lengths {args.lengths}: every length must be at least 2 tokens")
+    if args.stride is not None and (
+        args.stride < 1 or (args.lengths and args.stride > min(args.lengths))
+    ):
+        raise ConfigError(f"--stride {args.stride}: must be between 1 and the shortest length")
+    if args.depths and not all(0.0 <= d <= 1.0 for d in args.depths):
+        raise ConfigError(f"--depths {args.depths}: depths are fractions from 0 to 1")
+    for name in ("trials", "max_windows"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1"
+            )
 
 
 def _long_args(e: argparse.ArgumentParser) -> None:

@@ -151,6 +151,15 @@ class TrainSection(Section):
                 "train.early_stopping_patience needs evaluation; set train.eval_strategy "
                 "to 'steps' or 'epoch', or train.early_stopping_patience=null"
             )
+        # Trainer can only reload the best checkpoint if one is saved at every evaluation.
+        best = self.load_best_model_at_end and self.eval_strategy != "no" and self.save_steps
+        if best and (self.eval_strategy == "epoch" or self.save_steps % self.eval_steps):
+            raise ValueError(
+                f"train.save_steps={self.save_steps} must be a multiple of train.eval_steps="
+                f"{self.eval_steps} with eval_strategy=steps (checkpoints must fall on "
+                "evaluations to load the best one); set train.save_steps=null to save at each "
+                "evaluation, or train.load_best_model_at_end=false"
+            )
         return self
 
 

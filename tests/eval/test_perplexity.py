@@ -26,3 +26,20 @@ def test_token_weighted_over_supervised_tokens_only(tiny_llama_dir):
     assert got["tokens"] == n == 4
     assert abs(got["loss"] - total / n) < 1e-4
     assert abs(got["perplexity"] - math.exp(total / n)) < 1e-3
+
+
+def test_chat_stream_raises_instead_of_hanging_when_generation_fails(
+    tiny_llama_dir, tiny_tokenizer
+):
+    import pytest
+
+    from lorasft.eval.generate import GenSettings, stream
+
+    class Broken(torch.nn.Module):
+        device = torch.device("cpu")
+
+        def generate(self, **kwargs):
+            raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        list(stream(Broken(), tiny_tokenizer, [{"role": "user", "content": "hi"}], GenSettings()))

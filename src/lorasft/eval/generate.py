@@ -76,7 +76,18 @@ def stream(model, tok, messages: list[dict], gen: GenSettings) -> Iterator[str]:
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                   streamer=streamer, **gen.kwargs(tok))  # fmt: skip
-    thread = Thread(target=model.generate, kwargs=kwargs, daemon=True)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            model.generate(**kwargs)
+        except Exception as e:  # noqa: BLE001 (re-raised in the caller's thread below)
+            failure.append(e)
+            streamer.end()  # else the consumer waits forever for text that never comes
+
+    thread = Thread(target=run, daemon=True)
     thread.start()
     yield from streamer
     thread.join()
+    if failure:
+        raise failure[0]

@@ -8,11 +8,12 @@ position-interpolation and YaRN papers and of the transformers perplexity guide.
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
 import torch.nn.functional as F
+
+from lorasft.model.load import accepts_logits_to_keep
 
 
 def windows(n: int, length: int, stride: int) -> list[tuple[int, int, int]]:
@@ -34,10 +35,7 @@ def windows(n: int, length: int, stride: int) -> list[tuple[int, int, int]]:
 def forward_kwargs(model, keep: int) -> dict:
     """Ask for the logits of the scored positions only when the model can (`logits_to_keep`):
     at 16k tokens the full logits of a 49k vocabulary take 3 GB."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if "logits_to_keep" in inspect.signature(inner.forward).parameters:
-        return {"logits_to_keep": keep}
-    return {}
+    return {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
 
 
 @torch.no_grad()

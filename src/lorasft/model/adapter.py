@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from peft import PeftModel
 
 from lorasft.config import Config, load_config
@@ -28,5 +29,5 @@ def load_run(run_dir: str | Path, precision_dtype=None) -> tuple[Config, object,
     # The adapter was trained on the extended model; rebuild that before loading it.
     apply_context(base, cfg.context)
     model = PeftModel.from_pretrained(base, run)
-    model.eval()
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     return cfg, tok, model

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -127,6 +128,11 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise ModelError(f"{path}: no usable tokenizer ({e})") from e
+    if tok.eos_token is None:
+        raise ModelError(
+            f"{path}: the tokenizer has no eos_token, so a tuned model could not learn to stop; "
+            "set eos_token in its tokenizer_config.json"
+        )
     if tok.pad_token is None:
         # Padding positions never reach the loss (labels come from an explicit mask), so any
         # id works; eos is the conventional choice.
@@ -155,6 +161,13 @@ def load_model(
         )
     except (OSError, ValueError) as e:
         raise ModelError(f"{path}: the model cannot be loaded ({e})") from e
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (transformers 5 causal LMs do), so the
+    output head can run only where logits are needed."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 DROPOUT_FIELDS = (

@@ -7,13 +7,12 @@ supervised token (transformers' `logits_to_keep` with a boolean mask) gives the 
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
 from lorasft.data.tokenize import IGNORE
+from lorasft.model.load import accepts_logits_to_keep
 
 
 def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -21,11 +20,6 @@ def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE
     return keep
-
-
-def accepts_logits_to_keep(model) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def causal_lm_loss(model, inputs: dict, num_items: torch.Tensor | int | None):
