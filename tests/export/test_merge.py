@@ -77,3 +77,24 @@ def test_merged_config_carries_the_context_extension(tiny_llama_dir, tmp_path):
     ids = torch.arange(5, 405).unsqueeze(0)
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, ref(ids).logits, atol=1e-4)
+
+
+def test_merge_refuses_adapters_with_different_context(tiny_run, tiny_llama_dir, tmp_path):
+    from lorasft.export.merge import merge_runs
+    from lorasft.model.load import ModelError
+    from tests.serve.conftest import QUICK
+    from tests.train.test_train_e2e import tiny_args
+
+    other = tmp_path / "yarn"
+    assert (
+        main(
+            tiny_args(
+                tiny_llama_dir, other, *QUICK, "context.target_length=512", "context.method=yarn"
+            )
+        )
+        == 0
+    )
+    import pytest
+
+    with pytest.raises(ModelError, match="context settings"):
+        merge_runs([tiny_run, other])

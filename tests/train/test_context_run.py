@@ -78,3 +78,5 @@ def test_two_stages_hand_weights_on(tmp_path, tiny_llama_dir):
     assert short_cfg.train.batch_size == 4 and not short_cfg.train.gradient_checkpointing
     assert [s["global_step"] for s in out.info["stages"]] == [3, 1]
     assert {h["stage"] for h in out.log_history} == {"1-short", "2-long"}
+    steps = [h["step"] for h in out.log_history]
+    assert steps == sorted(steps) and steps[-1] == 4  # one step axis: stage 2 continues from 3

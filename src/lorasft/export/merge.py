@@ -34,6 +34,11 @@ def _check_same_base(cfg, run: Path, other_cfg) -> None:
             f"{run}: trained on model.path={other_cfg.model.path!r}, but the first run used "
             f"{cfg.model.path!r}; only adapters of the same base can be merged together"
         )
+    if other_cfg.context != cfg.context:  # the context extension changes the base itself
+        raise ModelError(
+            f"{run}: trained with context settings {other_cfg.context}, the first run with "
+            f"{cfg.context}; only adapters of the same extended base can be merged together"
+        )
 
 
 def merge_runs(run_dirs: list[str | Path], weights: list[float] | None = None):

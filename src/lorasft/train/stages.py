@@ -61,7 +61,12 @@ def train_stages(cfg: Config, model, tok, run_dir: Path, precision: str, model_p
         out = fit(scfg, model, tok, stage_dir, precision)
         model = out.model
         model.save_pretrained(stage_dir)
-        history += [{**h, "stage": name} for h in out.log_history]
+        # One step axis across stages (each stage's Trainer counts from 0), for the loss curve
+        # and the overfitting verdict.
+        offset = history[-1]["step"] if history else 0
+        history += [
+            {**h, "stage": name, "step": h.get("step", 0) + offset} for h in out.log_history
+        ]
         summaries.append({"stage": name, **out.info})
     out.run_dir, out.log_history = run_dir, history
     out.info = {**out.info, "stages": summaries}
