@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lorasft.data.templates import adds_bos
+
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
         "it. I will quiz you about the important information there.")  # fmt: skip
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -39,14 +41,15 @@ def build_prompt(tok, length: int, depth: float, key: int) -> PasskeyPrompt:
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"passkey depth {depth}: must be between 0 and 1")
     needle = NEEDLE.format(key=key)
-    fixed = _count(tok, f"{TASK} {needle} {QUESTION}")
+    bos = [tok.bos_token_id] if adds_bos(tok) else []  # as the perplexity windows start
+    fixed = _count(tok, f"{TASK} {needle} {QUESTION}") + len(bos)
     unit = _count(tok, f" {FILLER}")
     total = max(0, (length - fixed) // unit)
     while True:
         before = round(depth * total)
         parts = [TASK, *[FILLER] * before, needle, *[FILLER] * (total - before), QUESTION]
         text = " ".join(parts)
-        ids = tok(text, add_special_tokens=False).input_ids
+        ids = bos + tok(text, add_special_tokens=False).input_ids
         if len(ids) <= length or total == 0:
             return PasskeyPrompt(text, ids, key, depth, before, total)
         total -= 1  # BPE merges at the joins can add a token or two
