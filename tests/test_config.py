@@ -113,3 +113,15 @@ def test_save_steps_must_fall_on_evaluations_to_load_the_best():
         ).train.save_steps
         == 50
     )
+
+
+def test_last_stage_is_what_eval_reads(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(
+        "stages:\n  - {name: a, data: {max_length: 64}}\n  - {name: b, data: {max_length: 128}, train: {max_steps: 3}}\n"
+    )
+    cfg = load_config(p)
+    last = cfg.last_stage()
+    assert last.data.max_length == 128 and last.train.max_steps == 3 and last.stages == []
+    plain = load_config(None)
+    assert plain.last_stage() is plain

@@ -77,6 +77,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lorasft.report.console import print_summary
 
     cfg, tok, model = load_run(args.run_dir)
+    cfg = cfg.last_stage()
     if args.data:
         cfg.data.train_file, cfg.data.eval_file, cfg.data.val_ratio = args.data, None, 0.0
         examples, _, _ = load_split(cfg.data)

@@ -245,6 +245,11 @@ class Config(Section):
         train = TrainSection.model_validate({**self.train.model_dump(), **st.train})
         return self.model_copy(update={"data": data, "train": train, "stages": []})
 
+    def last_stage(self) -> Config:
+        """The config the finished model was last trained with: what `eval` and `verify` read a
+        run's data from (the top level for an ordinary run)."""
+        return self.stage(len(self.stages) - 1) if self.stages else self
+
 
 def _stage_error(prefix: str, cls: type[BaseModel], err: ValidationError) -> str:
     parts = []

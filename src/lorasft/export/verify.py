@@ -61,6 +61,7 @@ def prompt_set(cfg, limit: int) -> list[list[dict]]:
     """The run's eval conversations (its training records if it had none) without their answers."""
     from lorasft.data.prepare import load_split
 
+    cfg = cfg.last_stage()  # a staged run ends on its last stage's data
     train, evals, _ = load_split(cfg.data)
     chats = [ex for ex in (evals or train) if not ex.is_text and ex.messages]
     if not chats:
