@@ -38,8 +38,10 @@ class Counter:
 
     def __call__(self, features):
         batch = self.collate(features)
-        mask = batch.get("attention_mask")
-        self.real += int(mask.sum()) if mask is not None else int((batch["labels"] != -999).sum())
+        # Real tokens from the records themselves: packed batches carry no attention mask, and
+        # the naive pipeline's records arrive already padded (their mask says what is real).
+        self.real += sum(sum(f["attention_mask"]) if "attention_mask" in f else len(f["input_ids"])
+                         for f in features)  # fmt: skip
         self.supervised += int((batch["labels"][:, 1:] != -100).sum())
         self.computed += batch["input_ids"].numel()
         return batch
