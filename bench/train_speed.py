@@ -6,6 +6,7 @@ steps on the demo records, LoRA r=8 on q_proj/v_proj, batch 8, fp32 base unless 
 - lorasft: lorasft's defaults (padding per batch, length-grouped batches, logits only where the
            loss is taken)
 - packed:  lorasft with data.packing=true
+- compiled: lorasft with train.torch_compile=true (not in the default modes: compiling takes minutes)
 - trl:     TRL's SFTTrainer (prompt-completion data, dynamic padding), when trl is installed
 Prints real (non-padding) tokens/s, supervised tokens/s, padding share, peak RSS, an approximate
 MFU against an fp32 matmul peak measured in the same run, and the ratios. Figures only.
@@ -154,6 +155,7 @@ def run_mode(mode: str, steps: int) -> dict:
     set_seed(0)
     trainer = {"naive": lambda: naive_trainer(steps), "lorasft": lambda: lorasft_trainer(steps, []),
                "packed": lambda: lorasft_trainer(steps, ["data.packing=true"]),
+               "compiled": lambda: lorasft_trainer(steps, ["train.torch_compile=true"]),
                "trl": lambda: trl_trainer(steps)}[mode]()  # fmt: skip
     counter = Counter(trainer.data_collator)
     trainer.data_collator = counter

@@ -48,7 +48,9 @@ class ModelSection(Section):
     """Run Python code shipped with the model. Off unless you trust the model's source."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """dtype of the frozen base weights; `auto` follows train.precision."""
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
+    """flash_attention_*: GPU with the flash-attn package; with data.packing each batch is
+    flattened into one row and attention runs per record (variable-length kernel)."""
     global_dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
     """Set attention/hidden dropout of the base model where its architecture has them."""
 

@@ -65,6 +65,33 @@ def test_packed_loss_equals_unpacked(kind, tmp_path, tiny_tokenizer_dir):
     assert abs(c.item() - a.item()) > 1e-4
 
 
+def test_flattened_batch_for_flash_attention():
+    rows = pack(RECORDS, max_length=10)
+    batch = PackedCollator(pad_token_id=0, flatten=True)([vars(r) for r in rows])
+    assert batch["input_ids"].shape == (1, 15)  # every token, no padding
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 0, 1, 2, 0, 1]]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 6, 10, 13, 15]
+    assert batch["cu_seq_lens_k"].dtype == torch.int32 and batch["max_length_q"] == 6
+    labels = batch["labels"][0].tolist()
+    assert [labels[i] for i in (0, 6, 10, 13)] == [IGNORE] * 4  # each record's first label
+    # Eval rows (one record each, no position_ids, first label a target) are segments too.
+    evals = PackedCollator(pad_token_id=0, flatten=True)([vars(RECORDS[1]), vars(RECORDS[3])])
+    assert evals["labels"].tolist() == [[IGNORE, 12, 13, IGNORE, 19]]
+    assert evals["cu_seq_lens_q"].tolist() == [0, 3, 5]
+
+
+def test_flattened_loss_equals_unpacked(tiny_llama_dir):
+    """The same row with SDPA: transformers builds the block-diagonal mask from the positions
+    (flash takes the cu_seq_lens instead), so the loss equals the unpacked one."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    unpacked = PadCollator(pad_token_id=0)([vars(e) for e in RECORDS])
+    flat = PackedCollator(pad_token_id=0, flatten=True)([vars(r) for r in pack(RECORDS, 10)])
+    with torch.no_grad():
+        a, _ = causal_lm_loss(model, unpacked, None)
+        b, _ = causal_lm_loss(model, flat, None)
+    assert abs(a.item() - b.item()) < 1e-5
+
+
 def test_unsupported_architecture_is_a_clear_error():
     check_packing("llama")
     with pytest.raises(

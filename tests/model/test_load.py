@@ -63,3 +63,9 @@ def test_precision_on_this_cpu():
     if not torch.cuda.is_available() and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         assert resolve_precision("auto") == "fp32" and resolve_precision("bf16") == "fp32"
     assert resolve_precision("fp32") == "fp32"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without GPU")
+def test_flash_attention_without_gpu_is_a_clear_error(tiny_llama_dir):
+    with pytest.raises(ModelError, match="flash_attention_2 needs a CUDA GPU.*no CUDA GPU.*sdpa"):
+        load_model(tiny_llama_dir, attn_implementation="flash_attention_2")

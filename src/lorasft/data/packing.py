@@ -2,7 +2,8 @@
 
 A row carries `position_ids` that restart at 0 for every record and no attention mask; from
 that, transformers builds a block-diagonal causal mask (masking_utils.find_packed_sequence_indices),
-so no record attends to another. The first label of every record is masked: it would otherwise
+so no record attends to another. With flash attention (GPU) the batch is flattened into one row
+and the record boundaries go to the variable-length kernel instead (`PackedCollator(flatten=True)`). The first label of every record is masked: it would otherwise
 be predicted from the previous record's last token. With that, the loss of a packed batch equals
 the loss of the same records unpacked.
 """
@@ -75,22 +76,54 @@ def pack(encoded: list[Encoded], max_length: int) -> list[PackedRow]:
 
 class PackedCollator:
     """Pads packed rows to the longest row; the padding is a sequence of its own (positions
-    restart at 0) that nothing attends to and the loss ignores."""
+    restart at 0) that nothing attends to and the loss ignores.
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    With `flatten` (for flash attention on GPU) the whole batch becomes one row with no padding
+    at all, plus the boundaries flash attention's variable-length kernel takes (`cu_seq_lens_*`,
+    `max_length_*`; transformers passes them to the attention), so each record attends to itself
+    only and no compute goes to padding or to attention across records."""
+
+    def __init__(self, pad_token_id: int, flatten: bool = False):
+        self.pad_token_id, self.flatten = pad_token_id, flatten
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.flatten:
+            return flatten(features)
         width = max(len(f["input_ids"]) for f in features)
         ids, labels, pos = [], [], []
         for f in features:
             pad = width - len(f["input_ids"])
             ids.append(list(f["input_ids"]) + [self.pad_token_id] * pad)
             labels.append(list(f["labels"]) + [IGNORE] * pad)
-            own = f.get("position_ids") or range(len(f["input_ids"]))  # eval rows: one record
-            pos.append(list(own) + list(range(pad)))
+            pos.append(list(_positions(f)) + list(range(pad)))
         return {
             "input_ids": torch.tensor(ids),
             "labels": torch.tensor(labels),
             "position_ids": torch.tensor(pos),
         }
+
+
+def _positions(f: dict[str, Any]):
+    return f.get("position_ids") or range(len(f["input_ids"]))  # eval rows: one record
+
+
+def flatten(features: list[dict[str, Any]]) -> dict[str, Any]:
+    ids, labels, pos = [], [], []
+    for f in features:
+        ids += f["input_ids"]
+        labels += f["labels"]
+        pos += _positions(f)
+    starts = [i for i, p in enumerate(pos) if p == 0]
+    for i in starts:  # a record's first token would be predicted from the one before it
+        labels[i] = IGNORE
+    bounds = torch.tensor([*starts, len(ids)], dtype=torch.int32)
+    longest = int((bounds[1:] - bounds[:-1]).max())
+    return {
+        "input_ids": torch.tensor([ids]),
+        "labels": torch.tensor([labels]),
+        "position_ids": torch.tensor([pos]),
+        "cu_seq_lens_q": bounds,
+        "cu_seq_lens_k": bounds,
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }

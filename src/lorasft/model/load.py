@@ -147,6 +147,7 @@ def load_model(
     attn_implementation: str = "sdpa",
     global_dropout: float | None = None,
 ) -> PreTrainedModel:
+    check_attention(attn_implementation)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if global_dropout is not None:
         set_global_dropout(config, global_dropout)
@@ -161,6 +162,21 @@ def load_model(
         )
     except (OSError, ValueError) as e:
         raise ModelError(f"{path}: the model cannot be loaded ({e})") from e
+
+
+def check_attention(attn_implementation: str) -> None:
+    """Flash attention needs a CUDA GPU and its package; say so before loading anything."""
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    available = {"flash_attention_2": is_flash_attn_2_available,
+                 "flash_attention_3": is_flash_attn_3_available}.get(attn_implementation)  # fmt: skip
+    if available is not None and not (torch.cuda.is_available() and available()):
+        raise ModelError(
+            f"model.attn_implementation={attn_implementation} needs a CUDA GPU and the flash "
+            f"attention package (pip install flash-attn for flash_attention_2); this machine has "
+            f"{'a GPU but not the package' if torch.cuda.is_available() else 'no CUDA GPU'}. "
+            "Use sdpa (the default) here"
+        )
 
 
 def accepts_logits_to_keep(model) -> bool:

@@ -55,7 +55,8 @@ def train_dataset_and_collator(cfg: Config, model, tok, data: Prepared):
         f"[lorasft] packing: {len(data.train)} sequences into {len(rows)} rows of <= {cfg.data.max_length} tokens"
     )
     ds = Dataset.from_list([{**vars(r), "length": len(r.input_ids)} for r in rows])
-    return ds, PackedCollator(tok.pad_token_id)
+    flash = cfg.model.attn_implementation.startswith("flash_attention")
+    return ds, PackedCollator(tok.pad_token_id, flatten=flash)
 
 
 def build_trainer(
