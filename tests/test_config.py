@@ -125,3 +125,10 @@ def test_last_stage_is_what_eval_reads(tmp_path):
     assert last.data.max_length == 128 and last.train.max_steps == 3 and last.stages == []
     plain = load_config(None)
     assert plain.last_stage() is plain
+
+
+def test_memory_budget_is_positive_or_auto():
+    assert load_config(None, ["train.memory_budget_gib=auto"]).train.memory_budget_gib == "auto"
+    assert load_config(None, ["train.memory_budget_gib=1.5"]).train.memory_budget_gib == 1.5
+    with pytest.raises(ConfigError, match="train.memory_budget_gib.*greater than 0"):
+        load_config(None, ["train.memory_budget_gib=0"])

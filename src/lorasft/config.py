@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -119,6 +119,11 @@ class TrainSection(Section):
     weight_decay: float = Field(default=0.0, ge=0.0)
     batch_size: int = Field(default=8, ge=1)
     grad_accum: int = Field(default=1, ge=1)
+    memory_budget_gib: Annotated[float, Field(gt=0)] | Literal["auto"] | None = None
+    """Fit the micro-batch to this much memory per process: batch_size is split into micro-batches
+    (a divisor of it) with gradient accumulation making up the rest, chosen from `lorasft plan`'s
+    estimate at the longest training sequence. `auto`: 90% of the GPU's memory, or of the RAM
+    free at start shared among the processes on this machine. None: batch_size as given."""
     max_grad_norm: float = Field(default=1.0, gt=0)
     gradient_checkpointing: bool = False
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

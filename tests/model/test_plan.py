@@ -49,3 +49,27 @@ def test_plan_command_prints_window_method_and_table(tiny_llama_dir, capsys):
     assert "model window: 256 tokens" in out and "context: yarn to 1024 tokens, factor 4" in out
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert [int(r[0]) for r in rows] == [128, 256, 512, 1024]
+
+
+def test_micro_batch_is_the_largest_divisor_that_fits():
+    import pytest
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lorasft.config import ConfigError
+    from lorasft.model.plan import activations, choose_micro_batch
+
+    model = get_peft_model(AutoModelForCausalLM.from_config(tiny_config()),
+                           LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))  # fmt: skip
+    fixed = 2264 * 4 + 64 * 16  # frozen fp32 weights (by hand above) + LoRA with AdamW state
+
+    def peak(m):
+        return fixed + activations(tiny_config(), 16, m, 4, False)
+
+    cfg = load_config(None, ["train.batch_size=8"])
+    assert choose_micro_batch(model, cfg, 16, "fp32", peak(4) - 1) == (2, peak(2))
+    assert choose_micro_batch(model, cfg, 16, "fp32", peak(8)) == (8, peak(8))
+    cfg6 = load_config(None, ["train.batch_size=6"])
+    assert choose_micro_batch(model, cfg6, 16, "fp32", peak(3)) == (3, peak(3))
+    with pytest.raises(ConfigError, match="even a micro-batch of 1.*gradient_checkpointing=true"):
+        choose_micro_batch(model, cfg, 16, "fp32", peak(1) - 1)

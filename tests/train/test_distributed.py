@@ -1,16 +1,21 @@
-"""torchrun with 2 CPU processes (gloo) gives the adapter of a 1-process run with the same global
-batch, and only rank 0 evaluates and writes."""
+"""2 CPU processes (gloo), launched by torchrun or accelerate, with DDP or DeepSpeed ZeRO-2, give
+the adapter of a 1-process run with the same global batch, and only rank 0 evaluates and writes."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from lorasft.cli import main
 from lorasft.data.prepare import demo_files
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def args(model_dir, run_dir, batch_size):
@@ -24,21 +29,60 @@ def args(model_dir, run_dir, batch_size):
             f"output.run_dir={run_dir}"]  # fmt: skip
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tiny_llama_dir, tmp_path):
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    assert main(args(tiny_llama_dir, single, batch_size=4)) == 0
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]  # fmt: skip
+DEEPSPEED = f"train.deepspeed={ROOT / 'examples' / 'deepspeed_zero2.json'}"
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+
+LAUNCHES = {
+    "torchrun-ddp": (TORCHRUN + ["--master-port", "29517"], [], "MULTI_CPU"),
+    "accelerate-ddp": (ACCELERATE + ["--main_process_port", "29518"], [], "MULTI_CPU"),
+    "torchrun-deepspeed": (TORCHRUN + ["--master-port", "29519"], [DEEPSPEED], "DEEPSPEED"),
+}
+
+
+@pytest.fixture(scope="module")
+def single(tiny_llama_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("single")
+    assert main(args(tiny_llama_dir, run, batch_size=4)) == 0
+    return run
+
+
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_two_processes_match_one_with_the_same_global_batch(
+    launch, single, tiny_llama_dir, tmp_path
+):
+    launcher, extra, distributed = LAUNCHES[launch]
+    if "deepspeed" in launch and not HAS_DEEPSPEED:
+        pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]')")
+    ddp = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", "29517", "-m", "lorasft", *args(tiny_llama_dir, ddp, batch_size=2)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    cmd = [*launcher, "-m", "lorasft", *args(tiny_llama_dir, ddp, batch_size=2), *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("[lorasft] run folder:") == 1  # rank 0 alone reports
     assert proc.stdout.count("base vs tuned") == 1  # and alone evaluates
     r = json.loads((ddp / "results.json").read_text())
     assert r["train"]["processes"] == 2 and r["train"]["global_step"] == 4
+    assert r["train"]["distributed"] == distributed
     a = load_file(single / "adapter_model.safetensors")
     b = load_file(ddp / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
     assert any(b[k].abs().max() > 1e-3 for k in b if "lora_B" in k)
+
+
+def test_fsdp_on_cpu_says_it_is_not_in_effect(tiny_llama_dir, tmp_path):
+    run = tmp_path / "run"
+    cfg = [*args(tiny_llama_dir, run, batch_size=2), "train.fsdp=full_shard auto_wrap",
+           "train.max_steps=1"]  # fmt: skip
+    assert main(cfg) == 2  # one process: a config error naming the launch it needs
+    cmd = [*TORCHRUN, "--master-port", "29520", "-m", "lorasft", *cfg]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if torch.cuda.is_available():
+        return
+    assert proc.stdout.count("train.fsdp is not in effect: accelerate runs FSDP on GPUs only") == 1
+    assert json.loads((run / "results.json").read_text())["train"]["distributed"] == "MULTI_CPU"

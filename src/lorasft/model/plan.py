@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from lorasft.config import Config
+from lorasft.config import Config, ConfigError
 from lorasft.model.context import ContextPlan, context_modules_to_save, plan_context
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -62,6 +62,35 @@ def activations(config, s: int, b: int, p: int, checkpointing: bool) -> int:
     if checkpointing:
         return n * s * b * h * p + layer + logits
     return n * layer + logits
+
+
+def peak_bytes(config, base: int, trainable: int, s: int, b: int, p: int, p_w: int,
+               checkpointing: bool) -> int:  # fmt: skip
+    return base * p_w + trainable * 16 + activations(config, s, b, p, checkpointing)
+
+
+def choose_micro_batch(model, cfg: Config, length: int, precision: str,
+                       budget: int) -> tuple[int, int]:  # fmt: skip
+    """The largest divisor of cfg.train.batch_size whose estimated peak at `length` fits `budget`
+    bytes, and that peak, for a loaded (LoRA-wrapped) model."""
+    config = model.get_base_model().config
+    config = getattr(config, "text_config", None) or config
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    base = sum(p.numel() for p in frozen)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    p_w = frozen[0].element_size() if frozen else 4
+    p = 2 if precision in ("bf16", "fp16") else 4
+    ckpt, total = cfg.train.gradient_checkpointing, cfg.train.batch_size
+    for m in (d for d in range(total, 0, -1) if total % d == 0):
+        peak = peak_bytes(config, base, trainable, length, m, p, p_w, ckpt)
+        if peak <= budget:
+            return m, peak
+    raise ConfigError(
+        f"train.memory_budget_gib: even a micro-batch of 1 at {length} tokens needs about "
+        f"{peak / 2**30:.2f} GiB (estimate), over the budget of {budget / 2**30:.2f} GiB; "
+        + ("lower data.max_length or raise the budget" if ckpt else
+           "set train.gradient_checkpointing=true, lower data.max_length or raise the budget")
+    )  # fmt: skip
 
 
 def count_parameters(config, cfg: Config) -> tuple[int, int]:

@@ -20,6 +20,7 @@ from lorasft.data.packing import PackedCollator, check_packing, pack
 from lorasft.data.prepare import Prepared, describe, prepare
 from lorasft.data.tokenize import Encoded
 from lorasft.model.lora import trainable_summary
+from lorasft.model.plan import choose_micro_batch
 from lorasft.train.setup import (
     check_optimizer,
     prepare_model_and_tokenizer,
@@ -74,7 +75,7 @@ def build_trainer(
     # The TensorBoard callback reads its folder from this variable (transformers 5).
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
     train_ds, collator = train_dataset_and_collator(cfg, model, tok, data)
-    return SupervisedTrainer(
+    trainer = SupervisedTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -83,6 +84,17 @@ def build_trainer(
         processing_class=tok,
         callbacks=callbacks,
     )
+    report_sharding(cfg, trainer)
+    return trainer
+
+
+def report_sharding(cfg: Config, trainer: Trainer) -> None:
+    """accelerate shards (FSDP) on GPUs only; on CPU it drops the setting and runs DDP, which the
+    user must hear about rather than find out from the memory use."""
+    if cfg.train.fsdp and not trainer.is_fsdp_enabled:
+        say(f"[lorasft] train.fsdp is not in effect: accelerate runs FSDP on GPUs only, so this "
+            f"run is {trainer.accelerator.distributed_type.value} (every process holds the whole "
+            "model)")  # fmt: skip
 
 
 def process_state() -> PartialState:
@@ -133,7 +145,16 @@ def train(cfg: Config) -> TrainOutcome:
         tok.save_pretrained(run_dir)
     out.info.update(precision=precision, base_model=str(model_path), parameters=params,
                     processes=state.num_processes)  # fmt: skip
+    leave_process_group()
     return out
+
+
+def leave_process_group() -> None:
+    """Every rank leaves together once the adapter is saved: rank 0 then evaluates alone, and the
+    others exit without tearing down a process group rank 0 still holds."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def fit(
@@ -143,6 +164,7 @@ def fit(
     data = prepare(cfg.data, tok)
     for line in describe(data.counts):
         say(f"[lorasft] {line}")
+    cfg = fit_micro_batch(cfg, model, data, precision)
     trainer = build_trainer(cfg, model, tok, data, run_dir, precision)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -153,8 +175,43 @@ def fit(
         "best_step": _best_step(trainer.state.best_model_checkpoint),
         "best_metric": trainer.state.best_metric,
         "resumed_from": checkpoint,
+        "distributed": trainer.accelerator.distributed_type.value,
+        "micro_batch": cfg.train.batch_size,
+        "grad_accum": cfg.train.grad_accum,
     }
     return TrainOutcome(run_dir, trainer.model, tok, data, trainer.state.log_history, info)
+
+
+def fit_micro_batch(cfg: Config, model, data: Prepared, precision: str) -> Config:
+    """With train.memory_budget_gib, split the batch into the largest micro-batches whose
+    estimated peak fits the budget; gradient accumulation keeps the optimizer's batch."""
+    t = cfg.train
+    if t.memory_budget_gib is None or not data.train:
+        return cfg
+    length = cfg.data.max_length if cfg.data.packing else max(len(e) for e in data.train)
+    budget = (
+        memory_budget_bytes() if t.memory_budget_gib == "auto" else int(t.memory_budget_gib * 2**30)
+    )
+    micro, peak = choose_micro_batch(model, cfg, length, precision, budget)
+    accum = t.grad_accum * t.batch_size // micro
+    say(f"[lorasft] micro-batch {micro} x {accum} accumulation steps for a batch of "
+        f"{t.batch_size * t.grad_accum}: estimated peak {peak / 2**30:.2f} GiB of a "
+        f"{budget / 2**30:.2f} GiB budget at {length} tokens")  # fmt: skip
+    return cfg.model_copy(
+        update={"train": t.model_copy(update={"batch_size": micro, "grad_accum": accum})}
+    )
+
+
+def memory_budget_bytes() -> int:
+    """90% of the GPU's memory; on CPU, 90% of this process's share of the free RAM plus what it
+    already holds (the model)."""
+    if torch.cuda.is_available():
+        return int(0.9 * torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    import psutil
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    held = psutil.Process().memory_info().rss
+    return int(0.9 * (psutil.virtual_memory().available / local + held))
 
 
 def _best_step(best_checkpoint: str | None) -> int | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -128,6 +129,12 @@ def check_optimizer(name: str) -> None:
 
 def training_arguments(t: TrainSection, run_dir: Path, precision: str, neftune: float | None,
                        has_eval: bool) -> TrainingArguments:  # fmt: skip
+    if t.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise ConfigError(
+            f"train.fsdp={t.fsdp!r} needs a distributed launch: torchrun --nproc-per-node N -m "
+            "lorasft train CONFIG (or accelerate launch --multi_gpu ...); remove train.fsdp to "
+            "train in one process"
+        )
     strategy = t.eval_strategy if has_eval else "no"
     save_strategy = "steps" if (t.save_steps or strategy == "no") else strategy
     save_steps = t.save_steps or (t.eval_steps if strategy == "steps" else 50)
