@@ -9,15 +9,20 @@ steps on the demo records, LoRA r=8 on q_proj/v_proj, batch 8, fp32 base unless 
 - compiled: lorasft with train.torch_compile=true (not in the default modes: compiling takes minutes)
 - trl:     TRL's SFTTrainer (prompt-completion data, dynamic padding), when trl is installed
 Prints real (non-padding) tokens/s, supervised tokens/s, padding share, peak RSS, an approximate
-MFU against an fp32 matmul peak measured in the same run, and the ratios. Figures only.
+MFU against a matmul peak measured in the same run (fp32 on CPU), held-out response-token loss
+after training, and the ratios. Figures only.
 
-    python bench/train_speed.py [--steps 8] [--modes naive,lorasft,packed]
+    python bench/train_speed.py [--steps 8] [--modes naive,lorasft,packed] [--device cpu|cuda]
+
+On a GPU (--device cuda, the default where torch sees one) every mode trains a bf16 base with
+fp32 LoRA, and MFU is against a bf16 matmul peak; peak memory is torch's max allocated.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -29,6 +34,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 HERE = Path(__file__).resolve()
+# One optimisation recipe for every mode: lorasft's defaults (the demo's 1e-3 is for one epoch).
+LR = 2e-4
+SCHEDULE = {"learning_rate": LR, "lr_scheduler_type": "cosine", "warmup_steps": 0.05}
 
 
 class Counter:
@@ -56,18 +64,44 @@ class Clock(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kw):
         if state.global_step == 1:
+            sync()
             self.start = time.perf_counter()
             c = self.counter
             self.at_start = (c.real, c.supervised, c.computed)
 
 
-def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def on_cuda() -> bool:
+    return torch.cuda.is_available()  # the parent hides the GPU from the children for --device cpu
+
+
+def base_dtype() -> torch.dtype:
+    """The frozen base's dtype in every mode: fp32 on CPU (bf16 is emulated on AVX2 CPUs), bf16 on
+    a GPU (what lorasft's precision=auto picks there, and TRL's default)."""
+    return torch.bfloat16 if on_cuda() else torch.float32
+
+
+def matmul_peak_gflops(reps: int = 10) -> float:
+    n = 8192 if on_cuda() else 2048
+    kw = {"device": "cuda", "dtype": base_dtype()} if on_cuda() else {}
+    a, b = torch.randn(n, n, **kw), torch.randn(n, n, **kw)
     a @ b
+    sync()
     start = time.perf_counter()
     for _ in range(reps):
         a @ b
+    sync()
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def sync() -> None:
+    if on_cuda():
+        torch.cuda.synchronize()
+
+
+def peak_memory_mib() -> float:
+    if on_cuda():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def lorasft_trainer(steps: int, extra: list[str]):
@@ -77,7 +111,7 @@ def lorasft_trainer(steps: int, extra: list[str]):
     from lorasft.train.setup import prepare_model_and_tokenizer
 
     demo = str(files("lorasft") / "assets" / "demo.yaml")
-    cfg = load_config(demo, [f"train.max_steps={steps}", "train.batch_size=8", "lora.r=8",
+    cfg = load_config(demo, [f"train.max_steps={steps}", "train.batch_size=8", "lora.r=8", f"train.learning_rate={LR}",
                              "lora.target_modules=[q_proj,v_proj]", "train.eval_strategy=no",
                              "train.early_stopping_patience=null", "train.save_steps=100000",
                              "output.run_dir=/tmp/lorasft-bench", *extra])  # fmt: skip
@@ -86,11 +120,22 @@ def lorasft_trainer(steps: int, extra: list[str]):
     return build_trainer(cfg, model, tok, data, Path(cfg.output.run_dir), precision)
 
 
+def same_lora():
+    """The LoRA every mode trains: r=8 on q/v, with lorasft's default dropout (PEFT's is 0, and
+    dropout costs time on CPU, so the comparison must not differ in it)."""
+    from peft import LoraConfig
+
+    from lorasft.config import LoraSection
+
+    return LoraConfig(r=8, lora_alpha=16, lora_dropout=LoraSection().dropout,
+                      target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")  # fmt: skip
+
+
 def naive_trainer(steps: int, max_length: int = 512):
     """The common tutorial pipeline: tokenize with padding="max_length", labels = input_ids with
     padding masked, the model's own loss over every position."""
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator
 
     from lorasft.data.formats import load_file
@@ -110,11 +155,10 @@ def naive_trainer(steps: int, max_length: int = 512):
     )
     rows = [{"input_ids": i, "attention_mask": m, "labels": [t if k else -100 for t, k in zip(i, m)]}
             for i, m in zip(enc["input_ids"], enc["attention_mask"])]  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                             task_type="CAUSAL_LM"))  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=base_dtype())
+    model = get_peft_model(model, same_lora())
     args = TrainingArguments(output_dir="/tmp/naive-bench", max_steps=steps, per_device_train_batch_size=8,
-                             learning_rate=2e-4, report_to=[], save_strategy="no", disable_tqdm=True)  # fmt: skip
+                             **SCHEDULE, report_to=[], save_strategy="no", disable_tqdm=True)  # fmt: skip
     return Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                    data_collator=default_data_collator)  # fmt: skip
 
@@ -123,7 +167,6 @@ def trl_trainer(steps: int):
     """TRL's SFTTrainer with its defaults for prompt-completion data (dynamic padding, loss on
     the completion), the same LoRA and batch; only when trl is installed."""
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
@@ -137,21 +180,34 @@ def trl_trainer(steps: int):
     for row in rows:  # TRL's templates take role/content only
         row["prompt"] = [{"role": m["role"], "content": m["content"]} for m in row["prompt"]]
     args = SFTConfig(output_dir="/tmp/trl-bench", max_steps=steps, per_device_train_batch_size=8,
-                     bf16=False,  # fp32 like the other modes (TRL defaults to bf16)
-                     learning_rate=2e-4, max_length=512, report_to=[], save_strategy="no",
+                     bf16=on_cuda(),  # the base dtype of the other modes (TRL defaults to bf16)
+                     **SCHEDULE, max_length=512, report_to=[], save_strategy="no",
                      disable_tqdm=True)  # fmt: skip
     return SFTTrainer(
-        model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+        model=AutoModelForCausalLM.from_pretrained(path, dtype=base_dtype()),
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=AutoTokenizer.from_pretrained(path),
-        peft_config=LoraConfig(
-            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
-        ),
+        peft_config=same_lora(),
     )
 
 
-def run_mode(mode: str, steps: int) -> dict:
+def held_out_loss(model) -> float:
+    """Response-token loss on the demo's eval records, encoded the one way lorasft does for every
+    mode, so the pipelines are compared on the same yardstick after the same number of steps."""
+    from lorasft.config import load_config
+    from lorasft.data.prepare import prepare
+    from lorasft.eval.perplexity import perplexity
+    from lorasft.model.load import load_tokenizer, resolve_model_path
+
+    cfg = load_config(str(files("lorasft") / "assets" / "demo.yaml"), [])
+    tok = load_tokenizer(resolve_model_path("default"))
+    return perplexity(model, prepare(cfg.data, tok).eval, tok.pad_token_id)["loss"]
+
+
+def run_mode(mode: str, steps: int):
+    if mode == "peak":  # measured in a child too, on the device (and threads) the modes used
+        return matmul_peak_gflops()
     set_seed(0)
     trainer = {"naive": lambda: naive_trainer(steps), "lorasft": lambda: lorasft_trainer(steps, []),
                "packed": lambda: lorasft_trainer(steps, ["data.packing=true"]),
@@ -162,15 +218,17 @@ def run_mode(mode: str, steps: int) -> dict:
     clock = Clock(counter)
     trainer.add_callback(clock)
     trainer.train()
+    sync()
     seconds = time.perf_counter() - clock.start
     real, sup, comp = (
         n - s for n, s in zip((counter.real, counter.supervised, counter.computed), clock.at_start)
     )
+    eval_loss = held_out_loss(trainer.model)
     params = sum(p.numel() for p in trainer.model.parameters())
     head = trainer.model.get_input_embeddings().weight.numel()  # tied with the output head
     return {"mode": mode, "seconds_per_step": seconds / (steps - 1), "real_tps": real / seconds,
-            "supervised_tps": sup / seconds, "padding_share": 1 - real / comp,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "supervised_tps": sup / seconds, "padding_share": 1 - real / comp, "eval_loss": eval_loss,
+            "peak_mib": peak_memory_mib(),
             # Useful FLOPs, approximately: forward 2N + backward through the frozen weights 2N per
             # real token for the body, and the same for the head at the positions in the loss.
             "gflops": (4 * (params - head) * real + 4 * head * sup) / seconds / 1e9}  # fmt: skip
@@ -186,28 +244,33 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--modes", default="naive,lorasft,packed" + (",trl" if _has_trl() else ""))
+    ap.add_argument("--device", choices=["cpu", "cuda"],
+                    default="cuda" if torch.cuda.is_available() else "cpu")  # fmt: skip
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         print("RESULT " + json.dumps(run_mode(a.child, a.steps)))
         return
-    peak = matmul_peak_gflops()
+    if a.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: torch sees no CUDA GPU on this machine")
+    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if a.device == "cpu" else {})}
     results = []
     for mode in a.modes.split(","):
         out = subprocess.run([sys.executable, str(HERE), "--child", mode, "--steps", str(a.steps)],
-                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+                             capture_output=True, text=True, check=True, env=env).stdout  # fmt: skip
         results.append(json.loads(out.split("RESULT ", 1)[1]))
+    peak = json.loads(subprocess.run([sys.executable, str(HERE), "--child", "peak"], capture_output=True,
+                                     text=True, check=True, env=env).stdout.split("RESULT ", 1)[1])  # fmt: skip
+    where = (f"{torch.cuda.get_device_name()}, bf16" if a.device == "cuda" else
+             f"{torch.get_num_threads()} threads, cpu capability {torch.backends.cpu.get_cpu_capability()}, fp32")  # fmt: skip
+    print(f"torch {torch.__version__}, {where} matmul peak {peak:.1f} GFLOP/s")
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"cpu capability {torch.backends.cpu.get_cpu_capability()}, fp32 matmul peak {peak:.1f} GFLOP/s"
-    )
-    print(
-        f"{'mode':8} {'real tok/s':>10} {'sup tok/s':>10} {'pad %':>6} {'s/step':>7} {'peak MiB':>9} {'~MFU %':>7}"
+        f"{'mode':8} {'real tok/s':>10} {'sup tok/s':>10} {'pad %':>6} {'s/step':>7} {'peak MiB':>9} {'~MFU %':>7} {'eval loss':>9}"
     )
     for r in results:
         print(
             f"{r['mode']:8} {r['real_tps']:10.1f} {r['supervised_tps']:10.1f} {100 * r['padding_share']:6.1f} "
-            f"{r['seconds_per_step']:7.2f} {r['peak_rss_mib']:9.0f} {100 * r['gflops'] / peak:7.1f}"
+            f"{r['seconds_per_step']:7.2f} {r['peak_mib']:9.0f} {100 * r['gflops'] / peak:7.1f} {r['eval_loss']:9.4f}"
         )
     by = {r["mode"]: r for r in results}
     for ref in ("naive", "trl"):
@@ -216,6 +279,16 @@ def main() -> None:
                 print(
                     f"{r['mode']} / {ref}: {r['real_tps'] / by[ref]['real_tps']:.1f}x real tokens/s"
                 )
+    if "lorasft" in by:
+        # The most this machine can give lorasft's workload: every useful FLOP at the matmul peak.
+        ceiling = by["lorasft"]["real_tps"] * peak / by["lorasft"]["gflops"]
+        refs = ", ".join(
+            f"{ceiling / by[m]['real_tps']:.1f}x {m}" for m in ("naive", "trl") if m in by
+        )
+        print(
+            f"ceiling at 100% of the matmul peak: {ceiling:.1f} real tokens/s"
+            + (f" ({refs})" if refs else "")
+        )
 
 
 if __name__ == "__main__":
