@@ -40,34 +40,36 @@ SCHEDULE = {"learning_rate": LR, "lr_scheduler_type": "cosine", "warmup_steps": 
 
 
 class Counter:
-    """Wraps a collator to count what each batch really holds."""
+    """Wraps a collator to count what each batch really holds, batch by batch (the data loader
+    prepares a batch ahead of the step that uses it, so totals at a step would be off by one)."""
 
     def __init__(self, collate):
-        self.collate, self.real, self.supervised, self.computed = collate, 0, 0, 0
+        self.collate, self.batches = collate, []
 
     def __call__(self, features):
         batch = self.collate(features)
         # Real tokens from the records themselves: packed batches carry no attention mask, and
         # the naive pipeline's records arrive already padded (their mask says what is real).
-        self.real += sum(sum(f["attention_mask"]) if "attention_mask" in f else len(f["input_ids"])
-                         for f in features)  # fmt: skip
-        self.supervised += int((batch["labels"][:, 1:] != -100).sum())
-        self.computed += batch["input_ids"].numel()
+        real = sum(sum(f["attention_mask"]) if "attention_mask" in f else len(f["input_ids"])
+                   for f in features)  # fmt: skip
+        supervised = int((batch["labels"][:, 1:] != -100).sum())
+        self.batches.append((real, supervised, batch["input_ids"].numel()))
         return batch
 
 
 class Clock(TrainerCallback):
-    """Times the steps after the first (warm-up) one, and the tokens they processed."""
+    """Times the steps after the first (warm-up) one: from the end of step 1 to the end of the
+    last step."""
 
-    def __init__(self, counter: Counter):
-        self.counter, self.start, self.at_start = counter, None, (0, 0, 0)
+    def __init__(self):
+        self.start = self.end = None
 
     def on_step_end(self, args, state, control, **kw):
-        if state.global_step == 1:
+        if state.global_step in (1, state.max_steps):
             sync()
-            self.start = time.perf_counter()
-            c = self.counter
-            self.at_start = (c.real, c.supervised, c.computed)
+            now = time.perf_counter()
+            self.start = now if state.global_step == 1 else self.start
+            self.end = now if state.global_step == state.max_steps else self.end
 
 
 def on_cuda() -> bool:
@@ -158,7 +160,7 @@ def naive_trainer(steps: int, max_length: int = 512):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=base_dtype())
     model = get_peft_model(model, same_lora())
     args = TrainingArguments(output_dir="/tmp/naive-bench", max_steps=steps, per_device_train_batch_size=8,
-                             **SCHEDULE, report_to=[], save_strategy="no", disable_tqdm=True)  # fmt: skip
+                             bf16=on_cuda(), **SCHEDULE, report_to=[], save_strategy="no", disable_tqdm=True)  # fmt: skip
     return Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                    data_collator=default_data_collator)  # fmt: skip
 
@@ -215,14 +217,13 @@ def run_mode(mode: str, steps: int):
                "trl": lambda: trl_trainer(steps)}[mode]()  # fmt: skip
     counter = Counter(trainer.data_collator)
     trainer.data_collator = counter
-    clock = Clock(counter)
+    clock = Clock()
     trainer.add_callback(clock)
     trainer.train()
-    sync()
-    seconds = time.perf_counter() - clock.start
-    real, sup, comp = (
-        n - s for n, s in zip((counter.real, counter.supervised, counter.computed), clock.at_start)
-    )
+    seconds = clock.end - clock.start
+    per_step = trainer.args.gradient_accumulation_steps
+    timed = counter.batches[per_step : steps * per_step]  # the batches of steps 2..steps
+    real, sup, comp = (sum(b[i] for b in timed) for i in range(3))
     eval_loss = held_out_loss(trainer.model)
     params = sum(p.numel() for p in trainer.model.parameters())
     head = trainer.model.get_input_embeddings().weight.numel()  # tied with the output head

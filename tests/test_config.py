@@ -132,3 +132,13 @@ def test_memory_budget_is_positive_or_auto():
     assert load_config(None, ["train.memory_budget_gib=1.5"]).train.memory_budget_gib == 1.5
     with pytest.raises(ConfigError, match="train.memory_budget_gib.*greater than 0"):
         load_config(None, ["train.memory_budget_gib=0"])
+
+
+def test_stages_with_sharding_are_refused(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("stages:\n  - {name: a}\n  - {name: b, train: {deepspeed: ds.json}}\n")
+    with pytest.raises(ConfigError, match="train.deepspeed with `stages` is not supported.*DDP"):
+        load_config(f)
+    f.write_text("train: {fsdp: full_shard}\nstages:\n  - {name: a}\n")
+    with pytest.raises(ConfigError, match="train.fsdp with `stages` is not supported"):
+        load_config(f)

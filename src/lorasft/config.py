@@ -243,6 +243,14 @@ class Config(Section):
             raise ValueError(
                 "train.resume cannot continue a staged run; unset it or remove `stages`"
             )
+        sharded = [k for k in ("fsdp", "deepspeed") if getattr(self.train, k)
+                   or any(st.train.get(k) for st in self.stages)]  # fmt: skip
+        if self.stages and sharded:
+            raise ValueError(
+                f"train.{sharded[0]} with `stages` is not supported (each stage builds a new "
+                "Trainer on the model the last one sharded); train the stages with DDP (torchrun "
+                f"without train.{sharded[0]}) or run the stages as separate runs"
+            )
         return self
 
     def stage(self, i: int) -> Config:

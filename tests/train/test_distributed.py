@@ -1,5 +1,6 @@
-"""2 CPU processes (gloo), launched by torchrun or accelerate, with DDP or DeepSpeed ZeRO-2, give
-the adapter of a 1-process run with the same global batch, and only rank 0 evaluates and writes."""
+"""2 CPU processes (gloo), launched by torchrun or accelerate, with DDP or DeepSpeed ZeRO-2/ZeRO-3,
+give the adapter of a 1-process run with the same global batch, and only rank 0 evaluates and
+writes (under ZeRO-3 each rank holds a shard, so rank 0 evaluates the saved adapter)."""
 
 import importlib.util
 import json
@@ -32,12 +33,19 @@ def args(model_dir, run_dir, batch_size):
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]  # fmt: skip
 DEEPSPEED = f"train.deepspeed={ROOT / 'examples' / 'deepspeed_zero2.json'}"
+ZERO3 = f"train.deepspeed={ROOT / 'examples' / 'deepspeed_zero3.json'}"  # parameters sharded
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
 LAUNCHES = {
     "torchrun-ddp": (TORCHRUN + ["--master-port", "29517"], [], "MULTI_CPU"),
-    "accelerate-ddp": (ACCELERATE + ["--main_process_port", "29518"], [], "MULTI_CPU"),
+    # with an automatic memory budget: rank 0 measures it and the ranks agree on the micro-batch
+    "accelerate-ddp": (
+        ACCELERATE + ["--main_process_port", "29518"],
+        ["train.memory_budget_gib=auto"],
+        "MULTI_CPU",
+    ),
     "torchrun-deepspeed": (TORCHRUN + ["--master-port", "29519"], [DEEPSPEED], "DEEPSPEED"),
+    "torchrun-deepspeed-zero3": (TORCHRUN + ["--master-port", "29521"], [ZERO3], "DEEPSPEED"),
 }
 
 
@@ -71,6 +79,9 @@ def test_two_processes_match_one_with_the_same_global_batch(
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
     assert any(b[k].abs().max() > 1e-3 for k in b if "lora_B" in k)
+    # The evaluation used the trained weights (a shard or the untrained base would differ).
+    single_eval = json.loads((single / "results.json").read_text())["eval"]["tuned"]["perplexity"]
+    assert abs(r["eval"]["tuned"]["perplexity"]["loss"] - single_eval["loss"]) < 1e-4
 
 
 def test_fsdp_on_cpu_says_it_is_not_in_effect(tiny_llama_dir, tmp_path):

@@ -14,7 +14,7 @@ from accelerate.utils import broadcast_object_list
 from datasets import Dataset
 from transformers import EarlyStoppingCallback, Trainer, set_seed
 
-from lorasft.config import Config, dump_config
+from lorasft.config import Config, ConfigError, dump_config
 from lorasft.data.collate import PadCollator
 from lorasft.data.packing import PackedCollator, check_packing, pack
 from lorasft.data.prepare import Prepared, describe, prepare
@@ -22,6 +22,7 @@ from lorasft.data.tokenize import Encoded
 from lorasft.model.lora import trainable_summary
 from lorasft.model.plan import choose_micro_batch
 from lorasft.train.setup import (
+    check_launch,
     check_optimizer,
     prepare_model_and_tokenizer,
     run_dir_and_checkpoint,
@@ -39,6 +40,7 @@ class TrainOutcome:
     log_history: list[dict[str, Any]]
     info: dict[str, Any] = field(default_factory=dict)
     is_main: bool = True  # rank 0 of a distributed run: the one that evaluates and writes
+    trainer: Any = None  # the (last) Trainer, to save weights that are sharded across ranks
 
 
 def to_dataset(encoded: list[Encoded]) -> Dataset:
@@ -119,6 +121,7 @@ def shared_run_dir(cfg: Config, state: PartialState) -> tuple[Path, str | None]:
 
 def train(cfg: Config) -> TrainOutcome:
     check_optimizer(cfg.train.optimizer)  # before minutes of loading, not after
+    check_launch(cfg.train)
     state = process_state()  # joins the process group when launched by torchrun / accelerate
     run_dir, checkpoint = shared_run_dir(cfg, state)
     if state.is_main_process:
@@ -140,13 +143,34 @@ def train(cfg: Config) -> TrainOutcome:
     else:
         out = fit(cfg, model, tok, run_dir, precision, checkpoint)
     out.is_main = state.is_main_process
-    if out.is_main:
+    sharded = out.info.get("distributed") in ("FSDP", "DEEPSPEED")
+    if sharded:  # every rank takes part: the weights (or their states) are spread over them
+        out.trainer.save_model(str(run_dir))
+    elif out.is_main:
         out.model.save_pretrained(run_dir)
+    if out.is_main:
+        check_saved(run_dir)
         tok.save_pretrained(run_dir)
     out.info.update(precision=precision, base_model=str(model_path), parameters=params,
                     processes=state.num_processes)  # fmt: skip
     leave_process_group()
+    if sharded and out.is_main:  # rank 0 alone evaluates, on the saved adapter, not on its shard
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        from lorasft.model.adapter import load_run
+
+        unset_hf_deepspeed_config()  # load whole, not partitioned over the ranks that have left
+        _, _, out.model = load_run(run_dir)
     return out
+
+
+def check_saved(run_dir: Path) -> None:
+    if not (run_dir / "adapter_model.safetensors").is_file():
+        raise ConfigError(
+            f"{run_dir}: no adapter_model.safetensors was written. With DeepSpeed ZeRO-3 set "
+            '"stage3_gather_16bit_weights_on_model_save": true in zero_optimization; with FSDP '
+            "keep fsdp_config.state_dict_type FULL_STATE_DICT (the default)"
+        )
 
 
 def leave_process_group() -> None:
@@ -179,7 +203,9 @@ def fit(
         "micro_batch": cfg.train.batch_size,
         "grad_accum": cfg.train.grad_accum,
     }
-    return TrainOutcome(run_dir, trainer.model, tok, data, trainer.state.log_history, info)
+    return TrainOutcome(
+        run_dir, trainer.model, tok, data, trainer.state.log_history, info, trainer=trainer
+    )
 
 
 def fit_micro_batch(cfg: Config, model, data: Prepared, precision: str) -> Config:
@@ -189,9 +215,13 @@ def fit_micro_batch(cfg: Config, model, data: Prepared, precision: str) -> Confi
     if t.memory_budget_gib is None or not data.train:
         return cfg
     length = cfg.data.max_length if cfg.data.packing else max(len(e) for e in data.train)
-    budget = (
-        memory_budget_bytes() if t.memory_budget_gib == "auto" else int(t.memory_budget_gib * 2**30)
-    )
+    if t.memory_budget_gib == "auto":  # rank 0 measures, so every rank picks the same split
+        found = [memory_budget_bytes()]
+        if process_state().num_processes > 1:
+            broadcast_object_list(found)
+        budget = found[0]
+    else:
+        budget = int(t.memory_budget_gib * 2**30)
     micro, peak = choose_micro_batch(model, cfg, length, precision, budget)
     accum = t.grad_accum * t.batch_size // micro
     say(f"[lorasft] micro-batch {micro} x {accum} accumulation steps for a batch of "

@@ -127,14 +127,18 @@ def check_optimizer(name: str) -> None:
         )
 
 
-def training_arguments(t: TrainSection, run_dir: Path, precision: str, neftune: float | None,
-                       has_eval: bool) -> TrainingArguments:  # fmt: skip
+def check_launch(t: TrainSection) -> None:
+    """FSDP shards over processes; in one it is an error from transformers after minutes of loading."""
     if t.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise ConfigError(
             f"train.fsdp={t.fsdp!r} needs a distributed launch: torchrun --nproc-per-node N -m "
             "lorasft train CONFIG (or accelerate launch --multi_gpu ...); remove train.fsdp to "
             "train in one process"
         )
+
+
+def training_arguments(t: TrainSection, run_dir: Path, precision: str, neftune: float | None,
+                       has_eval: bool) -> TrainingArguments:  # fmt: skip
     strategy = t.eval_strategy if has_eval else "no"
     save_strategy = "steps" if (t.save_steps or strategy == "no") else strategy
     save_steps = t.save_steps or (t.eval_steps if strategy == "steps" else 50)
