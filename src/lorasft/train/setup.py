@@ -178,8 +178,6 @@ def training_arguments(t: TrainSection, run_dir: Path, precision: str, neftune: 
         dataloader_pin_memory=torch.cuda.is_available(),
         # On a CPU-only machine this is what makes torchrun/accelerate run DDP over gloo.
         use_cpu=not torch.cuda.is_available(),
-        # Every LoRA weight takes part in every forward: spare DDP its search for unused ones.
-        ddp_find_unused_parameters=False,
         dataloader_num_workers=t.dataloader_workers,
         torch_compile=t.torch_compile,
         fsdp=t.fsdp,
