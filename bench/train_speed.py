@@ -13,6 +13,7 @@ MFU against a matmul peak measured in the same run (fp32 on CPU), held-out respo
 after training, and the ratios. Figures only.
 
     python bench/train_speed.py [--steps 8] [--modes naive,lorasft,packed] [--device cpu|cuda]
+                                [--pad-multiple 64]   (lorasft/compiled batches: fewer shapes)
 
 On a GPU (--device cuda, the default where torch sees one) every mode trains a bf16 base with
 fp32 LoRA, and MFU is against a bf16 matmul peak; peak memory is torch's max allocated.
@@ -59,17 +60,21 @@ class Counter:
 
 class Clock(TrainerCallback):
     """Times the steps after the first (warm-up) one: from the end of step 1 to the end of the
-    last step."""
+    last step; keeps each step's time too."""
 
     def __init__(self):
-        self.start = self.end = None
+        self.start = self.end = self.began = None
+        self.steps: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.began = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kw):
-        if state.global_step in (1, state.max_steps):
-            sync()
-            now = time.perf_counter()
-            self.start = now if state.global_step == 1 else self.start
-            self.end = now if state.global_step == state.max_steps else self.end
+        sync()
+        now = time.perf_counter()
+        self.steps.append(now - self.began)
+        self.start = now if state.global_step == 1 else self.start
+        self.end = now if state.global_step == state.max_steps else self.end
 
 
 def on_cuda() -> bool:
@@ -207,7 +212,7 @@ def held_out_loss(model) -> float:
     return perplexity(model, prepare(cfg.data, tok).eval, tok.pad_token_id)["loss"]
 
 
-def run_mode(mode: str, steps: int):
+def run_mode(mode: str, steps: int, pad_multiple: int | None = None):
     if mode == "peak":  # measured in a child too, on the device (and threads) the modes used
         return matmul_peak_gflops()
     set_seed(0)
@@ -215,6 +220,8 @@ def run_mode(mode: str, steps: int):
                "packed": lambda: lorasft_trainer(steps, ["data.packing=true"]),
                "compiled": lambda: lorasft_trainer(steps, ["train.torch_compile=true"]),
                "trl": lambda: trl_trainer(steps)}[mode]()  # fmt: skip
+    if pad_multiple and mode in ("lorasft", "compiled"):  # fewer shapes for the compiler
+        trainer.data_collator.pad_to_multiple_of = pad_multiple
     counter = Counter(trainer.data_collator)
     trainer.data_collator = counter
     clock = Clock()
@@ -230,6 +237,8 @@ def run_mode(mode: str, steps: int):
     return {"mode": mode, "seconds_per_step": seconds / (steps - 1), "real_tps": real / seconds,
             "supervised_tps": sup / seconds, "padding_share": 1 - real / comp, "eval_loss": eval_loss,
             "peak_mib": peak_memory_mib(),
+            # Steady state: the median step of the second half (after any compiling).
+            "median_late_step_s": sorted(clock.steps[steps // 2 :])[(steps - steps // 2) // 2],
             # Useful FLOPs, approximately: forward 2N + backward through the frozen weights 2N per
             # real token for the body, and the same for the head at the positions in the loss.
             "gflops": (4 * (params - head) * real + 4 * head * sup) / seconds / 1e9}  # fmt: skip
@@ -247,17 +256,21 @@ def main() -> None:
     ap.add_argument("--modes", default="naive,lorasft,packed" + (",trl" if _has_trl() else ""))
     ap.add_argument("--device", choices=["cpu", "cuda"],
                     default="cuda" if torch.cuda.is_available() else "cpu")  # fmt: skip
+    ap.add_argument(
+        "--pad-multiple", type=int, help="pad lorasft/compiled batches to a multiple of this"
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print("RESULT " + json.dumps(run_mode(a.child, a.steps)))
+        print("RESULT " + json.dumps(run_mode(a.child, a.steps, a.pad_multiple)))
         return
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: torch sees no CUDA GPU on this machine")
     env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if a.device == "cpu" else {})}
     results = []
     for mode in a.modes.split(","):
-        out = subprocess.run([sys.executable, str(HERE), "--child", mode, "--steps", str(a.steps)],
+        pad = ["--pad-multiple", str(a.pad_multiple)] if a.pad_multiple else []
+        out = subprocess.run([sys.executable, str(HERE), "--child", mode, "--steps", str(a.steps), *pad],
                              capture_output=True, text=True, check=True, env=env).stdout  # fmt: skip
         results.append(json.loads(out.split("RESULT ", 1)[1]))
     peak = json.loads(subprocess.run([sys.executable, str(HERE), "--child", "peak"], capture_output=True,
@@ -266,12 +279,12 @@ def main() -> None:
              f"{torch.get_num_threads()} threads, cpu capability {torch.backends.cpu.get_cpu_capability()}, fp32")  # fmt: skip
     print(f"torch {torch.__version__}, {where} matmul peak {peak:.1f} GFLOP/s")
     print(
-        f"{'mode':8} {'real tok/s':>10} {'sup tok/s':>10} {'pad %':>6} {'s/step':>7} {'peak MiB':>9} {'~MFU %':>7} {'eval loss':>9}"
+        f"{'mode':8} {'real tok/s':>10} {'sup tok/s':>10} {'pad %':>6} {'s/step':>7} {'peak MiB':>9} {'~MFU %':>7} {'eval loss':>9} {'late s/step':>11}"
     )
     for r in results:
         print(
             f"{r['mode']:8} {r['real_tps']:10.1f} {r['supervised_tps']:10.1f} {100 * r['padding_share']:6.1f} "
-            f"{r['seconds_per_step']:7.2f} {r['peak_mib']:9.0f} {100 * r['gflops'] / peak:7.1f} {r['eval_loss']:9.4f}"
+            f"{r['seconds_per_step']:7.2f} {r['peak_mib']:9.0f} {100 * r['gflops'] / peak:7.1f} {r['eval_loss']:9.4f} {r['median_late_step_s']:11.2f}"
         )
     by = {r["mode"]: r for r in results}
     for ref in ("naive", "trl"):
