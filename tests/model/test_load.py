@@ -69,3 +69,14 @@ def test_precision_on_this_cpu():
 def test_flash_attention_without_gpu_is_a_clear_error(tiny_llama_dir):
     with pytest.raises(ModelError, match="flash_attention_2 needs a CUDA GPU.*no CUDA GPU.*sdpa"):
         load_model(tiny_llama_dir, attn_implementation="flash_attention_2")
+
+
+def test_flash_attention_needs_gpu_package_and_16_bits():
+    from lorasft.model.load import attention_problem
+
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert attention_problem("sdpa", fp32, cuda=False, package=False) is None
+    assert attention_problem("flash_attention_2", bf16, cuda=True, package=True) is None
+    assert "a GPU but not the package" in attention_problem("flash_attention_2", bf16, True, False)
+    assert "no CUDA GPU" in attention_problem("flash_attention_3", bf16, False, False)
+    assert "train.precision=bf16" in attention_problem("flash_attention_2", fp32, True, True)

@@ -19,6 +19,8 @@ def load_run(run_dir: str | Path, precision_dtype=None) -> tuple[Config, object,
             raise ModelError(f"{run} is not a finished lorasft run: {name} is missing")
     cfg = load_config(run / "config.yaml")
     tok = load_tokenizer(run, cfg.model.trust_remote_code)
+    if precision_dtype is None and cfg.model.attn_implementation.startswith("flash_attention"):
+        precision_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     kwargs = {"dtype": precision_dtype} if precision_dtype is not None else {}
     base = load_model(
         resolve_model_path(cfg.model.path),

@@ -147,7 +147,7 @@ def load_model(
     attn_implementation: str = "sdpa",
     global_dropout: float | None = None,
 ) -> PreTrainedModel:
-    check_attention(attn_implementation)
+    check_attention(attn_implementation, dtype)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if global_dropout is not None:
         set_global_dropout(config, global_dropout)
@@ -164,19 +164,34 @@ def load_model(
         raise ModelError(f"{path}: the model cannot be loaded ({e})") from e
 
 
-def check_attention(attn_implementation: str) -> None:
-    """Flash attention needs a CUDA GPU and its package; say so before loading anything."""
+def check_attention(attn_implementation: str, dtype: torch.dtype) -> None:
+    """Flash attention needs a CUDA GPU, its package and a 16-bit model: say so before loading."""
     from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
 
     available = {"flash_attention_2": is_flash_attn_2_available,
                  "flash_attention_3": is_flash_attn_3_available}.get(attn_implementation)  # fmt: skip
-    if available is not None and not (torch.cuda.is_available() and available()):
-        raise ModelError(
-            f"model.attn_implementation={attn_implementation} needs a CUDA GPU and the flash "
-            f"attention package (pip install flash-attn for flash_attention_2); this machine has "
-            f"{'a GPU but not the package' if torch.cuda.is_available() else 'no CUDA GPU'}. "
-            "Use sdpa (the default) here"
+    problem = attention_problem(
+        attn_implementation, dtype, torch.cuda.is_available(), available is not None and available()
+    )
+    if problem:
+        raise ModelError(problem)
+
+
+def attention_problem(attn: str, dtype: torch.dtype, cuda: bool, package: bool) -> str | None:
+    if not attn.startswith("flash_attention"):
+        return None
+    if not (cuda and package):
+        return (
+            f"model.attn_implementation={attn} needs a CUDA GPU and the flash attention package "
+            f"(pip install flash-attn for flash_attention_2); this machine has "
+            f"{'a GPU but not the package' if cuda else 'no CUDA GPU'}. Use sdpa (the default) here"
         )
+    if dtype not in (torch.bfloat16, torch.float16):
+        return (
+            f"model.attn_implementation={attn} runs in bf16/fp16, but the model would load in "
+            f"{dtype}: set train.precision=bf16 (or fp16), or use sdpa"
+        )
+    return None
 
 
 def accepts_logits_to_keep(model) -> bool:
