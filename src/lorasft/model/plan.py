@@ -34,6 +34,11 @@ from lorasft.model.context import ContextPlan, context_modules_to_save, plan_con
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
+def activation_bytes(precision: str) -> int:
+    """Bytes per activation value: 16-bit under bf16/fp16 training, else 32-bit."""
+    return 2 if precision in ("bf16", "fp16") else 4
+
+
 @dataclass
 class MemoryRow:
     length: int
@@ -79,7 +84,7 @@ def choose_micro_batch(model, cfg: Config, length: int, precision: str,
     base = sum(p.numel() for p in frozen)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     p_w = frozen[0].element_size() if frozen else 4
-    p = 2 if precision in ("bf16", "fp16") else 4
+    p = activation_bytes(precision)
     ckpt, total = cfg.train.gradient_checkpointing, cfg.train.batch_size
     for m in (d for d in range(total, 0, -1) if total % d == 0):
         peak = peak_bytes(config, base, trainable, length, m, p, p_w, ckpt)
@@ -125,7 +130,7 @@ def _is_lora_target(name: str, module: nn.Module, targets) -> bool:
 def memory_table(
     config, cfg: Config, lengths: list[int], precision: str = "fp32"
 ) -> list[MemoryRow]:
-    p = 2 if precision in ("bf16", "fp16") else 4
+    p = activation_bytes(precision)
     p_w = BYTES.get(cfg.model.dtype, p)
     base, trainable = count_parameters(config, cfg)
     b = cfg.train.batch_size

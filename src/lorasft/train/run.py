@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,20 +111,26 @@ def say(message: str) -> None:
     process_state().print(message)
 
 
-def shared_run_dir(cfg: Config, state: PartialState) -> tuple[Path, str | None]:
-    """Under torchrun/accelerate every process must write to the folder rank 0 chose (its
-    timestamp), so rank 0 decides and the others receive it."""
-    found = [run_dir_and_checkpoint(cfg) if state.is_main_process else None]
+def decided_by_rank0(decide: Callable[[], Any]) -> Any:
+    """Rank 0 calls `decide` and every process of a torchrun/accelerate launch gets its answer
+    (one process: just the answer)."""
+    state = process_state()
+    found = [decide() if state.is_main_process else None]
     if state.num_processes > 1:
         broadcast_object_list(found)
     return found[0]
+
+
+def shared_run_dir(cfg: Config) -> tuple[Path, str | None]:
+    """Every process must write to the folder rank 0 chose (its timestamp)."""
+    return decided_by_rank0(lambda: run_dir_and_checkpoint(cfg))
 
 
 def train(cfg: Config) -> TrainOutcome:
     check_optimizer(cfg.train.optimizer)  # before minutes of loading, not after
     check_launch(cfg.train)
     state = process_state()  # joins the process group when launched by torchrun / accelerate
-    run_dir, checkpoint = shared_run_dir(cfg, state)
+    run_dir, checkpoint = shared_run_dir(cfg)
     if state.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
@@ -216,10 +223,7 @@ def fit_micro_batch(cfg: Config, model, data: Prepared, precision: str) -> Confi
         return cfg
     length = cfg.data.max_length if cfg.data.packing else max(len(e) for e in data.train)
     if t.memory_budget_gib == "auto":  # rank 0 measures, so every rank picks the same split
-        found = [memory_budget_bytes()]
-        if process_state().num_processes > 1:
-            broadcast_object_list(found)
-        budget = found[0]
+        budget = decided_by_rank0(memory_budget_bytes)
     else:
         budget = int(t.memory_budget_gib * 2**30)
     micro, peak = choose_micro_batch(model, cfg, length, precision, budget)
