@@ -10,8 +10,9 @@ from contextlib import contextmanager
 from transformers import AutoConfig
 
 from lorasft.config import Config
-from lorasft.model.context import ContextPlan, apply_context, original_window, plan_context
-from lorasft.model.load import load_model, resolve_model_path
+from lorasft.model.adapter import load_base
+from lorasft.model.context import ContextPlan, original_window, plan_context
+from lorasft.model.load import resolve_model_path
 
 
 def base_config(cfg: Config):
@@ -24,21 +25,16 @@ def window_and_plan(cfg: Config) -> tuple[int, ContextPlan | None]:
     return original_window(config), plan_context(config, cfg.context)
 
 
-def load_base(cfg: Config, device, scaled: bool):
-    model = load_model(resolve_model_path(cfg.model.path),
-                       trust_remote_code=cfg.model.trust_remote_code,
-                       attn_implementation=cfg.model.attn_implementation)  # fmt: skip
-    if scaled:
-        apply_context(model, cfg.context)
-    return model.to(device).eval()
+def load_base_on(cfg: Config, device, scaled: bool):
+    return load_base(cfg, with_context=scaled).to(device).eval()
 
 
 def base_variants(cfg: Config, plan: ContextPlan | None, device) -> dict[str, tuple[str, Callable]]:
     """name -> (label, loader). No scaled variant when the run has no scaling to apply."""
-    out = {"base": ("base, no scaling", lambda: load_base(cfg, device, False))}
+    out = {"base": ("base, no scaling", lambda: load_base_on(cfg, device, False))}
     if plan is not None and plan.method != "none":
         label = f"base + {plan.method} (untrained)"
-        out["base_scaled"] = (label, lambda: load_base(cfg, device, True))
+        out["base_scaled"] = (label, lambda: load_base_on(cfg, device, True))
     return out
 
 

@@ -19,17 +19,20 @@ def load_run(run_dir: str | Path, precision_dtype=None) -> tuple[Config, object,
             raise ModelError(f"{run} is not a finished lorasft run: {name} is missing")
     cfg = load_config(run / "config.yaml")
     tok = load_tokenizer(run, cfg.model.trust_remote_code)
-    if precision_dtype is None and cfg.model.attn_implementation.startswith("flash_attention"):
-        precision_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    kwargs = {"dtype": precision_dtype} if precision_dtype is not None else {}
-    base = load_model(
-        resolve_model_path(cfg.model.path),
-        trust_remote_code=cfg.model.trust_remote_code,
-        attn_implementation=cfg.model.attn_implementation,
-        **kwargs,
-    )
     # The adapter was trained on the extended model; rebuild that before loading it.
-    apply_context(base, cfg.context)
-    model = PeftModel.from_pretrained(base, run)
+    model = PeftModel.from_pretrained(load_base(cfg, precision_dtype), run)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     return cfg, tok, model
+
+
+def load_base(cfg: Config, dtype: torch.dtype | None = None, with_context: bool = True):
+    """A run's base model as its config loads it, with the run's context extension or without."""
+    base = load_model(
+        resolve_model_path(cfg.model.path),
+        dtype=dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        attn_implementation=cfg.model.attn_implementation,
+    )
+    if with_context:
+        apply_context(base, cfg.context)
+    return base

@@ -142,11 +142,16 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
 
 def load_model(
     path: Path,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str = "sdpa",
     global_dropout: float | None = None,
 ) -> PreTrainedModel:
+    """dtype None: float32, or 16-bit under flash attention (which runs in nothing else)."""
+    if dtype is None:
+        dtype = torch.float32
+        if attn_implementation.startswith("flash_attention"):
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     check_attention(attn_implementation, dtype)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if global_dropout is not None:
