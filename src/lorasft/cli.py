@@ -244,8 +244,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
-
     from lorasft.serve.app import create_app, serve
     from lorasft.serve.engine import load_engine
 

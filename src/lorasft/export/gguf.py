@@ -184,7 +184,6 @@ def export_gguf(run_dirs: list[str | Path], out: str | Path, qtype: str = "f32",
     from lorasft.export.merge import merge_runs
 
     _, tok, model = merge_runs(run_dirs, weights)
-    check_llama(model.config)
     path = write_gguf(model, tok, out, qtype, name=Path(run_dirs[0]).name)
     print(
         f"[lorasft] wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {qtype})", file=sys.stderr

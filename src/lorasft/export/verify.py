@@ -180,14 +180,12 @@ def _describe(tok, want: list[int], got: list[int], what: str) -> str:
 
 
 def compare_model(ref: Target, t: Target, messages: list[dict], ref_ids: list[int],
-                  ref_out: list[int], i: int, max_new_tokens: int) -> Row:  # fmt: skip
+                  ref_out: list[int], ref_logits, i: int, max_new_tokens: int) -> Row:  # fmt: skip
     ids = encode_prompt(messages, t.tok)
     out = greedy(t, ids, max_new_tokens)
     diff = None
     if t.model.config.vocab_size == ref.model.config.vocab_size:
-        diff = (
-            (prompt_logits(ref.model, ref_ids) - prompt_logits(t.model, ref_ids)).abs().max().item()
-        )
+        diff = (ref_logits - prompt_logits(t.model, ref_ids)).abs().max().item()
     detail = _describe(ref.tok, ref_ids, ids, "prompt") or _describe(
         ref.tok, ref_out, out, "output"
     )
@@ -213,6 +211,9 @@ def verify(
     for i, messages in enumerate(prompts):
         ref_ids = encode_prompt(messages, ref.tok)
         ref_out = greedy(ref, ref_ids, max_new_tokens)
+        ref_logits = (
+            prompt_logits(ref.model, ref_ids) if any(t.model is not None for t in targets) else None
+        )
         report.rows.append(
             Row(i, ref.name, True, True, None, f"{len(ref_ids)} prompt + {len(ref_out)} new")
         )
@@ -221,7 +222,7 @@ def verify(
                 report.rows.append(compare_server(ref, t, messages, ref_out, i, max_new_tokens))
             else:
                 report.rows.append(
-                    compare_model(ref, t, messages, ref_ids, ref_out, i, max_new_tokens)
+                    compare_model(ref, t, messages, ref_ids, ref_out, ref_logits, i, max_new_tokens)
                 )
     return report
 
