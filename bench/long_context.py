@@ -45,7 +45,7 @@ def timed(fn, *args):
 
 def method_row(method: str, target: int, ids: list[int], args) -> dict:
     cfg = load_config(None, [f"context.target_length={target}", f"context.method={method}"])
-    model = load_base_on(cfg, torch.device("cpu"), scaled=True)
+    model = load_base_on(cfg, torch.float32, scaled=True)
     row = {}
     for n in args.lengths:
         res, wall, cpu = timed(
@@ -83,7 +83,7 @@ def best_method(rows: dict[str, dict], length: int) -> str:
 def passkey(method: str, target: int, args) -> None:
     cfg = load_config(None, [f"context.target_length={target}", f"context.method={method}"])
     tok = load_tokenizer(resolve_model_path(cfg.model.path))
-    model = load_base_on(cfg, torch.device("cpu"), scaled=True)
+    model = load_base_on(cfg, torch.float32, scaled=True)
     grid, wall, cpu = timed(
         passkey_grid, model, tok, args.passkey_lengths, args.depths, args.trials
     )

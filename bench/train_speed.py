@@ -114,7 +114,7 @@ def peak_memory_mib() -> float:
 def lorasft_trainer(steps: int, extra: list[str]):
     from lorasft.config import load_config
     from lorasft.data.prepare import prepare
-    from lorasft.train.run import build_trainer
+    from lorasft.train.fit import build_trainer
     from lorasft.train.setup import prepare_model_and_tokenizer
 
     demo = str(files("lorasft") / "assets" / "demo.yaml")

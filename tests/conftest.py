@@ -124,3 +124,56 @@ def write_jsonl(path: Path, records: list) -> Path:
         "\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n", encoding="utf-8"
     )
     return path
+
+
+# --- Precision legs -------------------------------------------------------------------------
+# Every parity test runs in fp32 and in bf16 (forced with train.precision; emulated on a CPU
+# without AVX512-BF16/AMX, native on one with it and on GPUs), each with a tolerance argued from
+# its dtype rather than one loosened until green.
+PRECISIONS = ["fp32", "bf16"]
+BF16_U = 2.0**-8  # bf16 keeps 8 significant bits: unit roundoff 2^-8 (one ulp = 2u relative)
+
+
+def precision_of(run_dir: Path) -> str:
+    """The precision a finished run trained in (what `open_run` reopens it in)."""
+    return json.loads((Path(run_dir) / "lorasft_run.json").read_text())["precision"]
+
+
+def logit_tolerance(precision: str, reference: torch.Tensor) -> float:
+    """How far two computations of the same weights may put logits apart.
+
+    fp32: only the summation order differs, ~1e-7 relative per op; 1e-4 absolute is far above that
+    and far below what a lost adapter or a wrong weight moves (> 1e-2 in these tests).
+    bf16: the reference rounds every activation to bf16 (relative error u per rounding); a
+    2-layer model rounds about 8 times on the way to the logits, so 8u of the largest logit.
+    """
+    if precision == "fp32":
+        return 1e-4
+    return 8 * BF16_U * reference.abs().max().item()
+
+
+def adapter_difference(a: dict, b: dict) -> float:
+    """Largest relative (Frobenius) difference between two adapters' LoRA tensors."""
+    assert a.keys() == b.keys()
+    return max(((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)).item() for k in a)
+
+
+def adapter_tolerance(precision: str) -> float:
+    """Two trainings that differ only in how the batch was split (processes, micro-batches).
+
+    fp32: summation order only; 1e-5 relative (measured 2e-7 to 3e-7).
+    bf16: the base's activations are rounded to bf16 and a different split changes the order of
+    the sums before that rounding, so single elements move by one ulp (2u); the gradients and the
+    adapter after a few Adam steps move by at most that order in norm: 2u = 0.78% relative
+    (measured: 2 processes 8e-4 to 1e-3, micro-batches 7e-5). Controls, also measured: the same
+    run in the other precision differs by 1.7%, and one that trained on half of each batch (a
+    rank's gradient lost) by 58%.
+    """
+    return 1e-5 if precision == "fp32" else 2 * BF16_U
+
+
+@pytest.fixture(autouse=True)
+def _work_in_tmp(tmp_path, monkeypatch):
+    """Each test runs in its own folder: a run that falls back to `runs/<name>-<time>` (or fails
+    after making it) never lands in the checkout."""
+    monkeypatch.chdir(tmp_path)

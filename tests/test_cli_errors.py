@@ -133,3 +133,28 @@ def test_data_check_counts_the_system_prompt(capsys, tmp_path, tiny_llama_dir):
     )
     system = json.loads(capsys.readouterr().out)
     assert "Be brief." in system["example"] and system["tokens"] > plain["tokens"]
+
+
+def test_every_record_bad_lists_the_records(capsys, tmp_path, tiny_llama_dir):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "a"}\n{broken\n{"instruction": 3, "output": "b"}\n')
+    expected = [f"{data}:1: output: missing", f"{data}:2: <line>: malformed JSON",
+                f"{data}:3: instruction: must be a string, got int"]  # fmt: skip
+    for argv in (["data", "check", str(data), f"model.path={tiny_llama_dir}"],
+                 ["train", f"model.path={tiny_llama_dir}", f"data.train_file={data}",
+                  "data.on_bad_record=skip", f"output.run_dir={tmp_path / 'run'}"]):  # fmt: skip
+        rc, err = run(capsys, *argv)
+        assert rc == 2 and "no usable records" in err and "every record was bad" in err
+        assert all(line in err for line in expected), err
+
+
+def test_unknown_lora_target_is_an_error_line(capsys, tmp_path, tiny_llama_dir):
+    rc, err = run(capsys, "train", f"model.path={tiny_llama_dir}", "lora.target_modules=[nope]",
+                  f"output.run_dir={tmp_path / 'run'}")  # fmt: skip
+    assert rc == 2 and "\nerror: lora.target_modules=['nope']:" in err and "Traceback" not in err
+    assert "q_proj" in err  # the module names this model has
+
+
+def test_unknown_template_is_a_config_error(capsys):
+    rc, err = run(capsys, "data", "check", "x.jsonl", "data.template=chatgpt")
+    assert rc == 2 and "data.template='chatgpt'" in err and "'alpaca'" in err

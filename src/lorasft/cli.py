@@ -8,7 +8,6 @@ import os
 import sys
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
 
 from lorasft.config import Config, ConfigError, load_config
 from lorasft.data.formats import DataError
@@ -30,77 +29,18 @@ def _config(path: str | None, overrides: list[str]) -> Config:
     return load_config(path, overrides)
 
 
-def finish_run(run_dir: Path, model, tok, cfg: Config, examples, encoded, log_history,
-               info: dict[str, Any], counts: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
-    """Evaluate, then write results.json, loss_curve.png and samples.md, and print the table."""
-    from lorasft.eval.overfit import split_logs, verdict
-    from lorasft.eval.run import evaluate
-    from lorasft.report.console import print_summary
-    from lorasft.report.plots import loss_curve
-    from lorasft.report.records import versions, write_results, write_samples
-
-    ev = evaluate(model, tok, examples, encoded, cfg.eval)
-    v = verdict(log_history, cfg.eval.overfit_patience)
-    loss_curve(*split_logs(log_history), v, run_dir / "loss_curve.png", title=run_dir.name)
-    write_samples(run_dir / "samples.md", ev.get("samples", []))
-    results = {"config": cfg.model_dump(mode="json"), "data": counts, "train": info,
-               "log_history": log_history, "eval": ev, "overfitting": v, "versions": versions()}  # fmt: skip
-    if cfg.context.target_length is not None:
-        from lorasft.eval.long import evaluate_long
-
-        results["long_context"] = evaluate_long(model, tok, cfg, out_dir=run_dir)
-    write_results(run_dir / "results.json", results)
-    print_summary(ev, v, str(run_dir))
-    return results
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from lorasft.train.run import train
 
-    cfg = _config(args.config, args.overrides)
-    out = train(cfg)
-    if not out.is_main:  # other ranks of a distributed run: rank 0 evaluates and writes
-        return 0
-    d = out.data
-    finish_run(out.run_dir, out.model, out.tokenizer, cfg, d.eval_examples, d.eval,
-               out.log_history, out.info, d.counts)  # fmt: skip
+    train(_config(args.config, args.overrides))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lorasft.data.prepare import load_split
-    from lorasft.data.templates import with_system
-    from lorasft.data.tokenize import encode_examples
-    from lorasft.eval.overfit import verdict
-    from lorasft.eval.run import evaluate
-    from lorasft.model.adapter import load_run
-    from lorasft.report.console import print_summary
+    from lorasft.eval.finish import evaluate_run
 
-    cfg, tok, model = load_run(args.run_dir)
-    cfg = cfg.last_stage()
-    if args.data:
-        cfg.data.train_file, cfg.data.eval_file, cfg.data.val_ratio = args.data, None, 0.0
-        examples, _, _ = load_split(cfg.data)
-    else:
-        _, examples, _ = load_split(cfg.data)
-    for ex in examples:
-        ex.messages = with_system(ex.messages, cfg.data.system_prompt)
-    if args.num_samples is not None:
-        cfg.eval.num_samples = args.num_samples
-    encoded, _ = encode_examples(examples, tok, cfg.data.max_length, cfg.data.truncation,
-                                 cfg.data.train_on_prompt, cfg.data.keep_tail)  # fmt: skip
-    ev = evaluate(model, tok, examples, encoded, cfg.eval)
-    if args.long:
-        from lorasft.eval.long import evaluate_long
-
-        ev["long_context"] = evaluate_long(
-            model, tok, cfg, _long_settings(args), Path(args.run_dir)
-        )
-    out = Path(args.run_dir) / "eval_results.json"
-    out.write_text(json.dumps(ev, indent=2, ensure_ascii=False), encoding="utf-8")
-    results = Path(args.run_dir) / "results.json"
-    log = json.loads(results.read_text())["log_history"] if results.is_file() else []
-    print_summary(ev, verdict(log, cfg.eval.overfit_patience), str(args.run_dir))
+    long = _long_settings(args) if args.long else None
+    out = evaluate_run(args.run_dir, args.data, args.num_samples, long, args.dtype)
     print(f"written: {out}")
     return 0
 
@@ -154,51 +94,46 @@ def _long_args(e: argparse.ArgumentParser) -> None:
 def cmd_data_check(args: argparse.Namespace) -> int:
     from lorasft.data.check import check, render_report
     from lorasft.model.load import resolve_model_path
-    from lorasft.train.setup import load_tokenizer_with_template
+    from lorasft.train.setup import tokenizer_for
 
     target = Path(args.target)
     if target.suffix.lower() in (".yaml", ".yml"):
         cfg = load_config(target, args.overrides)
     else:
         cfg = load_config(None, [f"data.train_file={target.resolve()}", *args.overrides])
-    tok = load_tokenizer_with_template(cfg, resolve_model_path(cfg.model.path))
+    tok = tokenizer_for(cfg, resolve_model_path(cfg.model.path))
     report = check(cfg.data, tok)
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else render_report(report))
     return 0 if report["ok"] and report["records"] else 1
 
 
 def _gen_settings(args: argparse.Namespace, cfg: Config):
+    from dataclasses import replace
+
     from lorasft.eval.generate import GenSettings
 
-    gen = GenSettings.from_config(cfg.eval)
-    if args.max_new_tokens:
-        gen.max_new_tokens = args.max_new_tokens
-    if args.temperature is not None:
-        gen.do_sample, gen.temperature = args.temperature > 0, max(args.temperature, 1e-5)
-    return gen
+    gen = GenSettings.from_config(cfg.eval).with_temperature(args.temperature)
+    return replace(gen, max_new_tokens=args.max_new_tokens or gen.max_new_tokens)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lorasft.data.templates import with_system
     from lorasft.eval.generate import generate
-    from lorasft.model.adapter import load_run
+    from lorasft.model.run import open_run
 
-    cfg, tok, model = load_run(args.run_dir)
-    messages = with_system(
-        [{"role": "user", "content": args.prompt}], args.system or cfg.data.system_prompt
-    )
-    print(generate(model, tok, [messages], _gen_settings(args, cfg), base=args.base)[0])
+    run = open_run(args.run_dir, args.dtype)
+    messages = run.spec.conversation([{"role": "user", "content": args.prompt}], args.system)
+    gen = _gen_settings(args, run.cfg)
+    print(generate(run.model, run.tok, [messages], gen, base=args.base)[0])
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from lorasft.data.templates import with_system
     from lorasft.eval.generate import stream
-    from lorasft.model.adapter import load_run
+    from lorasft.model.run import open_run
 
-    cfg, tok, model = load_run(args.run_dir)
-    gen = _gen_settings(args, cfg)
-    history: list[dict] = with_system([], args.system or cfg.data.system_prompt)
+    run = open_run(args.run_dir, args.dtype)
+    gen = _gen_settings(args, run.cfg)
+    history: list[dict] = []
     print("lorasft chat: empty line or Ctrl-D to quit, /reset to clear the history")
     while True:
         try:
@@ -208,12 +143,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not text:
             break
         if text == "/reset":
-            history = with_system([], args.system or cfg.data.system_prompt)
+            history = []
             continue
         history.append({"role": "user", "content": text})
         print("model> ", end="", flush=True)
         reply = ""
-        for piece in stream(model, tok, history, gen):
+        for piece in stream(run.model, run.tok, run.spec.conversation(history, args.system), gen):
             reply += piece
             print(piece, end="", flush=True)
         print()
@@ -233,7 +168,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from lorasft.model.load import resolve_model_path
     from lorasft.model.plan import describe_plan
-    from lorasft.train.setup import resolve_precision
+    from lorasft.model.precision import resolve_precision
 
     cfg = _config(args.config, args.overrides)
     path = resolve_model_path(cfg.model.path)
@@ -247,13 +182,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lorasft.serve.app import create_app, serve
     from lorasft.serve.engine import load_engine
 
-    engine = load_engine(args.base, args.adapter)
+    engine = load_engine(args.base, args.adapter, args.dtype)
     key = args.api_key or os.environ.get("LORASFT_API_KEY") or None
     app = create_app(engine, key, args.max_tokens_cap, args.max_request_bytes)
     print(f"[lorasft] serving {', '.join(engine.served)} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if key else ''}")  # fmt: skip
     serve(app, args.host, args.port)
     return 0
+
+
+def _dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="open the base in this dtype instead of the one the run trained in")  # fmt: skip
 
 
 def _serve_parser(sub) -> None:
@@ -267,6 +207,7 @@ def _serve_parser(sub) -> None:
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or env LORASFT_API_KEY)")
     s.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens accepted")
     s.add_argument("--max-request-bytes", type=int, default=1_000_000, help="largest request body")
+    _dtype_arg(s)
     s.set_defaults(fn=cmd_serve)
 
 
@@ -290,7 +231,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from lorasft.export.verify import check_run
 
     report = check_run(args.run_dir, args.merged, args.gguf, args.url, args.api_key,
-                       args.server_model, args.max_new_tokens, args.num_prompts)  # fmt: skip
+                       args.server_model, args.max_new_tokens, args.num_prompts,
+                       args.llama_cpp)  # fmt: skip
     return 0 if report.ok else 1
 
 
@@ -314,7 +256,9 @@ def _add_export_parsers(sub) -> None:
     v = sub.add_parser("verify", help="check merged / GGUF / served forms answer like the run")
     v.add_argument("run_dir")
     v.add_argument("--merged", help="folder written by `lorasft merge`")
-    v.add_argument("--gguf", help="file written by `lorasft export`")
+    v.add_argument("--gguf", help="file written by `lorasft export`, read back by transformers")
+    v.add_argument("--llama-cpp", nargs="+", metavar="GGUF",
+                   help="GGUF files run in llama.cpp itself (pip install -e '.[llamacpp]')")  # fmt: skip
     v.add_argument("--url", help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000")
     v.add_argument("--api-key", help="bearer key for --url")
     v.add_argument(
@@ -340,6 +284,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--data", help="JSON/JSONL file to evaluate on instead of the run's eval split")
     e.add_argument("--num-samples", type=int, help="eval records to generate on")
+    _dtype_arg(e)
     _long_args(e)
     e.set_defaults(fn=cmd_eval)
     d = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
@@ -355,7 +300,8 @@ def parser() -> argparse.ArgumentParser:
         if name == "generate":
             g.add_argument("--prompt", required=True)
             g.add_argument("--base", action="store_true", help="with the adapter disabled")
-        g.add_argument("--system", help="system message")
+        g.add_argument("--system", help="system message (default: the run's data.system_prompt)")
+        _dtype_arg(g)
         g.add_argument("--max-new-tokens", type=int)
         g.add_argument(
             "--temperature", type=float, help="0 = greedy (default: the run's eval settings)"

@@ -70,7 +70,7 @@ class DataSection(Section):
     """JSON or JSONL file(s). None runs the built-in bilingual demo dataset."""
     eval_file: str | list[str] | None = None
     format: Literal["auto", "alpaca", "chat", "sharegpt", "text"] = "auto"
-    template: str = "auto"
+    template: Literal["auto", "model", "alpaca", "chatml", "plain"] = "auto"
     """`auto` (the model's chat template, else alpaca), `model`, `alpaca`, `chatml` or `plain`."""
     system_prompt: str | None = None
     """System message for records that have none (None keeps the template's own default)."""

@@ -12,11 +12,12 @@ from transformers import AutoModelForCausalLM
 
 from lorasft.cli import main
 from lorasft.eval.attention import attention_by_distance, default_bands
-from lorasft.eval.long import LongSettings, default_lengths
+from lorasft.eval.long import LongSettings
 from lorasft.eval.long_data import read_documents, token_stream
 from lorasft.eval.long_models import eager_attention
 from lorasft.eval.passkey import FILLER, NEEDLE, build_prompt, first_integer, passkey_grid
 from lorasft.eval.sliding import sliding_perplexity, windows
+from lorasft.model.context import length_ladder
 from lorasft.report.long_report import write_long_plots
 from tests.train.test_train_e2e import PNG, tiny_args
 
@@ -120,8 +121,8 @@ def test_attention_bands_sum_to_one_per_layer(llama):
 
 
 def test_lengths_and_long_data(tmp_path, tiny_tokenizer):
-    assert default_lengths(8192, 16384) == [4096, 8192, 16384]
-    assert default_lengths(64, 256) == [32, 64, 128, 256]
+    assert length_ladder(8192, 16384) == [4096, 8192, 16384]
+    assert length_ladder(64, 256) == [32, 64, 128, 256]
     docs = read_documents(None)
     assert len(docs) == 1 and len(docs[0].split()) > 3000
     f = tmp_path / "d.jsonl"

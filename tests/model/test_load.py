@@ -5,7 +5,8 @@ from transformers import AutoModelForCausalLM
 from lorasft.cli import main
 from lorasft.config import ConfigError
 from lorasft.model.load import ModelError, load_model, resolve_model_path, set_global_dropout
-from lorasft.train.setup import check_optimizer, resolve_precision
+from lorasft.model.precision import resolve_precision
+from lorasft.train.setup import check_optimizer
 
 
 def _logits(path):

@@ -5,7 +5,8 @@ from transformers import LlamaConfig
 
 from lorasft.cli import main
 from lorasft.config import load_config
-from lorasft.model.plan import memory_table, plan_lengths
+from lorasft.model.context import length_ladder
+from lorasft.model.plan import memory_table
 
 
 def tiny_config() -> LlamaConfig:
@@ -30,7 +31,7 @@ def test_estimate_exact_by_hand():
 
 def test_estimate_is_ordered():
     cfg = load_config(None, ["context.target_length=512", "context.trainable=[embed,norm]"])
-    lengths = plan_lengths(64, 512)
+    lengths = length_ladder(64, 512)
     assert lengths == [32, 64, 128, 256, 512]
     big = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
                       num_attention_heads=4, max_position_embeddings=64)  # fmt: skip

@@ -8,8 +8,8 @@ import torch
 from lorasft.cli import main
 from lorasft.data.prepare import demo_files
 from lorasft.eval.generate import GenSettings, generate
-from lorasft.model.adapter import load_run
 from lorasft.model.load import default_gguf, resolve_model_path
+from lorasft.model.run import open_run
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,8 @@ def test_lora_steps_generate_then_reload_gives_same_greedy_output(tmp_path):
     )
     trained = [s["tuned"] for s in results["eval"]["samples"]]
     assert all(trained) and results["eval"]["tuned"]["perplexity"]["loss"] < 5
-    _cfg, tok, model = load_run(run)
+    reloaded = open_run(run)
+    tok, model = reloaded.tok, reloaded.model
     assert tok.eos_token == "<|im_end|>" and tok.pad_token_id == tok.eos_token_id
     prompts = [[{"role": "user", "content": s["prompt"]}] for s in results["eval"]["samples"]]
     again = generate(model, tok, prompts, GenSettings(max_new_tokens=24))

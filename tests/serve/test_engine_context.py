@@ -1,12 +1,12 @@
 """`lorasft serve` rebuilds the run's context extension on the base before attaching the adapter,
-as load_run does: the served model reads long inputs exactly like the trained one."""
+as open_run does: the served model reads long inputs exactly like the trained one."""
 
 import pytest
 import torch
 
 from lorasft.cli import main
-from lorasft.model.adapter import load_run
 from lorasft.model.load import ModelError
+from lorasft.model.run import open_run
 from lorasft.serve.engine import load_engine
 from tests.serve.conftest import QUICK
 from tests.train.test_train_e2e import tiny_args
@@ -19,7 +19,7 @@ def test_served_model_has_the_runs_rope_scaling(tiny_llama_dir, tmp_path):
     engine = load_engine(None, [("y", str(run))])
     rope = engine.model.get_base_model().config.rope_parameters
     assert rope["rope_type"] == "yarn" and engine.context_window == 512
-    _, _, ref = load_run(run)
+    ref = open_run(run).model
     ids = torch.arange(5, 405).unsqueeze(0)  # longer than the 256-token original window
     with torch.no_grad():
         assert torch.allclose(engine.model(ids).logits, ref(ids).logits, atol=1e-5)

@@ -47,9 +47,10 @@ def test_adapters_and_base_answer_differently(client, engine):
 
 def test_greedy_answer_equals_lorasft_generate(client, adapter_runs):
     from lorasft.eval.generate import GenSettings, generate
-    from lorasft.model.adapter import load_run
+    from lorasft.model.run import open_run
 
-    _, tok, model = load_run(adapter_runs[1])
+    run = open_run(adapter_runs[1])
+    tok, model = run.tok, run.model
     expected = generate(model, tok, [HELLO], GenSettings(max_new_tokens=12))[0]
     assert ask(client, "b").choices[0].message.content.strip() == expected
 

@@ -40,4 +40,4 @@ def test_serve_arguments_are_checked(tmp_path, capsys):
         main(["serve", "--adapter", "no-equals-sign"])
     assert e.value.code == 2 and "expected NAME=RUN_DIR" in capsys.readouterr().err
     assert main(["serve", "--adapter", f"x={tmp_path}"]) == 2
-    assert "not a finished lorasft run (config.yaml is missing)" in capsys.readouterr().err
+    assert "is not a finished lorasft run: config.yaml is missing" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from lorasft.config import load_config
 from lorasft.data.prepare import demo_files
-from lorasft.model.adapter import load_run
+from lorasft.model.run import open_run
 from lorasft.train.run import train
 from tests.conftest import LORA_TARGETS, build_model, write_jsonl
 
@@ -30,7 +30,7 @@ def test_reloaded_run_gives_the_same_long_input_logits(tmp_path, tiny_tokenizer_
     out = train(cfg)
     saved = load_file(out.run_dir / "adapter_model.safetensors")
     assert any("norm" in k or "ln_" in k for k in saved)
-    _, _, reloaded = load_run(out.run_dir)
+    reloaded = open_run(out.run_dir).model
     assert reloaded.get_base_model().config.max_position_embeddings == 512
     ids = torch.randint(3, 500, (1, 450))  # past the original window of 256
     with torch.no_grad():

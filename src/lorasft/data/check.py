@@ -6,9 +6,8 @@ from typing import Any
 
 from lorasft.config import DataSection
 from lorasft.data.formats import load_files
-from lorasft.data.prepare import data_files
-from lorasft.data.templates import with_system
-from lorasft.data.tokenize import IGNORE, Encoded, encode_examples
+from lorasft.data.prepare import add_system_prompt, data_files, encode
+from lorasft.data.tokenize import IGNORE, Encoded
 
 BINS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
@@ -46,11 +45,8 @@ def check(cfg: DataSection, tok) -> dict[str, Any]:
     """Everything `data check` prints, as a dict; `ok` is False when there are bad records."""
     train_paths, eval_paths = data_files(cfg)
     res = load_files(train_paths + eval_paths, cfg.format, "skip", cfg.dedup)
-    for ex in res.examples:  # what training sees: the configured system prompt included
-        ex.messages = with_system(ex.messages, cfg.system_prompt)
-    enc, stats = encode_examples(
-        res.examples, tok, cfg.max_length, cfg.truncation, cfg.train_on_prompt, cfg.keep_tail
-    )
+    # what training sees: the configured system prompt included
+    enc, stats = encode(add_system_prompt(res.examples, cfg), tok, cfg)
     prompt_lens = [e.response_start for e in enc if e.response_start]
     resp_lens = [len(e) - e.response_start for e in enc if e.response_start]
     tokens = sum(len(e) for e in enc)

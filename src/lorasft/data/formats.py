@@ -271,17 +271,22 @@ def load_files(paths: list[str], fmt: str, on_bad_record: str, dedup: bool) -> L
         result.bad += bad
         result.files.append(report)
     if result.bad and on_bad_record == "error":
-        shown = "\n  ".join(str(b) for b in result.bad[:20])
-        more = f"\n  ... and {len(result.bad) - 20} more" if len(result.bad) > 20 else ""
         raise DataError(
             f"{len(result.bad)} bad record(s) (set data.on_bad_record=skip to skip and count them):"
-            f"\n  {shown}{more}"
+            + _listed(result.bad)
         )
     if dedup:
         result.examples, result.duplicates = drop_duplicates(result.examples)
     if not result.examples:
-        raise DataError(f"no usable records in {', '.join(paths)}")
+        why = f"; every record was bad:{_listed(result.bad)}" if result.bad else ""
+        raise DataError(f"no usable records in {', '.join(paths)}{why}")
     return result
+
+
+def _listed(bad: list, limit: int = 20) -> str:
+    """The first bad records (file:line: field: reason), one per line, and how many more."""
+    shown = "".join(f"\n  {b}" for b in bad[:limit])
+    return shown + (f"\n  ... and {len(bad) - limit} more" if len(bad) > limit else "")
 
 
 def drop_duplicates(examples: list[Example]) -> tuple[list[Example], int]:

@@ -95,20 +95,40 @@ def load_split(cfg: DataSection) -> tuple[list[Example], list[Example], dict[str
     return train, evals, counts
 
 
+def add_system_prompt(examples: list[Example], cfg: DataSection) -> list[Example]:
+    """data.system_prompt on every record that has no system message: what training, its
+    evaluation and `data check` see."""
+    for ex in examples:
+        ex.messages = with_system(ex.messages, cfg.system_prompt)
+    return examples
+
+
+def encode(examples: list[Example], tokenizer, cfg: DataSection):
+    """Tokens and loss masks under the data section's length rules."""
+    return encode_examples(examples, tokenizer, cfg.max_length, cfg.truncation,
+                           cfg.train_on_prompt, cfg.keep_tail)  # fmt: skip
+
+
+def eval_set(cfg: DataSection, tokenizer, data_file: str | None = None):
+    """`(examples, encoded)` a finished run is evaluated on: its eval split, or another file."""
+    if data_file:
+        cfg = cfg.model_copy(update={"train_file": data_file, "eval_file": None, "val_ratio": 0.0})
+        examples, _, _ = load_split(cfg)
+    else:
+        _, examples, _ = load_split(cfg)
+    add_system_prompt(examples, cfg)
+    return examples, encode(examples, tokenizer, cfg)[0]
+
+
 def prepare(cfg: DataSection, tokenizer) -> Prepared:
     train, evals, counts = load_split(cfg)
-    for ex in train + evals:
-        ex.messages = with_system(ex.messages, cfg.system_prompt)
+    add_system_prompt(train + evals, cfg)
     aug = cfg.augment
     extra = augment_examples(train, aug.ratio, aug.methods, aug.prob, cfg.seed) if aug.ratio else []
     counts["augmented_added"] = len(extra)
-    enc_train, s_train = encode_examples(
-        train + extra, tokenizer, cfg.max_length, cfg.truncation, cfg.train_on_prompt, cfg.keep_tail
-    )
+    enc_train, s_train = encode(train + extra, tokenizer, cfg)
     # Eval is encoded with the same mask rules, so eval loss is on response tokens as in training.
-    enc_eval, s_eval = encode_examples(
-        evals, tokenizer, cfg.max_length, cfg.truncation, cfg.train_on_prompt, cfg.keep_tail
-    )
+    enc_eval, s_eval = encode(evals, tokenizer, cfg)
     counts["train"] = _encode_counts(s_train, enc_train)
     counts["eval"] = _encode_counts(s_eval, enc_eval)
     if not enc_train:

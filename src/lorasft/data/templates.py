@@ -66,6 +66,13 @@ def resolve_template(name: str, tokenizer) -> str:
     return ALPACA
 
 
+def attach_template(tokenizer, name: str):
+    """Give the tokenizer the template a run trains with: saved with the run's tokenizer, it is
+    what every later consumer renders prompts from."""
+    tokenizer.chat_template = resolve_template(name, tokenizer)
+    return tokenizer
+
+
 def adds_bos(tokenizer) -> bool:
     """Whether this tokenizer starts plain text with BOS (Llama-2 style) or not (GPT-2, SmolLM2)."""
     bos = tokenizer.bos_token_id

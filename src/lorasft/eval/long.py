@@ -16,6 +16,8 @@ from lorasft.eval.long_data import read_documents, token_stream
 from lorasft.eval.long_models import base_variants, eager_attention, position_limit, window_and_plan
 from lorasft.eval.passkey import passkey_grid
 from lorasft.eval.sliding import sliding_perplexity
+from lorasft.model.context import length_ladder
+from lorasft.model.run import frozen_dtype
 
 
 @dataclass
@@ -38,14 +40,6 @@ class LongSettings:
     holds one layer's heads x L x L matrix)."""
 
 
-def default_lengths(original: int, target: int) -> list[int]:
-    lengths, n = [], max(16, original // 2)
-    while n < target:
-        lengths.append(n)
-        n *= 2
-    return [*lengths, target]
-
-
 def _ppl_row(model, ids: list[int], lengths: list[int], s: LongSettings) -> dict[str, Any]:
     row, limit = {}, position_limit(model)
     for n in lengths:
@@ -59,7 +53,7 @@ def _ppl_row(model, ids: list[int], lengths: list[int], s: LongSettings) -> dict
 def _perplexities(tuned, cfg: Config, plan, ids: list[int], lengths: list[int],
                   s: LongSettings) -> tuple[dict, dict]:  # fmt: skip
     out, labels = {}, {}
-    for name, (label, load) in base_variants(cfg, plan, tuned.device).items():
+    for name, (label, load) in base_variants(cfg, plan, frozen_dtype(tuned)).items():
         model = load()
         out[name], labels[name] = _ppl_row(model, ids, lengths, s), label
         del model
@@ -76,7 +70,7 @@ def evaluate_long(tuned, tok, cfg: Config, settings: LongSettings | None = None,
     s, start = settings or LongSettings(), time.perf_counter()
     original, plan = window_and_plan(cfg)
     target = cfg.context.target_length or 2 * original
-    lengths = s.lengths or default_lengths(original, target)
+    lengths = s.lengths or length_ladder(original, target)
     ids = token_stream(read_documents(s.data), tok)
     tuned.eval()
     ppl, labels = _perplexities(tuned, cfg, plan, ids, lengths, s)

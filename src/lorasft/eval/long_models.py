@@ -7,12 +7,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import torch
 from transformers import AutoConfig
 
 from lorasft.config import Config
-from lorasft.model.adapter import load_base
-from lorasft.model.context import ContextPlan, original_window, plan_context
+from lorasft.model.context import ContextPlan, context_window, original_window, plan_context
 from lorasft.model.load import resolve_model_path
+from lorasft.model.run import base_spec, open_base
 
 
 def base_config(cfg: Config):
@@ -25,16 +26,18 @@ def window_and_plan(cfg: Config) -> tuple[int, ContextPlan | None]:
     return original_window(config), plan_context(config, cfg.context)
 
 
-def load_base_on(cfg: Config, device, scaled: bool):
-    return load_base(cfg, with_context=scaled).to(device).eval()
+def load_base_on(cfg: Config, dtype: torch.dtype, scaled: bool):
+    """The run's base in `dtype`, with its context scaling (untrained) or without."""
+    return open_base(base_spec(cfg, dtype), cfg.context if scaled else None)
 
 
-def base_variants(cfg: Config, plan: ContextPlan | None, device) -> dict[str, tuple[str, Callable]]:
+def base_variants(cfg: Config, plan: ContextPlan | None,
+                  dtype: torch.dtype) -> dict[str, tuple[str, Callable]]:  # fmt: skip
     """name -> (label, loader). No scaled variant when the run has no scaling to apply."""
-    out = {"base": ("base, no scaling", lambda: load_base_on(cfg, device, False))}
+    out = {"base": ("base, no scaling", lambda: load_base_on(cfg, dtype, False))}
     if plan is not None and plan.method != "none":
         label = f"base + {plan.method} (untrained)"
-        out["base_scaled"] = (label, lambda: load_base_on(cfg, device, True))
+        out["base_scaled"] = (label, lambda: load_base_on(cfg, dtype, True))
     return out
 
 
@@ -42,9 +45,7 @@ def position_limit(model) -> int | None:
     """Learned position tables cannot read past their last row; RoPE has no hard limit."""
     if getattr(model.config, "rope_parameters", None):
         return None
-    return getattr(model.config, "max_position_embeddings", None) or getattr(
-        model.config, "n_positions", None
-    )
+    return context_window(model.config)
 
 
 @contextmanager

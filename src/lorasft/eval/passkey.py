@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lorasft.data.templates import adds_bos
+from lorasft.eval.generate import GenSettings
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
         "it. I will quiz you about the important information there.")  # fmt: skip
@@ -64,8 +65,7 @@ def first_integer(text: str) -> int | None:
 def answer(model, tok, ids: list[int], max_new_tokens: int = 10) -> str:
     input_ids = torch.tensor([ids], device=model.device)
     out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                         max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                         top_k=None, top_p=None, pad_token_id=tok.pad_token_id)  # fmt: skip
+                         **GenSettings.greedy(max_new_tokens).kwargs(tok))  # fmt: skip
     return tok.decode(out[0, len(ids) :], skip_special_tokens=True)
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from lorasft.data.templates import adds_bos
+from lorasft.model.context import context_window
 from lorasft.model.load import ModelError
 
 TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -45,7 +46,7 @@ def _rope_theta(config) -> float:
 def write_hparams(w: gguf.GGUFWriter, config, name: str, ftype: gguf.LlamaFileType) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     w.add_name(name)
-    w.add_context_length(config.max_position_embeddings)
+    w.add_context_length(context_window(config))
     w.add_embedding_length(config.hidden_size)
     w.add_block_count(config.num_hidden_layers)
     w.add_feed_forward_length(config.intermediate_size)
@@ -183,8 +184,8 @@ def export_gguf(run_dirs: list[str | Path], out: str | Path, qtype: str = "f32",
     """Merge the run's adapter into its base (float32) and write the GGUF file."""
     from lorasft.export.merge import merge_runs
 
-    _, tok, model = merge_runs(run_dirs, weights)
-    path = write_gguf(model, tok, out, qtype, name=Path(run_dirs[0]).name)
+    spec, model = merge_runs(run_dirs, weights)
+    path = write_gguf(model, spec.tok, out, qtype, name=Path(run_dirs[0]).name)
     print(
         f"[lorasft] wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {qtype})", file=sys.stderr
     )

@@ -10,16 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 
 from lorasft.data.tokenize import stop_ids
-from lorasft.model.adapter import load_run
 from lorasft.model.load import ModelError
+from lorasft.model.precision import DTYPE_NAMES
+from lorasft.model.run import RunSpec, attach, open_run, read_run
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-
-def _set_weight(model: PeftModel, adapter: str, weight: float) -> None:
+def _set_weight(model, adapter: str, weight: float) -> None:
     """Scale one adapter's contribution (`set_scale` keeps alpha / r and multiplies by `weight`)."""
     from peft.tuners.lora import LoraLayer
 
@@ -28,42 +26,41 @@ def _set_weight(model: PeftModel, adapter: str, weight: float) -> None:
             module.set_scale(adapter, weight)
 
 
-def _check_same_base(cfg, run: Path, other_cfg) -> None:
-    if other_cfg.model.path != cfg.model.path:
+def _check_same_base(first: RunSpec, other: RunSpec) -> None:
+    if other.cfg.model.path != first.cfg.model.path:
         raise ModelError(
-            f"{run}: trained on model.path={other_cfg.model.path!r}, but the first run used "
-            f"{cfg.model.path!r}; only adapters of the same base can be merged together"
+            f"{other.dir}: trained on model.path={other.cfg.model.path!r}, but the first run used "
+            f"{first.cfg.model.path!r}; only adapters of the same base can be merged together"
         )
-    if other_cfg.context != cfg.context:  # the context extension changes the base itself
+    if other.cfg.context != first.cfg.context:  # the context extension changes the base itself
         raise ModelError(
-            f"{run}: trained with context settings {other_cfg.context}, the first run with "
-            f"{cfg.context}; only adapters of the same extended base can be merged together"
+            f"{other.dir}: trained with context settings {other.cfg.context}, the first run with "
+            f"{first.cfg.context}; only adapters of the same extended base can be merged together"
         )
 
 
 def merge_runs(run_dirs: list[str | Path], weights: list[float] | None = None):
-    """`(cfg, tokenizer, merged model)` in float32. Adapters are merged in the order given, each
-    scaled by its weight; config and tokenizer come from the first run."""
-    from lorasft.config import load_config
-
+    """`(spec of the first run, merged float32 model)`. The base is the one the run trained on,
+    in the dtype it trained in, then widened to float32 (exact), so the merge adds the adapters to
+    the very weights training saw. Adapters are merged in the order given, each scaled by its
+    weight; config and tokenizer come from the first run."""
     weights = list(weights) if weights else [1.0] * len(run_dirs)
     if len(weights) != len(run_dirs):
         raise ModelError(
             f"--weights: {len(weights)} weights for {len(run_dirs)} runs; give one per run"
         )
-    cfg, tok, model = load_run(run_dirs[0])
+    first = open_run(run_dirs[0])
+    model = first.model.to(torch.float32)
     _set_weight(model, "default", weights[0])
     merged = model.merge_and_unload()
     for run, weight in zip(run_dirs[1:], weights[1:]):
-        run = Path(run)
-        if not (run / "adapter_config.json").is_file():
-            raise ModelError(f"{run} is not a finished lorasft run: adapter_config.json is missing")
-        _check_same_base(cfg, run, load_config(run / "config.yaml"))
-        peft = PeftModel.from_pretrained(merged, run)
+        spec = read_run(run)
+        _check_same_base(first.spec, spec)
+        peft = attach(merged, spec)
         _set_weight(peft, "default", weight)
         merged = peft.merge_and_unload()
     merged.eval()
-    return cfg, tok, merged
+    return first.spec, merged
 
 
 def set_generation_ids(model, tok) -> None:
@@ -76,13 +73,14 @@ def set_generation_ids(model, tok) -> None:
 def merge(run_dirs: list[str | Path], out: str | Path, dtype: str = "float32",
           weights: list[float] | None = None) -> Path:  # fmt: skip
     """Write the merged model folder; returns its path."""
-    if dtype not in DTYPES:
-        raise ModelError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    if dtype not in DTYPE_NAMES:
+        raise ModelError(f"--dtype {dtype}: expected one of {', '.join(DTYPE_NAMES)}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ModelError(f"--out {out}: the folder exists and is not empty; choose a new folder")
-    _, tok, model = merge_runs(run_dirs, weights)
-    model = model.to(DTYPES[dtype])
+    spec, model = merge_runs(run_dirs, weights)
+    tok = spec.tok
+    model = model.to(DTYPE_NAMES[dtype])
     set_generation_ids(model, tok)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from lorasft.data.templates import adds_bos, prompt_messages, with_system
-from lorasft.data.tokenize import stop_ids
-from lorasft.eval.generate import encode_prompt
+from lorasft.data.templates import adds_bos, build_prompt, prompt_messages
+from lorasft.eval.generate import GenSettings, encode_prompt
+from lorasft.export.llamacpp import NEAR_TIE, LlamaCpp
 from lorasft.model.load import ModelError
 
 
@@ -41,10 +41,12 @@ class Row:
     tokens_ok: bool
     logit_diff: float | None = None
     detail: str = ""
+    near_tie: bool = False  # tokens differ where the run's own top two logits are closer than
+    # the target's rounding (llama.cpp's NEAR_TIE): reported, not a failure
 
     @property
     def ok(self) -> bool:
-        return self.prompt_ok and self.tokens_ok
+        return self.prompt_ok and (self.tokens_ok or self.near_tie)
 
 
 @dataclass
@@ -57,18 +59,16 @@ class Report:
         return not self.problems and all(r.ok for r in self.rows)
 
 
-def prompt_set(cfg, limit: int) -> list[list[dict]]:
-    """The run's eval conversations (its training records if it had none) without their answers."""
+def prompt_set(spec, limit: int) -> list[list[dict]]:
+    """The run's eval conversations (its training records if it had none) without their answers,
+    as the run sees them (its system prompt included)."""
     from lorasft.data.prepare import load_split
 
-    cfg = cfg.last_stage()  # a staged run ends on its last stage's data
-    train, evals, _ = load_split(cfg.data)
+    train, evals, _ = load_split(spec.cfg.data)  # a staged run's last stage
     chats = [ex for ex in (evals or train) if not ex.is_text and ex.messages]
     if not chats:
         raise ModelError("verify: the run's data has no chat records to build prompts from")
-    return [
-        with_system(prompt_messages(ex.messages), cfg.data.system_prompt) for ex in chats[:limit]
-    ]
+    return [spec.conversation(prompt_messages(ex.messages)) for ex in chats[:limit]]
 
 
 def _eos_list(value) -> list[int]:
@@ -125,10 +125,8 @@ def special_problems(ref: Target, t: Target) -> list[str]:
 def greedy(t: Target, ids: list[int], max_new_tokens: int) -> list[int]:
     """New token ids, one prompt at a time (no padding, so nothing but the weights can differ)."""
     x = torch.tensor([ids], device=t.model.device)
-    out = t.model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
-                           max_new_tokens=max_new_tokens, eos_token_id=t.eos or None,
-                           pad_token_id=t.tok.pad_token_id, temperature=None, top_k=None,
-                           top_p=None)  # fmt: skip
+    kwargs = GenSettings.greedy(max_new_tokens).kwargs(t.tok, eos=t.eos)
+    out = t.model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kwargs)
     return out[0, len(ids) :].tolist()
 
 
@@ -192,6 +190,38 @@ def compare_model(ref: Target, t: Target, messages: list[dict], ref_ids: list[in
     return Row(i, t.name, ids == ref_ids, out == ref_out, diff, detail)
 
 
+@torch.no_grad()
+def last_logits(model, ids: list[int]) -> tuple[torch.Tensor, float]:
+    """The next-token logits and their resolution: one step of the dtype the model computes them
+    in (a bf16 run cannot tell apart logits closer than that)."""
+    logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0, -1]
+    step = torch.finfo(logits.dtype).eps * logits.abs().max().item()
+    return logits.float().cpu(), step
+
+
+def compare_llamacpp(ref: Target, lc, messages: list[dict], ref_ids: list[int],
+                     ref_out: list[int], i: int, max_new_tokens: int) -> Row:  # fmt: skip
+    """The run's prompt text through llama.cpp's tokenizer, then llama.cpp's greedy tokens; at
+    the first differing token, the margin in llama.cpp's logits and in the run's."""
+    name = f"llama.cpp:{lc.type.lower()}"
+    ids = lc.encode(build_prompt(messages, ref.tok))
+    out, rows = lc.greedy(ids, max_new_tokens)
+    detail = _describe(ref.tok, ref_ids, ids, "prompt")
+    j = _first_diff(ref_out, out)
+    if detail or j is None:
+        return Row(i, name, ids == ref_ids, j is None, None, detail)
+    if j >= len(ref_out) or j >= len(out):  # one stopped where the other went on: no tie to weigh
+        return Row(i, name, True, False, None, _describe(ref.tok, ref_out, out, "output"))
+    theirs = rows[j]
+    ours, resolution = last_logits(ref.model, ref_ids + ref_out[:j])
+    gap = (ours[ref_out[j]] - ours[out[j]]).item()  # >= 0: the run preferred its own token
+    tie = gap <= NEAR_TIE.get(lc.type, 0.0) + resolution
+    detail = (f"{_describe(ref.tok, ref_out, out, 'output')}; run's margin {gap:.3g}, "
+              f"llama.cpp's {float(theirs[out[j]] - theirs[ref_out[j]]):.3g}"
+              f"{' (near tie)' if tie else ''}")  # fmt: skip
+    return Row(i, name, True, False, None, detail, near_tie=tie)
+
+
 def compare_server(ref: Target, t: Target, messages: list[dict], ref_out: list[int], i: int,
                    max_new_tokens: int) -> Row:  # fmt: skip
     want = ref.tok.decode(ref_out, skip_special_tokens=True).strip()
@@ -200,14 +230,15 @@ def compare_server(ref: Target, t: Target, messages: list[dict], ref_out: list[i
     return Row(i, t.name, True, got == want, None, detail)
 
 
-def verify(
-    ref: Target, targets: list[Target], prompts: list[list[dict]], max_new_tokens: int
-) -> Report:
-    """Compare every target with the reference on every prompt."""
+def verify(ref: Target, targets: list[Target], prompts: list[list[dict]], max_new_tokens: int,
+           runtimes: tuple = ()) -> Report:  # fmt: skip
+    """Compare every target (and every llama.cpp runtime) with the reference on every prompt."""
     report = Report()
     for t in targets:
         if t.model is not None:  # a server's tokenizer is not visible; its answers are compared
             report.problems += special_problems(ref, t)
+    for lc in runtimes:
+        report.problems += llamacpp_problems(ref, lc)
     for i, messages in enumerate(prompts):
         ref_ids = encode_prompt(messages, ref.tok)
         ref_out = greedy(ref, ref_ids, max_new_tokens)
@@ -224,15 +255,32 @@ def verify(
                 report.rows.append(
                     compare_model(ref, t, messages, ref_ids, ref_out, ref_logits, i, max_new_tokens)
                 )
+        for lc in runtimes:
+            report.rows.append(
+                compare_llamacpp(ref, lc, messages, ref_ids, ref_out, i, max_new_tokens)
+            )
     return report
 
 
-def load_reference(run_dir: str | Path):
-    """`(cfg, reference target)`: the adapter on its base, with the run's tokenizer and stop ids."""
-    from lorasft.model.adapter import load_run
+def llamacpp_problems(ref: Target, lc) -> list[str]:
+    """What llama.cpp reads from the file against what the run trained with."""
+    name, out = f"llama.cpp:{lc.type.lower()}", []
+    if lc.add_bos != adds_bos(ref.tok):
+        out.append(f"{name}: adds BOS is {lc.add_bos}, the run has {adds_bos(ref.tok)}")
+    if not set(lc.stops) & set(ref.eos):
+        out.append(f"{name}: stops at ids {lc.stops}, none of the run's stop ids {ref.eos}")
+    if lc.chat_template != (ref.tok.chat_template or ""):
+        out.append(f"{name}: chat_template differs from the template the run trained with")
+    return out
 
-    cfg, tok, model = load_run(run_dir)
-    return cfg, Target("adapter", tok, stop_ids(tok), model)
+
+def load_reference(run_dir: str | Path):
+    """`(spec, reference target)`: the adapter on its base as it trained, with the run's
+    tokenizer and stop ids."""
+    from lorasft.model.run import open_run
+
+    run = open_run(run_dir)
+    return run.spec, Target("adapter", run.tok, run.spec.stops, run.model)
 
 
 def render(report: Report, prompts: list[list[dict]]) -> str:
@@ -241,8 +289,9 @@ def render(report: Report, prompts: list[list[dict]]) -> str:
     ]
     for r in report.rows:
         diff = "" if r.logit_diff is None else f"{r.logit_diff:.2e}"
+        tokens = "same" if r.tokens_ok else ("tie" if r.near_tie else "DIFFER")
         lines.append(f"{r.prompt:>6}  {r.target:<8} {'same' if r.prompt_ok else 'DIFFER':<10} "
-                     f"{'same' if r.tokens_ok else 'DIFFER':<7} {diff:>11}  {r.detail}")  # fmt: skip
+                     f"{tokens:<7} {diff:>11}  {r.detail}")  # fmt: skip
     lines += [f"problem: {p}" for p in report.problems]
     bad = next((r for r in report.rows if not r.ok), None)
     if bad is not None:
@@ -250,27 +299,31 @@ def render(report: Report, prompts: list[list[dict]]) -> str:
         lines.append(
             f"first mismatch: prompt {bad.prompt} ({user[:80]!r}) on {bad.target}: {bad.detail}"
         )
-    agree = sum(r.ok for r in report.rows if r.target != "adapter")
-    total = sum(1 for r in report.rows if r.target != "adapter")
-    lines.append(f"{'OK' if report.ok else 'MISMATCH'}: {agree}/{total} prompt-target pairs agree")
+    compared = [r for r in report.rows if r.target != "adapter"]
+    agree = sum(r.ok for r in compared)
+    ties = sum(r.ok and not r.tokens_ok for r in compared)
+    tie_note = f" ({ties} at a near tie)" if ties else ""
+    lines.append(f"{'OK' if report.ok else 'MISMATCH'}: {agree}/{len(compared)} prompt-target "
+                 f"pairs agree{tie_note}")  # fmt: skip
     return "\n".join(lines)
 
 
 def check_run(run_dir: str | Path, merged: str | None = None, gguf: str | None = None,
               url: str | None = None, api_key: str | None = None, server_model: str | None = None,
-              max_new_tokens: int = 32, num_prompts: int = 8) -> Report:  # fmt: skip
+              max_new_tokens: int = 32, num_prompts: int = 8,
+              llama_cpp: list[str] | None = None) -> Report:  # fmt: skip
     """Load every target given, compare it with the run, print the table; the report says ok."""
-    cfg, ref = load_reference(run_dir)
+    runtimes = tuple(LlamaCpp(f) for f in llama_cpp or [])  # before minutes of loading the run
+    spec, ref = load_reference(run_dir)
     targets = [load_merged(merged)] if merged else []
     targets += [load_gguf(gguf)] if gguf else []
     if url:
         name = server_model or Path(run_dir).resolve().name
         targets.append(Target("server", None, [], url=url, api_key=api_key, server_model=name))
-    if not targets:
-        raise ModelError(
-            "verify: nothing to compare; give --merged DIR, --gguf FILE and/or --url URL"
-        )
-    prompts = prompt_set(cfg, num_prompts)
-    report = verify(ref, targets, prompts, max_new_tokens)
+    if not targets and not runtimes:
+        raise ModelError("verify: nothing to compare; give --merged DIR, --gguf FILE, "
+                         "--llama-cpp FILE... and/or --url URL")  # fmt: skip
+    prompts = prompt_set(spec, num_prompts)
+    report = verify(ref, targets, prompts, max_new_tokens, runtimes)
     print(render(report, prompts))
     return report

@@ -84,13 +84,47 @@ def plan_context(config, ctx: ContextSection) -> ContextPlan | None:
 
 
 def original_window(config) -> int:
+    """The window of a model that lorasft has not extended (a ConfigError for one already scaled)."""
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise ConfigError(
             f"context: the model already uses rope_type={rope['rope_type']!r}; scaling it again "
             "is not supported (remove the context section)"
         )
-    return int(config.max_position_embeddings)
+    return context_window(config)
+
+
+WINDOW_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length")
+
+
+def context_window(config) -> int:
+    """The number of positions a model reads, context extension included: the one answer that
+    training, evaluation, planning, export and serving use.
+
+    Every method but dynamic NTK sets max_position_embeddings to the target; dynamic keeps it at
+    the trained window (its scaling starts past it), so its window is that times the factor.
+    """
+    n = next((getattr(config, k) for k in WINDOW_FIELDS if isinstance(getattr(config, k, None), int)),
+             None)  # fmt: skip
+    if n is None:
+        raise ConfigError(
+            f"{config.model_type}: its config has none of {', '.join(WINDOW_FIELDS)}, so its "
+            "context window is unknown"
+        )
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type") == "dynamic" and rope.get("factor"):
+        return int(n * float(rope["factor"]))
+    return int(n)
+
+
+def length_ladder(original: int, target: int | None) -> list[int]:
+    """The lengths that planning and evaluation by length report: half the window (at least 16),
+    then doublings from the window up to the target, then the target."""
+    lengths, n = [max(16, original // 2)], original
+    while target is not None and n < target:
+        lengths.append(n)
+        n *= 2
+    return [*lengths, target if target is not None and target > original else original]
 
 
 def rope_parameters(rope: dict, plan: ContextPlan) -> dict:

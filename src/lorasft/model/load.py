@@ -171,15 +171,19 @@ def load_model(
 
 def check_attention(attn_implementation: str, dtype: torch.dtype) -> None:
     """Flash attention needs a CUDA GPU, its package and a 16-bit model: say so before loading."""
+    problem = attention_problem_here(attn_implementation, dtype)
+    if problem:
+        raise ModelError(problem)
+
+
+def attention_problem_here(attn_implementation: str, dtype: torch.dtype) -> str | None:
     from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
 
     available = {"flash_attention_2": is_flash_attn_2_available,
                  "flash_attention_3": is_flash_attn_3_available}.get(attn_implementation)  # fmt: skip
-    problem = attention_problem(
+    return attention_problem(
         attn_implementation, dtype, torch.cuda.is_available(), available is not None and available()
     )
-    if problem:
-        raise ModelError(problem)
 
 
 def attention_problem(attn: str, dtype: torch.dtype, cuda: bool, package: bool) -> str | None:

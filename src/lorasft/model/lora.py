@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from lorasft.config import LoraSection
+from lorasft.config import ConfigError, LoraSection
 
 
 def lora_config(cfg: LoraSection) -> LoraConfig:
@@ -27,7 +27,7 @@ def apply_lora(model, cfg: LoraSection) -> PeftModel:
         return get_peft_model(model, lora_config(cfg), autocast_adapter_dtype=True)
     except ValueError as e:
         names = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n})
-        raise ValueError(
+        raise ConfigError(
             f"lora.target_modules={cfg.target_modules!r}: {e}. Module names in this model "
             f"include: {', '.join(names[:40])}"
         ) from e

@@ -29,7 +29,13 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from lorasft.config import Config, ConfigError
-from lorasft.model.context import ContextPlan, context_modules_to_save, plan_context
+from lorasft.model.context import (
+    ContextPlan,
+    context_modules_to_save,
+    context_window,
+    length_ladder,
+    plan_context,
+)
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -146,25 +152,16 @@ def memory_table(
     ]
 
 
-def plan_lengths(original: int, target: int | None) -> list[int]:
-    """Half the window, the window, then doublings up to the target."""
-    lengths, s = [original // 2, original], original
-    while target and s * 2 < target:
-        s *= 2
-        lengths.append(s)
-    if target and target > original:
-        lengths.append(target)
-    return lengths
-
-
 def describe_plan(config, cfg: Config, precision: str) -> list[str]:
     ctx: ContextPlan | None = plan_context(config, cfg.context)
-    original = ctx.original if ctx else int(config.max_position_embeddings)
+    original = ctx.original if ctx else context_window(config)
     lines = [f"model window: {original} tokens"]
     if ctx:
         factor = f", factor {ctx.factor:g}" if ctx.factor else ""
         lines.append(f"context: {ctx.method} to {ctx.target} tokens{factor}")
-    rows = memory_table(config, cfg, plan_lengths(original, ctx.target if ctx else None), precision)
+    rows = memory_table(
+        config, cfg, length_ladder(original, ctx.target if ctx else None), precision
+    )
     gib = 2**30
     lines.append(
         f"peak memory per sequence length (batch {cfg.train.batch_size}, {precision}; GiB):"

@@ -9,23 +9,20 @@ chat template) saved in each adapter's run folder.
 from __future__ import annotations
 
 import queue
-import sys
 import threading
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 from peft import PeftModel
 from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
 from transformers.generation.streamers import BaseStreamer
 
-from lorasft.config import ContextSection, load_config
 from lorasft.data.tokenize import stop_ids
 from lorasft.eval.generate import GenSettings, encode_prompt
-from lorasft.model.context import apply_context
-from lorasft.model.load import ModelError, load_model, load_tokenizer, resolve_model_path
+from lorasft.model.context import context_window
+from lorasft.model.load import ModelError
+from lorasft.model.run import RunSpec, open_runs
 from lorasft.serve.textstream import TextCutter
 
 
@@ -34,9 +31,13 @@ class Served:
     """A name clients can put in `model`: the base (adapter None) or one adapter on it."""
 
     name: str
-    tok: Any
+    spec: RunSpec  # the run (or bare base): its tokenizer, template, system prompt, stop ids
     adapter: str | None
     source: str
+
+    @property
+    def tok(self):
+        return self.spec.tok
 
 
 @dataclass
@@ -48,9 +49,9 @@ class Params:
     seed: int | None = None
 
     def settings(self) -> GenSettings:
-        sample = self.temperature > 0
-        return GenSettings(max_new_tokens=self.max_tokens, do_sample=sample,
-                           temperature=self.temperature if sample else 1.0, top_k=0, top_p=self.top_p)  # fmt: skip
+        return GenSettings(max_new_tokens=self.max_tokens, top_k=0).with_temperature(
+            self.temperature, top_p=self.top_p
+        )
 
 
 class _IdQueue(BaseStreamer):
@@ -126,8 +127,9 @@ class Engine:
         threading.Thread(target=self._work, daemon=True, name="lorasft-generate").start()
 
     def encode_chat(self, served: Served, messages: list[dict]) -> list[int]:
+        """The prompt as the run trained on it: its template and its system prompt."""
         with self.tok_lock:
-            return encode_prompt(messages, served.tok)
+            return encode_prompt(served.spec.conversation(messages), served.tok)
 
     def encode_text(self, served: Served, prompt: str) -> list[int]:
         with self.tok_lock:
@@ -167,67 +169,15 @@ class Engine:
         return nullcontext()
 
 
-def _run_config(run: Path):
-    for name in ("config.yaml", "adapter_config.json"):
-        if not (run / name).is_file():
-            raise ModelError(f"--adapter {run}: not a finished lorasft run ({name} is missing)")
-    return load_config(run / "config.yaml")
-
-
-def shared_context(runs: list[tuple[str, Path]], configs: list) -> ContextSection:
-    """The context settings the adapters were trained with (a PEFT adapter does not carry them).
-    They change the base itself, so every adapter on one base must share them."""
-    contexts = [c.context for c in configs]
-    for (name, _), ctx in zip(runs[1:], contexts[1:]):
-        if ctx != contexts[0]:
-            raise ModelError(f"--adapter {name} was trained with context settings {ctx} and "
-                             f"{runs[0][0]} with {contexts[0]}; serve them from separate servers")  # fmt: skip
-    return contexts[0] if contexts else ContextSection()
-
-
-def base_name(path: str) -> str:
-    if path == "default":
-        return "default"
-    p = Path(path).expanduser()
-    return p.stem if p.suffix.lower() == ".gguf" else p.resolve().name
-
-
-def context_window(config) -> int:
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        if isinstance(getattr(config, key, None), int):
-            return getattr(config, key)
-    return 2048
-
-
-def load_engine(base: str | None, adapters: list[tuple[str, str]]) -> Engine:
-    """The base (by default the first adapter run's base, else the default model) and adapters."""
-    runs = [(name, Path(d).expanduser()) for name, d in adapters]
-    configs = [_run_config(run) for _, run in runs]
-    run_bases = [c.model.path for c in configs]
-    base = base or (run_bases[0] if run_bases else "default")
-    resolved = resolve_model_path(base)
-    served = [Served(base_name(base), load_tokenizer(resolved), None, str(resolved))]
-    names = [served[0].name, *(n for n, _ in runs)]
+def load_engine(base: str | None, adapters: list[tuple[str, str]],
+                dtype: str | None = None) -> Engine:  # fmt: skip
+    """The base (by default the first adapter run's base, else the default model) and adapters,
+    opened as the runs trained (dtype, attention, context extension)."""
+    model, base_spec, runs = open_runs(base, adapters, dtype)
+    names = [base_spec.name, *(r.name for r in runs)]
     if len(set(names)) != len(names):
         raise ModelError(f"served names must be unique, got {names} (the base is served as "
                          f"{names[0]!r}; rename the adapter)")  # fmt: skip
-    model = load_model(resolved)
-    apply_context(model, shared_context(runs, configs))  # as load_run does for one run
-    for (name, run), run_base in zip(runs, run_bases):
-        if resolve_model_path(run_base) != resolved:
-            print(f"[lorasft] warning: adapter {name} was trained on {run_base}, served on {base}",
-                  file=sys.stderr)  # fmt: skip
-        model = _attach(model, name, run)
-        served.append(Served(name, load_tokenizer(run), name, str(run)))
-    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    served = [Served(base_spec.name, base_spec, None, str(base_spec.base_path))]
+    served += [Served(r.name, r, r.name, str(r.dir)) for r in runs]
     return Engine(model, served, context_window(model.config))
-
-
-def _attach(model, name: str, run: Path):
-    try:
-        if isinstance(model, PeftModel):
-            model.load_adapter(run, adapter_name=name)
-            return model
-        return PeftModel.from_pretrained(model, run, adapter_name=name)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ModelError(f"--adapter {name}={run}: cannot be loaded on this base ({e})") from e

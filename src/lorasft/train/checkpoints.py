@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from pathlib import Path
 
 from lorasft.config import OutputSection
@@ -20,13 +21,26 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found) if (p / "trainer_state.json").is_file()]
 
 
+STAMP = "%Y%m%d-%H%M%S"
+STAMP_PATTERN = r"\d{8}-\d{6}"
+
+
+def new_run_dir(output: OutputSection, now: datetime) -> Path:
+    if output.run_dir:
+        return Path(output.run_dir)
+    return Path(output.dir) / f"{output.name}-{now.strftime(STAMP)}"
+
+
 def runs_of(output: OutputSection) -> list[Path]:
+    """This run name's folders, oldest first: `<name>-<timestamp>` exactly, so the runs of `demo`
+    never include those of `demo-long`."""
     if output.run_dir:
         return [Path(output.run_dir)]
     root = Path(output.dir)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob(f"{output.name}-*") if p.is_dir())
+    own = re.compile(rf"^{re.escape(output.name)}-{STAMP_PATTERN}$")
+    return sorted(p for p in root.iterdir() if p.is_dir() and own.match(p.name))
 
 
 def find_resume(resume: str, output: OutputSection) -> tuple[Path, str] | None:

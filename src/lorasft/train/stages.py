@@ -1,24 +1,17 @@
 """Staged training: each stage trains the same LoRA model on its own data and settings, so it
 starts from the weights the previous stage ended with. Each stage's adapter is also saved in
-`<run>/stages/<n>-<name>/` and its resolved config beside it."""
+`<run>/stages/<n>-<name>/` and its resolved config beside it (by rank 0)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from lorasft.config import Config, dump_config
+from lorasft.model.context import context_window
+from lorasft.train.fit import TrainOutcome, fit
+from lorasft.train.launch import say
 
 LONG_STAGE_DEFAULTS = ("batch_size", "grad_accum", "gradient_checkpointing")
-
-
-def model_window(model_path: Path, cfg: Config) -> int:
-    """The window the base model was trained with: read from its folder, since the loaded model's
-    config already carries the context extension."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
-    return int(config.max_position_embeddings)
 
 
 def stage_config(cfg: Config, i: int, window: int) -> Config:
@@ -43,24 +36,34 @@ def set_checkpointing(model, on: bool) -> None:
         base.gradient_checkpointing_disable()
 
 
-def train_stages(cfg: Config, model, tok, run_dir: Path, precision: str, model_path: Path):
-    from lorasft.train.run import fit
+def base_window(model_path: Path, cfg: Config) -> int:
+    """The window the base was trained with: read from its folder, since the loaded model's
+    config already carries the context extension."""
+    from transformers import AutoConfig
 
-    window = model_window(model_path, cfg)
+    trust = cfg.model.trust_remote_code
+    return context_window(AutoConfig.from_pretrained(model_path, trust_remote_code=trust))
+
+
+def train_stages(cfg: Config, model, tok, run_dir: Path, precision: str, model_path: Path,
+                 is_main: bool) -> TrainOutcome:  # fmt: skip
+    window = base_window(model_path, cfg)
     history, summaries, out = [], [], None
     for i, st in enumerate(cfg.stages):
         scfg = stage_config(cfg, i, window)
         name = f"{i + 1}-{st.name or 'stage'}"
         stage_dir = run_dir / "stages" / name
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(scfg, stage_dir / "config.yaml")
+        if is_main:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(scfg, stage_dir / "config.yaml")
         t = scfg.train
-        print(f"[lorasft] stage {name}: max_length {scfg.data.max_length}, batch {t.batch_size} x "
-              f"accum {t.grad_accum}, checkpointing {t.gradient_checkpointing}", file=sys.stderr)  # fmt: skip
+        say(f"[lorasft] stage {name}: max_length {scfg.data.max_length}, batch {t.batch_size} x "
+            f"accum {t.grad_accum}, checkpointing {t.gradient_checkpointing}")  # fmt: skip
         set_checkpointing(model, t.gradient_checkpointing)
         out = fit(scfg, model, tok, stage_dir, precision)
         model = out.model
-        model.save_pretrained(stage_dir)
+        if is_main:
+            model.save_pretrained(stage_dir)
         # One step axis across stages (each stage's Trainer counts from 0), for the loss curve
         # and the overfitting verdict.
         offset = history[-1]["step"] if history else 0

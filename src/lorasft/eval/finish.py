@@ -1,0 +1,63 @@
+"""The evaluation that ends a run, and `lorasft eval` on a finished one: perplexity, generation
+metrics, base vs tuned, the overfitting verdict, long context when the run extended it; written to
+the run folder and printed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lorasft.config import Config
+from lorasft.eval.overfit import split_logs, verdict
+from lorasft.eval.run import evaluate
+from lorasft.report.console import print_summary
+
+
+def finish_run(run_dir: Path, model, tok, cfg: Config, examples, encoded, log_history,
+               info: dict[str, Any], counts: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """Evaluate, then write results.json, loss_curve.png and samples.md, and print the table."""
+    from lorasft.report.plots import loss_curve
+    from lorasft.report.records import versions, write_results, write_samples
+
+    ev = evaluate(model, tok, examples, encoded, cfg.eval)
+    v = verdict(log_history, cfg.eval.overfit_patience)
+    loss_curve(*split_logs(log_history), v, run_dir / "loss_curve.png", title=run_dir.name)
+    write_samples(run_dir / "samples.md", ev.get("samples", []))
+    results = {"config": cfg.model_dump(mode="json"), "data": counts, "train": info,
+               "log_history": log_history, "eval": ev, "overfitting": v, "versions": versions()}  # fmt: skip
+    if cfg.context.target_length is not None:
+        from lorasft.eval.long import evaluate_long
+
+        results["long_context"] = evaluate_long(model, tok, cfg, out_dir=run_dir)
+    write_results(run_dir / "results.json", results)
+    print_summary(ev, v, str(run_dir))
+    return results
+
+
+def evaluate_run(run_dir: str | Path, data_file: str | None = None, num_samples: int | None = None,
+                 long_settings=None, dtype: str | None = None) -> Path:  # fmt: skip
+    """`lorasft eval`: the run as it trained, on its eval split (or `data_file`); writes
+    eval_results.json and returns its path."""
+    from lorasft.data.prepare import eval_set
+    from lorasft.model.run import open_run
+
+    run_dir = Path(run_dir)
+    run = open_run(run_dir, dtype)
+    cfg = run.cfg
+    if num_samples is not None:
+        cfg = cfg.model_copy(
+            update={"eval": cfg.eval.model_copy(update={"num_samples": num_samples})}
+        )
+    examples, encoded = eval_set(cfg.data, run.tok, data_file)
+    ev = evaluate(run.model, run.tok, examples, encoded, cfg.eval)
+    if long_settings is not None:
+        from lorasft.eval.long import evaluate_long
+
+        ev["long_context"] = evaluate_long(run.model, run.tok, cfg, long_settings, run_dir)
+    out = run_dir / "eval_results.json"
+    out.write_text(json.dumps(ev, indent=2, ensure_ascii=False), encoding="utf-8")
+    results = run_dir / "results.json"
+    log = json.loads(results.read_text())["log_history"] if results.is_file() else []
+    print_summary(ev, verdict(log, cfg.eval.overfit_patience), str(run_dir))
+    return out
