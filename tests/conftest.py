@@ -119,6 +119,24 @@ def tiny_llama_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
 LORA_TARGETS = {"llama": "[q_proj,v_proj]", "gpt2": "[c_attn]", "opt": "[q_proj,v_proj]"}
 
 
+PNG = b"\x89PNG\r\n\x1a\n"
+
+# Settings that make a tiny run quick: no evaluation during or after training.
+QUICK = ["eval.num_samples=0", "eval.compare_base=false", "train.eval_strategy=no",
+         "train.early_stopping_patience=null", "train.load_best_model_at_end=false"]  # fmt: skip
+
+
+def tiny_args(model_dir, run_dir, *extra):
+    from lorasft.data.prepare import demo_files
+
+    train, evals = demo_files()
+    kind = json.loads((model_dir / "config.json").read_text())["model_type"]
+    return ["train", f"model.path={model_dir}", f"data.train_file={train}", f"data.eval_file={evals}",
+            f"lora.target_modules={LORA_TARGETS[kind]}", f"output.run_dir={run_dir}",
+            "train.max_steps=4", "train.eval_steps=2", "train.batch_size=4", "train.learning_rate=1e-3",
+            "eval.num_samples=3", "eval.max_new_tokens=6", *extra]  # fmt: skip
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     path.write_text(
         "\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n", encoding="utf-8"

@@ -64,3 +64,62 @@ def test_augmented_copies_change_the_prompt_never_the_response():
 
 def test_text_records_are_not_augmented():
     assert augment_examples([Example("t:1", text="a b c d e")], 2, ["swap"], 0.5, 0) == []
+
+
+def test_swap_leaves_protected_words_in_place():
+    rng = random.Random(0)
+    text = "My colleague Omar moved to Cairo last spring with his two cats."
+    before = segment(text)
+    for _ in range(20):
+        after = segment(augment_text(text, "swap", 0.5, rng, protected="Omar Cairo"))
+        assert after.index("Omar") == before.index("Omar")
+        assert after.index("Cairo") == before.index("Cairo")
+        assert sorted(after) == sorted(before)  # a permutation of the same words
+
+
+def test_eval_data_is_never_augmented_and_copies_are_counted(tiny_tokenizer):
+    from lorasft.config import load_config
+    from lorasft.data.prepare import prepare
+
+    plain = prepare(load_config(None, ["data.augment.ratio=0"]).data, tiny_tokenizer)
+    aug = prepare(load_config(None, ["data.augment.ratio=2"]).data, tiny_tokenizer)
+    assert [e.input_ids for e in aug.eval] == [e.input_ids for e in plain.eval]
+    assert [e.messages for e in aug.eval_examples] == [e.messages for e in plain.eval_examples]
+    added = aug.counts["augmented_added"]
+    assert plain.counts["augmented_added"] == 0 and 0 < added <= 2 * len(plain.train)
+    assert len(aug.train) == len(plain.train) + added
+
+
+def test_neftune_noise_in_training_only(tiny_llama_dir, tmp_path):
+    import torch
+    from transformers import TrainerCallback
+
+    from lorasft.config import load_config
+    from lorasft.data.prepare import prepare
+    from lorasft.train.fit import build_trainer
+    from lorasft.train.setup import prepare_model_and_tokenizer
+    from tests.conftest import QUICK, tiny_args
+
+    argv = tiny_args(tiny_llama_dir, tmp_path / "run", *QUICK, "train.max_steps=1",
+                     "data.augment.neftune_noise_alpha=5")[1:]  # fmt: skip
+    cfg = load_config(None, argv)
+    _, precision, tok, model = prepare_model_and_tokenizer(cfg)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    seen = {}
+
+    class Probe(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            emb = model.get_input_embeddings()
+            with torch.no_grad():
+                model.train()
+                seen["train"] = (emb(ids), emb(ids))
+                model.eval()
+                seen["eval"] = (emb(ids), emb(ids))
+                model.train()
+
+    trainer = build_trainer(cfg, model, tok, prepare(cfg.data, tok), tmp_path / "run", precision)
+    trainer.add_callback(Probe())
+    trainer.train()
+    clean = model.get_input_embeddings()(ids)
+    assert not torch.equal(*seen["train"])  # noisy: two draws differ
+    assert torch.equal(seen["eval"][0], clean) and torch.equal(seen["eval"][1], clean)

@@ -19,7 +19,7 @@ from lorasft.eval.passkey import FILLER, NEEDLE, build_prompt, first_integer, pa
 from lorasft.eval.sliding import sliding_perplexity, windows
 from lorasft.model.context import length_ladder
 from lorasft.report.long_report import write_long_plots
-from tests.train.test_train_e2e import PNG, tiny_args
+from tests.conftest import PNG, tiny_args
 
 
 @pytest.fixture(scope="module")

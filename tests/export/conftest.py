@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lorasft.cli import main
-from tests.conftest import PRECISIONS
-from tests.train.test_train_e2e import tiny_args
+from tests.conftest import PRECISIONS, tiny_args
 
 
 @pytest.fixture(scope="session", params=PRECISIONS)

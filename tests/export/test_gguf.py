@@ -115,7 +115,7 @@ def test_a_gguf_file_is_a_model_source(tiny_run, tmp_path, monkeypatch, capsys):
         a = load_model(folder)(ids).logits
         b = AutoModelForCausalLM.from_pretrained(merged)(ids).logits
     assert torch.allclose(a, b, atol=1e-4)
-    from tests.train.test_train_e2e import tiny_args
+    from tests.conftest import tiny_args
 
     run = tmp_path / "run"
     args = tiny_args(
@@ -126,3 +126,33 @@ def test_a_gguf_file_is_a_model_source(tiny_run, tmp_path, monkeypatch, capsys):
     broken.write_bytes(b"not a gguf file")
     with pytest.raises(ModelError, match="broken.gguf: cannot be read as GGUF"):
         resolve_model_path(str(broken))
+
+
+def _field(reader, key):
+    f = reader.fields[key]
+    if len(f.data) == 1:
+        value = f.parts[f.data[0]]
+        return bytes(value).decode() if value.dtype == np.uint8 else value.tolist()[0]
+    return [f.parts[i].tolist()[0] for i in f.data]
+
+
+@pytest.mark.parametrize("qtype", ["f16"])
+def test_gguf_metadata_llama_cpp_reads(tiny_run, tmp_path, qtype):
+    """The keys llama.cpp builds its tokenizer from, read back with gguf's own reader."""
+    import gguf
+
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(tiny_run), "--out", str(out), "--type", qtype]) == 0
+    tok = open_run(tiny_run).tok
+    r = gguf.GGUFReader(out)
+    assert _field(r, "tokenizer.ggml.model") == "gpt2"
+    assert _field(r, "tokenizer.ggml.pre") == "gpt-2"  # the fixture's plain byte-level BPE
+    assert _field(r, "tokenizer.ggml.bos_token_id") == tok.bos_token_id
+    assert _field(r, "tokenizer.ggml.eos_token_id") == tok.convert_tokens_to_ids("<|im_end|>")
+    assert _field(r, "tokenizer.ggml.add_bos_token") is False  # this tokenizer adds no BOS
+    types = _field(r, "tokenizer.ggml.token_type")
+    control = [i for i, t in enumerate(types) if t == gguf.TokenType.CONTROL]
+    assert control == sorted(tok.all_special_ids) and len(types) == len(tok)
+    assert _field(r, "general.file_type") == gguf.LlamaFileType.MOSTLY_F16
+    kinds = {t.name: t.tensor_type.name for t in r.tensors}
+    assert kinds["blk.0.attn_q.weight"] == "F16" and kinds["blk.0.attn_norm.weight"] == "F32"

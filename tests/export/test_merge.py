@@ -76,8 +76,7 @@ def test_merge_refuses_bad_input(tiny_run, tmp_path, capsys):
 def test_merged_config_carries_the_context_extension(tiny_llama_dir, tmp_path):
     import json
 
-    from tests.serve.conftest import QUICK
-    from tests.train.test_train_e2e import tiny_args
+    from tests.conftest import QUICK, tiny_args
 
     run, out = tmp_path / "run", tmp_path / "merged"
     ctx = ["context.target_length=512", "context.method=yarn"]
@@ -100,8 +99,7 @@ def test_merged_config_carries_the_context_extension(tiny_llama_dir, tmp_path):
 def test_merge_refuses_adapters_with_different_context(tiny_run, tiny_llama_dir, tmp_path):
     from lorasft.export.merge import merge_runs
     from lorasft.model.load import ModelError
-    from tests.serve.conftest import QUICK
-    from tests.train.test_train_e2e import tiny_args
+    from tests.conftest import QUICK, tiny_args
 
     other = tmp_path / "yarn"
     assert (

@@ -81,3 +81,15 @@ def test_verify_against_a_server(tiny_run, capsys):
     assert "on server: text: expected" in capsys.readouterr().out
     assert main(["verify", str(tiny_run), "--url", url, "--num-prompts", "1"]) == 2  # now closed
     assert "cannot connect" in capsys.readouterr().err
+
+
+def test_verify_reads_a_gguf_written_into_the_run_folder(tiny_run, capsys):
+    """transformers takes a folder with adapter_config.json for an adapter; verify must not."""
+    inside = tiny_run / "inside.gguf"
+    try:
+        assert main(["export", str(tiny_run), "--out", str(inside)]) == 0
+        assert main(["verify", str(tiny_run), "--gguf", str(inside), "--num-prompts", "2",
+                     "--max-new-tokens", "4"]) == 0  # fmt: skip
+        assert "OK: 2/2 prompt-target pairs agree" in capsys.readouterr().out
+    finally:
+        inside.unlink(missing_ok=True)

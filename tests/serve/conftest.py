@@ -11,11 +11,9 @@ import pytest
 import uvicorn
 
 from lorasft.cli import main
-from tests.train.test_train_e2e import tiny_args
+from tests.conftest import QUICK, tiny_args
 
 API_KEY = "test-key"
-QUICK = ["eval.num_samples=0", "eval.compare_base=false", "train.eval_strategy=no",
-         "train.early_stopping_patience=null", "train.load_best_model_at_end=false"]  # fmt: skip
 
 
 @pytest.fixture(scope="session")

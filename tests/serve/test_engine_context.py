@@ -8,8 +8,7 @@ from lorasft.cli import main
 from lorasft.model.load import ModelError
 from lorasft.model.run import open_run
 from lorasft.serve.engine import load_engine
-from tests.serve.conftest import QUICK
-from tests.train.test_train_e2e import tiny_args
+from tests.conftest import QUICK, tiny_args
 
 
 def test_served_model_has_the_runs_rope_scaling(tiny_llama_dir, tmp_path):

@@ -185,3 +185,47 @@ def test_sse_wire_format(live):
         lines = [line for line in r.iter_lines() if line]
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
     assert json.loads(lines[0][6:])["object"] == "text_completion"
+
+
+def _prompt_of(engine, n: int) -> list[dict]:
+    """A chat whose prompt is exactly n tokens for adapter a (padded with single-token words)."""
+    words = 0
+    while (
+        len(engine.encode_chat(engine.served["a"], [{"role": "user", "content": " a" * words}])) < n
+    ):
+        words += 1
+    messages = [{"role": "user", "content": " a" * words}]
+    assert len(engine.encode_chat(engine.served["a"], messages)) == n
+    return messages
+
+
+def test_prompt_plus_max_tokens_over_the_window(client, engine):
+    messages = _prompt_of(engine, 256 - 40)  # room for 40 new tokens in the 256-token window
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, "a", messages=messages, max_tokens=41)
+    assert e.value.body["code"] == "context_length_exceeded"
+    assert "lower max_tokens to 40 or less" in e.value.body["message"]
+    assert ask(client, "a", messages=messages, max_tokens=40).usage.completion_tokens <= 40
+
+
+def test_default_max_tokens_is_the_room_left_under_the_cap(client, engine):
+    r = client.chat.completions.create(model="a", messages=_prompt_of(engine, 256 - 20),
+                                       temperature=0)  # fmt: skip
+    # No max_tokens: min(cap 64, room 20); these adapters do not stop early, so all 20 are used.
+    assert r.usage.completion_tokens == 20 and r.choices[0].finish_reason == "length"
+
+
+def test_the_api_key_can_come_from_the_environment(adapter_runs, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    import lorasft.serve.app as app_module
+    from lorasft.cli import main
+
+    started = []
+    monkeypatch.setattr(app_module, "serve", lambda app, host, port: started.append(app))
+    monkeypatch.setenv("LORASFT_API_KEY", "from-env")
+    assert main(["serve", "--adapter", f"a={adapter_runs[0]}"]) == 0
+    web = TestClient(started[0])
+    assert web.get("/v1/models").status_code == 401
+    ok = web.get("/v1/models", headers={"Authorization": "Bearer from-env"})
+    assert ok.status_code == 200 and [m["id"] for m in ok.json()["data"]][-1] == "a"

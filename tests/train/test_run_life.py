@@ -8,8 +8,7 @@ from lorasft.cli import main
 from lorasft.config import StageSection, load_config
 from lorasft.train.setup import prepare_model_and_tokenizer
 from lorasft.train.stages import train_stages
-from tests.serve.conftest import QUICK
-from tests.train.test_train_e2e import tiny_args
+from tests.conftest import QUICK, tiny_args
 
 
 def _events(folder):

@@ -8,18 +8,7 @@ from safetensors.torch import load_file
 
 from lorasft.cli import main
 from lorasft.data.prepare import demo_files
-from tests.conftest import LORA_TARGETS, PRECISIONS, precision_of
-
-PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def tiny_args(model_dir, run_dir, *extra):
-    train, evals = demo_files()
-    kind = json.loads((model_dir / "config.json").read_text())["model_type"]
-    return ["train", f"model.path={model_dir}", f"data.train_file={train}", f"data.eval_file={evals}",
-            f"lora.target_modules={LORA_TARGETS[kind]}", f"output.run_dir={run_dir}",
-            "train.max_steps=4", "train.eval_steps=2", "train.batch_size=4", "train.learning_rate=1e-3",
-            "eval.num_samples=3", "eval.max_new_tokens=6", *extra]  # fmt: skip
+from tests.conftest import PNG, PRECISIONS, precision_of, tiny_args
 
 
 def test_train_writes_every_output(tiny_model_dir, tmp_path):
@@ -34,7 +23,8 @@ def test_train_writes_every_output(tiny_model_dir, tmp_path):
     assert r["data"]["train"]["sequences"] == 240 and r["data"]["eval"]["sequences"] == 32
     assert r["train"]["global_step"] == 4
     assert [h["step"] for h in r["log_history"] if "eval_loss" in h] == [2, 4]
-    assert r["overfitting"]["best_step"] in (2, 4)
+    evals = [(h["eval_loss"], h["step"]) for h in r["log_history"] if "eval_loss" in h]
+    assert r["overfitting"]["best_step"] == min(evals)[1] == r["train"]["best_step"]
     ev = r["eval"]
     assert ev["tuned"]["perplexity"]["tokens"] == r["data"]["eval"]["supervised_tokens"]
     assert ev["tuned"]["perplexity"]["loss"] != ev["base"]["perplexity"]["loss"]
@@ -103,14 +93,27 @@ def test_skipped_records_are_counted_in_results(tiny_llama_dir, tmp_path):
 def test_chat_streams_and_keeps_history(tiny_llama_dir, tmp_path, capsys, monkeypatch):
     import io
 
+    import lorasft.eval.generate as generate_module
+
     run = tmp_path / "run"
-    assert (
-        main(tiny_args(tiny_llama_dir, run, "eval.num_samples=0", "eval.compare_base=false")) == 0
-    )
+    assert main(tiny_args(tiny_llama_dir, run, "eval.num_samples=0", "eval.compare_base=false",
+                          "data.system_prompt=Be brief.")) == 0  # fmt: skip
     capsys.readouterr()
-    monkeypatch.setattr("sys.stdin", io.StringIO("Alice lives in Paris.\n/reset\nhello\n\n"))
+    seen, real_stream = [], generate_module.stream
+
+    def recording_stream(model, tok, messages, gen):
+        seen.append([(m["role"], m["content"]) for m in messages])
+        yield from real_stream(model, tok, messages, gen)
+
+    monkeypatch.setattr(generate_module, "stream", recording_stream)
+    monkeypatch.setattr("sys.stdin", io.StringIO("u1\nu2\n/reset\nu3\n\n"))
     assert main(["chat", str(run), "--max-new-tokens", "5"]) == 0
     out = capsys.readouterr().out
-    assert out.count("model> ") == 2  # two questions answered, /reset and the empty line are not
-    answers = [line.split("model> ", 1)[1] for line in out.splitlines() if "model> " in line]
-    assert len(answers) == 2 and all(a.strip() for a in answers)
+    answers = [
+        line.split("model> ", 1)[1].strip() for line in out.splitlines() if "model> " in line
+    ]
+    assert len(answers) == 3 and all(answers)  # three questions; /reset and the empty line not
+    system = ("system", "Be brief.")  # the run's system prompt on every turn
+    assert seen == [[system, ("user", "u1")],
+                    [system, ("user", "u1"), ("assistant", answers[0]), ("user", "u2")],
+                    [system, ("user", "u3")]]  # fmt: skip

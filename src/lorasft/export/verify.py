@@ -9,6 +9,7 @@ stop. Differences in template, BOS or EOS therefore show up as differing prompts
 from __future__ import annotations
 
 import json
+import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -96,10 +97,14 @@ def load_gguf(path: str | Path) -> Target:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"--gguf {path}: no such file")
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
-    )
+    # transformers reads a folder holding adapter_config.json (a run folder, where `export` may
+    # have written the file) as a PEFT adapter; give it a folder with the file alone.
+    with tempfile.TemporaryDirectory() as alone:
+        (Path(alone) / path.name).symlink_to(path.resolve())
+        tok = AutoTokenizer.from_pretrained(alone, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            alone, gguf_file=path.name, dtype=torch.float32
+        )
     return Target("gguf", tok, _eos_list(model.generation_config.eos_token_id), model.eval())
 
 
