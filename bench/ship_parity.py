@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -115,10 +116,23 @@ def ship(run: Path, n: int, new: int) -> dict[str, tuple[int, int, int]]:
                     "--llama-cpp", *files, *common])  # fmt: skip
     (run / "verify.txt").write_text(out)
     found = agreement(out)
-    with served(run) as url:
-        _, out = quiet(["verify", str(run), "--url", url, "--server-model", "demo", *common])
-    (run / "verify_server.txt").write_text(out)
-    found.update(agreement(out))
+    servers = {"lorasft serve": ["lorasft", "serve", "--adapter", f"demo={run}"]}
+    if (
+        importlib.util.find_spec("llama_cpp.server") is not None
+    ):  # pip install llama-cpp-python[server]
+        servers["llama.cpp server (f16)"] = [
+            "llama_cpp.server",
+            "--model",
+            files[1],
+            "--n_ctx",
+            "2048",
+        ]
+    for name, cmd in servers.items():
+        port = free_port()
+        with served([sys.executable, "-m", *cmd, "--port", str(port)], port) as url:
+            _, out = quiet(["verify", str(run), "--url", url, "--server-model", "demo", *common])
+        (run / f"verify_{name.split()[0]}_server.txt").write_text(out)
+        found[name] = agreement(out)["server"]
     return found
 
 

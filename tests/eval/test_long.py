@@ -146,7 +146,20 @@ def test_eval_long_after_training_and_from_cli(tiny_llama_dir, tmp_path, monkeyp
     lc = json.loads((run / "results.json").read_text())["long_context"]
     assert lc["original_window"] == 256 and lc["lengths"] == [128, 256, 512] and lc["factor"] == 2.0
     assert set(lc["perplexity"]) == {"base", "base_scaled", "tuned"}
-    assert all(lc["perplexity"]["tuned"][str(n)]["perplexity"] > 1 for n in (128, 256, 512))
+    # Each row is the sliding-window perplexity of that model at that length, recomputed here
+    # on the reopened run and its base (4 windows, stride half the length, the shipped text).
+    from lorasft.eval.long_data import token_stream
+    from lorasft.eval.long_models import load_base_on
+    from lorasft.model.run import frozen_dtype, open_run
+
+    tuned = open_run(run)
+    ids = token_stream(read_documents(None), tuned.tok)
+    plain = load_base_on(tuned.cfg, frozen_dtype(tuned.model), scaled=False)
+    for name, model in (("tuned", tuned.model), ("base", plain)):
+        for n in (128, 256, 512):
+            want = sliding_perplexity(model, ids, n, n // 2, 4)["loss"]
+            assert abs(lc["perplexity"][name][str(n)]["loss"] - want) < 1e-4, (name, n)
+    assert lc["perplexity"]["tuned"]["256"]["loss"] != lc["perplexity"]["base"]["256"]["loss"]
     # linear scaling changes the base's outputs at every length
     assert lc["perplexity"]["base"]["512"] != lc["perplexity"]["base_scaled"]["512"]
     assert len(lc["passkey"]["accuracy"]) == 3 and len(lc["passkey"]["accuracy"][0]) == 2

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorasft.cli import main
 from lorasft.data.templates import build_prompt
-from lorasft.export.gguf import permute, write_gguf
+from lorasft.export.gguf import permute, source_pre_type, write_gguf
 from lorasft.model.load import ModelError, load_tokenizer
 from lorasft.model.run import open_run
 from tests.conftest import build_model, logit_tolerance, precision_of
@@ -89,7 +89,18 @@ def test_default_model_gguf_round_trip(tmp_path):
     folder = resolve_model_path("default")
     tok = load_tokenizer(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    write_gguf(model, tok, tmp_path / "smol.gguf", "f32")
+    write_gguf(model, tok, tmp_path / "smol.gguf", "f32", pre=source_pre_type(folder))
+    # The tokenizer as llama.cpp's own converter wrote it into the package's GGUF, key by key.
+    import gguf
+
+    from lorasft.model.load import default_gguf
+
+    ours, theirs = gguf.GGUFReader(tmp_path / "smol.gguf"), gguf.GGUFReader(default_gguf())
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
+                "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id",
+                "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token",
+                "tokenizer.chat_template", "llama.context_length", "llama.rope.freq_base"):  # fmt: skip
+        assert _field(ours, key) == _field(theirs, key), key
     back, gtok = _load(tmp_path / "smol.gguf")
     ids, want, want_logits = _greedy(model, tok, "What is the capital of France? Say 12345.", n=12)
     gids, got, logits = _greedy(back, gtok, "What is the capital of France? Say 12345.", n=12)
@@ -129,11 +140,13 @@ def test_a_gguf_file_is_a_model_source(tiny_run, tmp_path, monkeypatch, capsys):
 
 
 def _field(reader, key):
+    """A metadata value: a string, a number, or a list of them (string lists decoded whole)."""
+    import gguf
+
     f = reader.fields[key]
-    if len(f.data) == 1:
-        value = f.parts[f.data[0]]
-        return bytes(value).decode() if value.dtype == np.uint8 else value.tolist()[0]
-    return [f.parts[i].tolist()[0] for i in f.data]
+    strings = f.types[-1] == gguf.GGUFValueType.STRING
+    values = [bytes(f.parts[i]).decode() if strings else f.parts[i].tolist()[0] for i in f.data]
+    return values if f.types[0] == gguf.GGUFValueType.ARRAY else values[0]
 
 
 @pytest.mark.parametrize("qtype", ["f16"])

@@ -55,6 +55,8 @@ def write_hparams(w: gguf.GGUFWriter, config, name: str, ftype: gguf.LlamaFileTy
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     w.add_rope_freq_base(_rope_theta(config))
     w.add_rope_dimension_count(head_dim)
+    w.add_key_length(head_dim)  # as llama.cpp's converter writes them: explicit, not derived
+    w.add_value_length(head_dim)
     w.add_vocab_size(config.vocab_size)
     w.add_file_type(ftype)
 
@@ -118,11 +120,13 @@ def pre_tokenizer(spec: dict) -> str:
 
 
 def _token_types(tok, n: int) -> list[int]:
+    """As llama.cpp's converter marks them: special tokens (and added tokens flagged special)
+    CONTROL, other added tokens USER_DEFINED, the rest NORMAL."""
     special = set(tok.all_special_ids)
-    added = set(tok.added_tokens_decoder)
+    added = tok.added_tokens_decoder
     types = []
     for i in range(n):
-        if i in special:
+        if i in special or (i in added and added[i].special):
             types.append(gguf.TokenType.CONTROL)
         elif i in added:
             types.append(gguf.TokenType.USER_DEFINED)
@@ -131,7 +135,20 @@ def _token_types(tok, n: int) -> list[int]:
     return types
 
 
-def write_tokenizer(w: gguf.GGUFWriter, tok, vocab_size: int) -> None:
+def source_pre_type(base_path: Path | None) -> str | None:
+    """The pre-tokenizer name of the GGUF a base was converted from: transformers' GGUF loader
+    turns e.g. `smollm` into a plain byte-level pre-tokenizer, which would read back as `gpt-2`."""
+    marker = base_path / "lorasft_converted.json" if base_path else None
+    if marker is None or not marker.is_file():
+        return None
+    source = Path(json.loads(marker.read_text())["source"])
+    if not source.is_file():
+        return None
+    field = gguf.GGUFReader(source).fields.get("tokenizer.ggml.pre")
+    return bytes(field.parts[field.data[0]]).decode() if field else None
+
+
+def write_tokenizer(w: gguf.GGUFWriter, tok, vocab_size: int, pre: str | None = None) -> None:
     """A byte-level BPE vocabulary (tokenizer.ggml.model = gpt2) with the run's chat template."""
     spec = json.loads(tok.backend_tokenizer.to_str())
     if spec["model"]["type"] != "BPE":
@@ -145,7 +162,7 @@ def write_tokenizer(w: gguf.GGUFWriter, tok, vocab_size: int) -> None:
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre_tokenizer(spec))
+    w.add_tokenizer_pre(pre or pre_tokenizer(spec))
     w.add_token_list(tokens)
     w.add_token_types(_token_types(tok, vocab_size))
     w.add_token_merges(merges)
@@ -160,7 +177,8 @@ def write_tokenizer(w: gguf.GGUFWriter, tok, vocab_size: int) -> None:
         w.add_chat_template(tok.chat_template)
 
 
-def write_gguf(model, tok, out: str | Path, qtype: str = "f32", name: str = "lorasft") -> Path:
+def write_gguf(model, tok, out: str | Path, qtype: str = "f32", name: str = "lorasft",
+               pre: str | None = None) -> Path:  # fmt: skip
     """Write `model` (a merged, float Llama) and `tok` to one GGUF file."""
     if qtype not in TYPES:
         raise ModelError(f"--type {qtype}: expected one of {', '.join(TYPES)}")
@@ -169,7 +187,7 @@ def write_gguf(model, tok, out: str | Path, qtype: str = "f32", name: str = "lor
     out.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     write_hparams(w, model.config, name, TYPES[qtype])
-    write_tokenizer(w, tok, model.config.vocab_size)
+    write_tokenizer(w, tok, model.config.vocab_size, pre)
     write_tensors(w, model, qtype)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.write_header_to_file()
@@ -185,7 +203,8 @@ def export_gguf(run_dirs: list[str | Path], out: str | Path, qtype: str = "f32",
     from lorasft.export.merge import merge_runs
 
     spec, model = merge_runs(run_dirs, weights)
-    path = write_gguf(model, spec.tok, out, qtype, name=Path(run_dirs[0]).name)
+    name, pre = Path(run_dirs[0]).name, source_pre_type(spec.base_path)
+    path = write_gguf(model, spec.tok, out, qtype, name=name, pre=pre)
     print(
         f"[lorasft] wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {qtype})", file=sys.stderr
     )

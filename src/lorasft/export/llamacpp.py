@@ -15,11 +15,6 @@ import numpy as np
 
 from lorasft.model.load import ModelError
 
-# Logit gap (reference model, at the first differing token) below which two runtimes may pick
-# differently without either being wrong: the reference's top two are closer than the file's
-# rounding moves logits. Measured on the tiny test models and the demo run (README, "Ship it").
-NEAR_TIE = {"F32": 1e-3, "F16": 0.05, "Q8_0": 0.25}
-
 
 def file_type(path: Path) -> str:
     """F32, F16 or Q8_0: the type of the file's largest tensors (as `lorasft export` writes them)."""
