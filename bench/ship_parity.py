@@ -77,18 +77,8 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def served(run: Path):
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "lorasft",
-        "serve",
-        "--adapter",
-        f"demo={run}",
-        "--port",
-        str(port),
-    ]
+def served(cmd: list[str], port: int):
+    """A server started by `cmd` on `port`, until the block ends."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:

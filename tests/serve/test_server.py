@@ -30,9 +30,15 @@ def test_models_lists_base_and_adapters(client, engine):
     assert ids == [base_name(engine), "a", "b"]
 
 
-def test_chat_reports_usage_and_length(client, engine):
+def test_chat_reports_usage_and_length(client, engine, adapter_runs):
+    from transformers import AutoTokenizer
+
     r = ask(client, "a")
-    prompt_ids = engine.encode_chat(engine.served["a"], HELLO)
+    # Counted independently of the engine: the run's own tokenizer and chat template.
+    run_tok = AutoTokenizer.from_pretrained(adapter_runs[0])
+    text = run_tok.apply_chat_template(HELLO, add_generation_prompt=True, tokenize=False)
+    prompt_ids = run_tok(text, add_special_tokens=False).input_ids
+    assert prompt_ids == engine.encode_chat(engine.served["a"], HELLO)
     assert r.usage.prompt_tokens == len(prompt_ids)
     assert r.usage.completion_tokens == 12 and r.usage.total_tokens == len(prompt_ids) + 12
     assert r.choices[0].finish_reason == "length" and r.choices[0].message.role == "assistant"
