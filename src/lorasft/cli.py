@@ -320,6 +320,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from lorasft.train.progress import no_bars_off_terminal
+
+    no_bars_off_terminal()
     try:
         return args.fn(args)
     except USER_ERRORS as e:

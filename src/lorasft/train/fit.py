@@ -22,6 +22,7 @@ from lorasft.data.prepare import Prepared, describe, prepare
 from lorasft.data.tokenize import Encoded
 from lorasft.model.plan import choose_micro_batch
 from lorasft.train.launch import decided_by_rank0, say
+from lorasft.train.progress import on_terminal, readable_progress
 from lorasft.train.trainer import SupervisedTrainer
 
 TB_VARIABLE = "TENSORBOARD_LOGGING_DIR"
@@ -112,6 +113,7 @@ def build_trainer(cfg: Config, model, tok, data: Prepared, run_dir: Path,
             callbacks=callbacks,
         )
     report_sharding(cfg, trainer)
+    readable_progress(trainer)
     return trainer
 
 
@@ -170,7 +172,8 @@ def training_arguments(t: TrainSection, run_dir: Path, precision: str, neftune: 
         fsdp=t.fsdp,
         fsdp_config=t.fsdp_config,
         deepspeed=t.deepspeed,
-        disable_tqdm=False,
+        disable_tqdm=not on_terminal(),  # no bars in a log file (ProgressLines instead)
+        include_num_input_tokens_seen="non_padding",  # for the tokens/s in the progress lines
     )
 
 

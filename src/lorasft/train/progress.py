@@ -1,0 +1,68 @@
+"""Training progress a log file can hold: without a terminal, one plain line per logging step
+(step, loss, tokens/s, elapsed, ETA) instead of progress-bar redraws; with one, the usual bar."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
+
+
+def on_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+def clock(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class ProgressLines(TrainerCallback):
+    """`[lorasft] step 10/30 loss 0.412 lr 8.0e-04 | 265 tok/s | 0m40s elapsed, ETA 1m20s`, and
+    `[lorasft] step 15/30 eval loss 0.118` after each evaluation (rank 0 only)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.start, self.first_step = time.perf_counter(), state.global_step
+        self.first_tokens = state.num_input_tokens_seen
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not state.is_world_process_zero or not logs:
+            return
+        step = f"[lorasft] step {state.global_step}/{state.max_steps}"
+        if "eval_loss" in logs:
+            print(f"{step} eval loss {logs['eval_loss']:.4f}", file=self.stream, flush=True)
+        elif "loss" in logs:
+            print(f"{step} {self.train_line(state, logs)}", file=self.stream, flush=True)
+
+    def train_line(self, state, logs) -> str:
+        elapsed = time.perf_counter() - self.start
+        done = max(state.global_step - self.first_step, 1)
+        eta = elapsed / done * max(state.max_steps - state.global_step, 0)
+        tokens = state.num_input_tokens_seen - self.first_tokens
+        speed = f" | {tokens / elapsed:.0f} tok/s" if tokens and elapsed > 0 else ""
+        lr = logs.get("learning_rate")
+        lr = f" lr {float(lr):.1e}" if lr is not None else ""
+        return (f"loss {float(logs['loss']):.4f}{lr}{speed} | {clock(elapsed)} elapsed, "
+                f"ETA {clock(eta)}")  # fmt: skip
+
+
+def no_bars_off_terminal() -> None:
+    """Loading and conversion bars (transformers') redraw with carriage returns: none in a log."""
+    if not on_terminal():
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+
+
+def readable_progress(trainer: Trainer) -> None:
+    """With no terminal, swap the Trainer's bar (or its raw dict printer) for plain lines."""
+    if on_terminal():
+        return
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(ProgressLines())
