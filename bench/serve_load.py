@@ -32,17 +32,19 @@ def prompts() -> list[str]:
     return [f"{r['instruction']}\n\n{r['input']}".strip() for r in recs]
 
 
-def start_server(base: str) -> tuple[subprocess.Popen, str]:
+def start_server(module: list[str], wait: float = 180) -> tuple[subprocess.Popen, str]:
+    """`python -m MODULE... --port P` on a free port, once its OpenAI API answers (any
+    OpenAI-compatible server: `lorasft serve`, `llama_cpp.server`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "lorasft", "serve", "--base", base, "--port", str(port)]
+    cmd = [sys.executable, "-m", *module, "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + wait
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{url}/v1/models", timeout=1).status_code == 200:
                 return proc, url
         except httpx.TransportError:
             time.sleep(0.5)
@@ -89,7 +91,7 @@ def main() -> None:
     ap.add_argument("--base", default="default")
     ap.add_argument("--url", help="an already running server (default: start one)")
     a = ap.parse_args()
-    proc, url = (None, a.url) if a.url else start_server(a.base)
+    proc, url = (None, a.url) if a.url else start_server(["lorasft", "serve", "--base", a.base])
     try:
         model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         phase(url, model, 1, 2.0, a.max_tokens)  # warm-up

@@ -18,11 +18,11 @@ import io
 import json
 import os
 import re
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
+
+from serve_load import start_server  # bench/ is the script's folder
 
 from lorasft.cli import main
 
@@ -70,23 +70,11 @@ def agreement(out: str) -> dict[str, tuple[int, int, int]]:
     return {t: (v.count("same") + v.count("tie"), v.count("tie"), len(v)) for t, v in rows.items()}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
-def served(cmd: list[str], port: int):
-    """A server started by `cmd` on `port`, until the block ends."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+def served(module: list[str]):
+    """An OpenAI-compatible server (`python -m MODULE...`) until the block ends."""
+    proc, url = start_server(module, wait=300)
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                break
-            time.sleep(1)
         yield url
     finally:
         proc.terminate()
@@ -107,9 +95,8 @@ def ship(run: Path, n: int, new: int) -> dict[str, tuple[int, int, int]]:
     (run / "verify.txt").write_text(out)
     found = agreement(out)
     servers = {"lorasft serve": ["lorasft", "serve", "--adapter", f"demo={run}"]}
-    if (
-        importlib.util.find_spec("llama_cpp.server") is not None
-    ):  # pip install llama-cpp-python[server]
+    # llama.cpp's own OpenAI server, where installed: pip install 'llama-cpp-python[server]'
+    if importlib.util.find_spec("llama_cpp.server") is not None:
         servers["llama.cpp server (f16)"] = [
             "llama_cpp.server",
             "--model",
@@ -118,8 +105,7 @@ def ship(run: Path, n: int, new: int) -> dict[str, tuple[int, int, int]]:
             "2048",
         ]
     for name, cmd in servers.items():
-        port = free_port()
-        with served([sys.executable, "-m", *cmd, "--port", str(port)], port) as url:
+        with served(cmd) as url:
             _, out = quiet(["verify", str(run), "--url", url, "--server-model", "demo", *common])
         (run / f"verify_{name.split()[0]}_server.txt").write_text(out)
         found[name] = agreement(out)["server"]

@@ -318,10 +318,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def no_bars_off_terminal() -> None:
+    """Loading and conversion bars (transformers') redraw with carriage returns: none in a log
+    file. (Imports only transformers' logging, not the Trainer: every command passes here.)"""
+    if not sys.stderr.isatty():
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from lorasft.train.progress import no_bars_off_terminal
-
     no_bars_off_terminal()
     try:
         return args.fn(args)

@@ -5,6 +5,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorasft.cli import main
 from lorasft.data.tokenize import stop_ids
+from lorasft.model.precision import PRECISION_DTYPES
 from lorasft.model.run import frozen_dtype, open_run
 from tests.conftest import logit_tolerance, precision_of
 
@@ -30,7 +31,7 @@ def test_merged_folder_matches_adapter_on_base(tiny_run, tmp_path):
     assert (want - base).abs().max() > 1e-2  # the adapter matters, so a lost merge would show
     # The run reopens in the dtype it trained in; the merge is float32 (of the same weights).
     precision = precision_of(tiny_run)
-    assert frozen_dtype(peft) == {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    assert frozen_dtype(peft) == PRECISION_DTYPES[precision]
     assert merged.dtype == torch.float32
     tol = logit_tolerance(precision, want)
     assert (_logits(merged, mtok) - want).abs().max() < tol

@@ -168,3 +168,17 @@ def test_extended_model_round_trips_through_peft(model_dirs, kind, tmp_path):
         assert torch.allclose(
             peft.eval()(input_ids=ids).logits, reloaded(input_ids=ids).logits, atol=1e-5
         )
+
+
+def test_context_window_is_the_runs_or_a_clear_error():
+    from types import SimpleNamespace
+
+    from lorasft.config import ConfigError
+    from lorasft.model.context import context_window
+
+    dynamic = SimpleNamespace(max_position_embeddings=256,
+                              rope_parameters={"rope_type": "dynamic", "factor": 2.0})  # fmt: skip
+    assert context_window(dynamic) == 512  # dynamic keeps the field at the trained window
+    assert context_window(SimpleNamespace(n_positions=1024)) == 1024  # GPT-2 style
+    with pytest.raises(ConfigError, match=r"/x/model: config.json has none of .* add max_pos"):
+        context_window(SimpleNamespace(model_type="llama", _name_or_path="/x/model"))

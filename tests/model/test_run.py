@@ -10,11 +10,10 @@ import yaml
 from lorasft.cli import main
 from lorasft.data.templates import with_system
 from lorasft.eval.generate import encode_prompt
+from lorasft.model.precision import PRECISION_DTYPES
 from lorasft.model.run import frozen_dtype, open_run
 from lorasft.serve.engine import Params, load_engine
-from tests.conftest import PRECISIONS, QUICK, tiny_args
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from tests.conftest import PRECISIONS, QUICK, precision_of, tiny_args
 
 
 @pytest.fixture(scope="module", params=PRECISIONS)
@@ -28,13 +27,9 @@ def run(request, tiny_llama_dir, tmp_path_factory):
     return d
 
 
-def _precision(run) -> str:
-    return json.loads((run / "lorasft_run.json").read_text())["precision"]
-
-
 def test_a_run_reopens_in_the_dtype_it_trained_in(run, capsys):
-    assert frozen_dtype(open_run(run).model) == DTYPES[_precision(run)]
-    other = "float32" if _precision(run) == "bf16" else "bfloat16"
+    assert frozen_dtype(open_run(run).model) == PRECISION_DTYPES[precision_of(run)]
+    other = "float32" if precision_of(run) == "bf16" else "bfloat16"
     capsys.readouterr()
     assert frozen_dtype(open_run(run, other).model) == getattr(torch, other)
     assert f"in {other} (--dtype); it trained in" in capsys.readouterr().err
@@ -46,7 +41,7 @@ def test_a_run_from_before_run_info_uses_results_json(run, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(run, old)
     (old / "lorasft_run.json").unlink()
-    assert frozen_dtype(open_run(old).model) == DTYPES[_precision(run)]
+    assert frozen_dtype(open_run(old).model) == PRECISION_DTYPES[precision_of(run)]
 
 
 def test_the_server_answers_as_the_run_did_in_training(run):
@@ -54,7 +49,7 @@ def test_the_server_answers_as_the_run_did_in_training(run):
     samples = json.loads((run / "results.json").read_text())["eval"]["samples"]
     engine = load_engine(None, [("t", str(run))])
     served = engine.served["t"]
-    assert frozen_dtype(engine.model) == DTYPES[_precision(run)]
+    assert frozen_dtype(engine.model) == PRECISION_DTYPES[precision_of(run)]
     for s in samples:
         user = [{"role": "user", "content": s["prompt"]}]
         ids = engine.encode_chat(served, user)

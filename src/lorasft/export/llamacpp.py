@@ -17,7 +17,8 @@ from lorasft.model.load import ModelError
 
 
 def file_type(path: Path) -> str:
-    """F32, F16 or Q8_0: the type of the file's largest tensors (as `lorasft export` writes them)."""
+    """F32, F16 or Q8_0: the most common type among the file's matrices (norms and other vectors
+    stay F32 in every type `lorasft export` writes)."""
     import gguf
 
     reader = gguf.GGUFReader(path)

@@ -14,7 +14,7 @@ import torch
 from lorasft.data.tokenize import stop_ids
 from lorasft.model.load import ModelError
 from lorasft.model.precision import DTYPE_NAMES
-from lorasft.model.run import RunSpec, attach, open_run, read_run
+from lorasft.model.run import RunSpec, attach, check_same_context, open_run, read_run
 
 
 def _set_weight(model, adapter: str, weight: float) -> None:
@@ -32,11 +32,7 @@ def _check_same_base(first: RunSpec, other: RunSpec) -> None:
             f"{other.dir}: trained on model.path={other.cfg.model.path!r}, but the first run used "
             f"{first.cfg.model.path!r}; only adapters of the same base can be merged together"
         )
-    if other.cfg.context != first.cfg.context:  # the context extension changes the base itself
-        raise ModelError(
-            f"{other.dir}: trained with context settings {other.cfg.context}, the first run with "
-            f"{first.cfg.context}; only adapters of the same extended base can be merged together"
-        )
+    check_same_context(first, other)
 
 
 def merge_runs(run_dirs: list[str | Path], weights: list[float] | None = None):

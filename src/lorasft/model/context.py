@@ -107,9 +107,11 @@ def context_window(config) -> int:
     n = next((getattr(config, k) for k in WINDOW_FIELDS if isinstance(getattr(config, k, None), int)),
              None)  # fmt: skip
     if n is None:
+        where = getattr(config, "_name_or_path", "") or config.model_type
         raise ConfigError(
-            f"{config.model_type}: its config has none of {', '.join(WINDOW_FIELDS)}, so its "
-            "context window is unknown"
+            f"{where}: config.json has none of {', '.join(WINDOW_FIELDS)}, so the model's "
+            "context window is unknown; add max_position_embeddings (the number of positions it "
+            "was trained on) to its config.json"
         )
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type") == "dynamic" and rope.get("factor"):

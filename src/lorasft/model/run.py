@@ -201,13 +201,19 @@ def attach(model, spec: RunSpec, name: str = "default"):
         raise ModelError(f"{spec.dir}: the adapter cannot be loaded on this base ({e})") from e
 
 
+def check_same_context(first: RunSpec, other: RunSpec) -> None:
+    """Adapters used together on one base (served or merged) must agree on the context extension:
+    it changes the base itself, and a PEFT adapter does not carry it."""
+    if other.cfg.context != first.cfg.context:
+        raise ModelError(f"{other.dir} was trained with context settings {other.cfg.context} and "
+                         f"{first.dir} with {first.cfg.context}; these change the base, so use "
+                         "them separately")  # fmt: skip
+
+
 def shared_base(base: RunSpec, runs: list[RunSpec]) -> None:
-    """Adapters served or merged on one base must agree on what changes the base itself."""
+    """Adapters served on one base must agree on what changes the base itself."""
     for r in runs:
-        if r.cfg.context != runs[0].cfg.context:
-            raise ModelError(f"{r.dir} was trained with context settings {r.cfg.context} and "
-                             f"{runs[0].dir} with {runs[0].cfg.context}; these change the base, "
-                             "so use them separately")  # fmt: skip
+        check_same_context(runs[0], r)
         if r.dtype != base.dtype:
             raise ModelError(f"{r.dir} trained in {dtype_name(r.dtype)}, but the base opens in "
                              f"{dtype_name(base.dtype)}; give --dtype to open them alike")  # fmt: skip

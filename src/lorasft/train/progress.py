@@ -51,14 +51,6 @@ class ProgressLines(TrainerCallback):
                 f"ETA {clock(eta)}")  # fmt: skip
 
 
-def no_bars_off_terminal() -> None:
-    """Loading and conversion bars (transformers') redraw with carriage returns: none in a log."""
-    if not on_terminal():
-        from transformers.utils import logging
-
-        logging.disable_progress_bar()
-
-
 def readable_progress(trainer: Trainer) -> None:
     """With no terminal, swap the Trainer's bar (or its raw dict printer) for plain lines."""
     if on_terminal():
