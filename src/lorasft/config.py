@@ -197,6 +197,21 @@ class ContextSection(Section):
     """Scaling factor; None = target_length / the model's original window."""
     trainable: list[Literal["embed", "norm"]] = []
     """Also train (and save with the adapter) embeddings and/or normalisation layers (LongLoRA)."""
+    s2_attn: bool = False
+    """Train with LongLoRA's shifted sparse attention: tokens attend within groups of s2_group
+    tokens, half of the heads shifted by half a group; evaluation, generation and serving use full
+    attention. Needs model.attn_implementation sdpa or flash_attention_*."""
+    s2_group: float = Field(default=0.25, gt=0)
+    """S2-Attn group size: a fraction (<= 1) of data.max_length, or a whole number of tokens (> 1)."""
+
+    @model_validator(mode="after")
+    def _group_is_tokens_or_fraction(self) -> ContextSection:
+        if self.s2_group > 1 and self.s2_group != int(self.s2_group):
+            raise ValueError(
+                f"context.s2_group={self.s2_group}: give a fraction of the length (<= 1, e.g. "
+                "0.25) or a whole number of tokens (e.g. 4096)"
+            )
+        return self
 
 
 class StageSection(Section):
@@ -239,6 +254,11 @@ class Config(Section):
                     cls.model_validate(merged)
                 except ValidationError as e:
                     raise ValueError(_stage_error(f"stages.{i}.{section}", cls, e)) from None
+        if self.context.s2_attn and self.model.attn_implementation == "eager":
+            raise ValueError(
+                "context.s2_attn runs on model.attn_implementation sdpa or flash_attention_*, "
+                "not eager; set model.attn_implementation=sdpa"
+            )
         if self.stages and self.train.resume is not None:
             raise ValueError(
                 "train.resume cannot continue a staged run; unset it or remove `stages`"

@@ -21,6 +21,7 @@ from lorasft.data.packing import PackedCollator, check_packing, pack
 from lorasft.data.prepare import Prepared, describe, prepare
 from lorasft.data.tokenize import Encoded
 from lorasft.model.plan import choose_micro_batch
+from lorasft.model.s2attn import s2_training
 from lorasft.train.launch import decided_by_rank0, say
 from lorasft.train.progress import on_terminal, readable_progress
 from lorasft.train.trainer import SupervisedTrainer
@@ -51,7 +52,8 @@ def fit(cfg: Config, model, tok, run_dir: Path, precision: str,
     cfg = fit_micro_batch(cfg, model, data, precision)
     trainer = build_trainer(cfg, model, tok, data, run_dir, precision)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    with s2_training(model, cfg.context, cfg.data.max_length, say):
+        result = trainer.train(resume_from_checkpoint=checkpoint)
     info = {
         "train_seconds": round(time.perf_counter() - start, 2),
         "train_metrics": result.metrics,
