@@ -35,6 +35,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 HERE = Path(__file__).resolve()
+# The model every mode trains: the default (SmolLM2-135M-Instruct) unless the GPU check points it
+# at another folder.
+BENCH_MODEL = os.environ.get("LORASFT_BENCH_MODEL", "default")
 # One optimisation recipe for every mode: lorasft's defaults (the demo's 1e-3 is for one epoch).
 LR = 2e-4
 SCHEDULE = {"learning_rate": LR, "lr_scheduler_type": "cosine", "warmup_steps": 0.05}
@@ -149,7 +152,7 @@ def naive_trainer(steps: int, max_length: int = 512):
     from lorasft.data.prepare import demo_files
     from lorasft.model.load import resolve_model_path
 
-    path = resolve_model_path("default")
+    path = resolve_model_path(BENCH_MODEL)
     tok = AutoTokenizer.from_pretrained(path)
     examples, _, _ = load_file(demo_files()[0])
     texts = [tok.apply_chat_template(e.messages, tokenize=False) for e in examples]
@@ -181,7 +184,7 @@ def trl_trainer(steps: int):
     from lorasft.data.prepare import demo_files
     from lorasft.model.load import resolve_model_path
 
-    path = resolve_model_path("default")
+    path = resolve_model_path(BENCH_MODEL)
     examples, _, _ = load_file(demo_files()[0])
     rows = [{"prompt": e.messages[:-1], "completion": e.messages[-1:]} for e in examples]
     for row in rows:  # TRL's templates take role/content only
@@ -208,7 +211,7 @@ def held_out_loss(model) -> float:
     from lorasft.model.load import load_tokenizer, resolve_model_path
 
     cfg = load_config(str(files("lorasft") / "assets" / "demo.yaml"), [])
-    tok = load_tokenizer(resolve_model_path("default"))
+    tok = load_tokenizer(resolve_model_path(BENCH_MODEL))
     return perplexity(model, prepare(cfg.data, tok).eval, tok.pad_token_id)["loss"]
 
 

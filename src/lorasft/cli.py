@@ -49,7 +49,7 @@ def _long_settings(args: argparse.Namespace):
     from lorasft.eval.long import LongSettings
 
     s = LongSettings(lengths=args.lengths, stride=args.stride, data=args.long_data)
-    for name in ("max_windows", "trials", "depths"):
+    for name in ("protocol", "scored", "max_windows", "trials", "depths"):
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
     check_long_settings(args)
@@ -66,7 +66,7 @@ def check_long_settings(args: argparse.Namespace) -> None:
         raise ConfigError(f"--stride {args.stride}: must be between 1 and the shortest length")
     if args.depths and not all(0.0 <= d <= 1.0 for d in args.depths):
         raise ConfigError(f"--depths {args.depths}: depths are fractions from 0 to 1")
-    for name in ("trials", "max_windows"):
+    for name in ("trials", "max_windows", "scored"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(
                 f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1"
@@ -81,10 +81,17 @@ def _long_args(e: argparse.ArgumentParser) -> None:
                    help="long documents: text files or JSONL with 'text' (default: a shipped text)")  # fmt: skip
     g.add_argument("--lengths", nargs="+", type=int,
                    help="context lengths (default: half the model's window, doubling, up to the target)")  # fmt: skip
+    g.add_argument("--protocol", choices=["same_tokens", "sliding"],
+                   help="same_tokens (default): the same final tokens scored with each length of "
+                        "context; sliding: sliding windows of each length")  # fmt: skip
     g.add_argument(
-        "--stride", type=int, help="sliding-window stride (default: half of each length)"
+        "--scored", type=int, help="same_tokens: tokens scored per end point (default 512)"
     )
-    g.add_argument("--max-windows", type=int, help="windows read per length (default 4)")
+    g.add_argument(
+        "--stride", type=int, help="sliding: window stride (default: half of each length)"
+    )
+    g.add_argument("--max-windows", type=int,
+                   help="end points (same_tokens) or windows per length (sliding); default 4")  # fmt: skip
     g.add_argument("--trials", type=int, help="passkey trials per length x depth (default 2)")
     g.add_argument(
         "--depths", nargs="+", type=float, help="passkey depths, 0-1 (default 0 .25 .5 .75 1)"
@@ -232,7 +239,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     report = check_run(args.run_dir, args.merged, args.gguf, args.url, args.api_key,
                        args.server_model, args.max_new_tokens, args.num_prompts,
-                       args.llama_cpp)  # fmt: skip
+                       args.llama_cpp, args.long)  # fmt: skip
     return 0 if report.ok else 1
 
 
@@ -266,6 +273,9 @@ def _add_export_parsers(sub) -> None:
     )
     v.add_argument("--max-new-tokens", type=int, default=32)
     v.add_argument("--num-prompts", type=int, default=8, help="eval records to compare on")
+    v.add_argument("--long", type=int, metavar="TOKENS",
+                   help="also a text of this many tokens through --llama-cpp (past the original "
+                        "window it checks the run's RoPE scaling in llama.cpp)")  # fmt: skip
     v.set_defaults(fn=cmd_verify)
 
 

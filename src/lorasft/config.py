@@ -182,6 +182,20 @@ class EvalSection(Section):
     batch_size: int = Field(default=8, ge=1)
     overfit_patience: int = Field(default=3, ge=1)
     """Eval-loss rises in a row (with train loss falling) that make an overfitting verdict."""
+    long: bool = True
+    """After a run with context.target_length: perplexity by length, passkey retrieval and the
+    attention check (eval.long_* settings; `lorasft eval RUN --long` runs it later)."""
+    long_data: list[str] | None = None
+    """Long documents (text files or JSONL with `text`); None: the text lorasft ships."""
+    long_lengths: list[int] | None = None
+    """Context lengths; None: half the window, then doublings from the window to the target."""
+    long_windows: int = Field(default=2, ge=1)
+    """End points at which the same final tokens are scored with each length of context."""
+    long_scored: int = Field(default=512, ge=1)
+    """Tokens scored at each end point."""
+    passkey_trials: int = Field(default=2, ge=1)
+    """Passkey trials per length and depth (5 depths by default: 10 per length)."""
+    passkey_depths: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
 class ContextSection(Section):
@@ -258,10 +272,6 @@ class Config(Section):
             raise ValueError(
                 "context.s2_attn runs on model.attn_implementation sdpa or flash_attention_*, "
                 "not eager; set model.attn_implementation=sdpa"
-            )
-        if self.stages and self.train.resume is not None:
-            raise ValueError(
-                "train.resume cannot continue a staged run; unset it or remove `stages`"
             )
         sharded = [k for k in ("fsdp", "deepspeed") if getattr(self.train, k)
                    or any(st.train.get(k) for st in self.stages)]  # fmt: skip

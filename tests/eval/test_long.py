@@ -1,6 +1,5 @@
 """Evaluation by length: sliding-window perplexity, passkey retrieval, attention bands, plots."""
 
-import functools
 import json
 import math
 import re
@@ -12,11 +11,10 @@ from transformers import AutoModelForCausalLM
 
 from lorasft.cli import main
 from lorasft.eval.attention import attention_by_distance, default_bands
-from lorasft.eval.long import LongSettings
 from lorasft.eval.long_data import read_documents, token_stream
 from lorasft.eval.long_models import eager_attention
 from lorasft.eval.passkey import FILLER, NEEDLE, build_prompt, first_integer, passkey_grid
-from lorasft.eval.sliding import sliding_perplexity, windows
+from lorasft.eval.sliding import same_tokens_perplexity, sliding_perplexity, tail_windows, windows
 from lorasft.model.context import length_ladder
 from lorasft.report.long_report import write_long_plots
 from tests.conftest import PNG, tiny_args
@@ -54,6 +52,26 @@ def test_sliding_perplexity_equals_hand_computation(llama):
     # max_windows=2 reads ids[:6]: tokens 1-5.
     assert sliding_perplexity(llama, ids, 4, 2, max_windows=2)["tokens"] == 5
     assert sliding_perplexity(llama, ids, 16, 8)["perplexity"] is None  # text shorter than a window
+
+
+def test_same_tokens_are_scored_at_every_length(llama):
+    """At ends 8 and 16 the last 2 tokens are predicted with 4 and with 8 tokens of context."""
+    ids = [7, 42, 99, 3, 250, 18, 77, 5, 301, 64, 11, 23, 5, 8, 140, 9, 17]
+    assert tail_windows(len(ids), 8, 4) == [8, 16]
+
+    def nll(begin, end, pos):  # ids[pos] predicted inside the window ids[begin:end]
+        with torch.no_grad():
+            logits = llama(torch.tensor([ids[begin:end]])).logits[0]
+        return F.cross_entropy(logits[pos - begin - 1], torch.tensor(ids[pos])).item()
+
+    got = same_tokens_perplexity(llama, ids, [4, 8], scored=2, windows=4)
+    for n in (4, 8):
+        want = sum(nll(e - n, e, p) for e in (8, 16) for p in (e - 2, e - 1)) / 4
+        assert got[str(n)]["tokens"] == 4 and abs(got[str(n)]["loss"] - want) < 1e-4
+    assert got["4"]["loss"] != got["8"]["loss"]  # same tokens, different context
+    assert same_tokens_perplexity(llama, ids[:7], [4, 8], 2, 4)["8"]["perplexity"] is None
+    with pytest.raises(ValueError, match="scored=4"):
+        same_tokens_perplexity(llama, ids, [4, 8], scored=4, windows=1)
 
 
 def test_passkey_prompt_and_scoring(tiny_tokenizer):
@@ -135,19 +153,17 @@ def test_lengths_and_long_data(tmp_path, tiny_tokenizer):
         read_documents([bad])
 
 
-def test_eval_long_after_training_and_from_cli(tiny_llama_dir, tmp_path, monkeypatch):
-    # fewer passkey cells than the defaults after training, to keep the test fast
-    few = functools.partial(LongSettings, depths=[0.0, 1.0], trials=1)
-    monkeypatch.setattr("lorasft.eval.long.LongSettings", few)
+def test_eval_long_after_training_and_from_cli(tiny_llama_dir, tmp_path):
     run = tmp_path / "run"
     args = tiny_args(tiny_llama_dir, run, "eval.num_samples=0", "eval.compare_base=false",
-                     "context.target_length=512", "context.method=linear")  # fmt: skip
+                     "context.target_length=512", "context.method=linear",
+                     "eval.passkey_trials=1", "eval.passkey_depths=[0.0,1.0]")  # fmt: skip
     assert main(args) == 0
     lc = json.loads((run / "results.json").read_text())["long_context"]
     assert lc["original_window"] == 256 and lc["lengths"] == [128, 256, 512] and lc["factor"] == 2.0
     assert set(lc["perplexity"]) == {"base", "base_scaled", "tuned"}
-    # Each row is the sliding-window perplexity of that model at that length, recomputed here
-    # on the reopened run and its base (4 windows, stride half the length, the shipped text).
+    # Each row scores the same final tokens (127 before each of 2 end points, the shipped text)
+    # with 128, 256 and 512 tokens of context; recomputed here on the reopened run and its base.
     from lorasft.eval.long_data import token_stream
     from lorasft.eval.long_models import load_base_on
     from lorasft.model.run import frozen_dtype, open_run
@@ -156,13 +172,18 @@ def test_eval_long_after_training_and_from_cli(tiny_llama_dir, tmp_path, monkeyp
     ids = token_stream(read_documents(None), tuned.tok)
     plain = load_base_on(tuned.cfg, frozen_dtype(tuned.model), scaled=False)
     for name, model in (("tuned", tuned.model), ("base", plain)):
+        want = same_tokens_perplexity(model, ids, [128, 256, 512], 127, 2)
         for n in (128, 256, 512):
-            want = sliding_perplexity(model, ids, n, n // 2, 4)["loss"]
-            assert abs(lc["perplexity"][name][str(n)]["loss"] - want) < 1e-4, (name, n)
+            assert abs(lc["perplexity"][name][str(n)]["loss"] - want[str(n)]["loss"]) < 1e-4, (
+                name,
+                n,
+            )
+            assert lc["perplexity"][name][str(n)]["tokens"] == 254
     assert lc["perplexity"]["tuned"]["256"]["loss"] != lc["perplexity"]["base"]["256"]["loss"]
     # linear scaling changes the base's outputs at every length
     assert lc["perplexity"]["base"]["512"] != lc["perplexity"]["base_scaled"]["512"]
     assert len(lc["passkey"]["accuracy"]) == 3 and len(lc["passkey"]["accuracy"][0]) == 2
+    assert len(lc["passkey_base"]["accuracy"]) == 3  # the before: base + scaling, untrained
     for name in ("ppl_by_length.png", "passkey.png", "attention_by_distance.png"):
         assert (run / name).read_bytes()[:8] == PNG, name
     text = tmp_path / "long.txt"
@@ -170,7 +191,7 @@ def test_eval_long_after_training_and_from_cli(tiny_llama_dir, tmp_path, monkeyp
     for name in lc["plots"]:
         (run / name).unlink()
     assert main(["eval", str(run), "--num-samples", "0", "--long", "--long-data", str(text),
-                 "--lengths", "64", "128", "--trials", "1", "--depths", "0.5"]) == 0  # fmt: skip
+                 "--lengths", "64", "128", "--trials", "1", "--depths", "0.5", "--protocol", "sliding"]) == 0  # fmt: skip
     ev = json.loads((run / "eval_results.json").read_text())["long_context"]
     assert ev["lengths"] == [64, 128] and ev["passkey"]["accuracy"] == [[0.0], [0.0]]
     assert ev["perplexity"]["tuned"]["128"]["perplexity"] is not None

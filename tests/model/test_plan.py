@@ -23,10 +23,35 @@ def test_estimate_exact_by_hand():
     # base: embed 800 + lm_head 800 + final norm 8 + layer (q,k,v,o 4*64 + mlp 3*128 + 2 norms 16) = 2264
     assert row.weights == 2264 * 4
     assert row.trainable == 2 * (2 * (8 + 8)) * 16  # q_proj and v_proj: r*(in+out) each
-    layer = 16 * 8 * (34 + 5 * 2 * 16 / 8) * 4 / 2  # s*b*h*(34 + 5as/h) * p/2 = 13824
-    logits = 2 * 16 * 100 * 4
+    layer = 16 * 8 * 34 * 4 / 2  # sdpa stores no scores: s*b*h*34 * p/2
+    logits = 16 * 100 * 16  # fp32: logits (= their fp32 copy) 4, log-softmax 4, two gradients 4 + 4
     assert row.activations == layer + logits
     assert row.activations_checkpointed == 16 * 8 * 4 + layer + logits
+    # eager attention stores the a*s*s scores: s*b*h*(34 + 5as/h) * p/2 = 13824
+    (eager,) = memory_table(tiny_config(), load_config(None, [
+        "lora.r=2", "lora.target_modules=[q_proj,v_proj]", "train.batch_size=1",
+        "model.attn_implementation=eager"]), [16], "fp32")  # fmt: skip
+    assert eager.activations == 16 * 8 * (34 + 5 * 2 * 16 / 8) * 4 / 2 + logits
+    # bf16: logits 2 bytes, their fp32 copy, log-softmax and two fp32 gradients 16
+    (half,) = memory_table(tiny_config(), cfg, [16], "bf16")
+    assert half.activations == 16 * 8 * 34 * 2 / 2 + 16 * 100 * 18
+
+
+def test_step_time_by_hand():
+    """2 FLOPs per weight per token forward and again for input gradients, the forward once more
+    (head excluded) under checkpointing; attention 2*s*span*h per layer forward, backward 2.5x."""
+    from lorasft.model.plan import Rates, matmul_parameters, step_seconds
+
+    config = tiny_config()
+    weights = matmul_parameters(config)
+    assert weights == 4 * 64 + 3 * 128 + 800  # q,k,v,o + mlp + lm_head (no embedding lookup)
+    rates = Rates(matmul=1e6, attention=1e5)
+    got = step_seconds(config, 16, 1, 16, True, rates)
+    linear = 16 * (4 * weights + 2 * (weights - 800))
+    attention = 1 * 2 * 16 * 16 * 8 * (2 + 2.5)
+    assert got["matmul_s"] == linear / 1e6 and got["attention_s"] == attention / 1e5
+    s2 = step_seconds(config, 16, 1, 4, True, rates)  # groups of 4: a quarter of the pairs
+    assert s2["attention_s"] == attention / 4 / 1e5 and s2["matmul_s"] == got["matmul_s"]
 
 
 def test_estimate_is_ordered():
@@ -49,7 +74,12 @@ def test_plan_command_prints_window_method_and_table(tiny_llama_dir, capsys):
     out = capsys.readouterr().out
     assert "model window: 256 tokens" in out and "context: yarn to 1024 tokens, factor 4" in out
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
-    assert [int(r[0]) for r in rows] == [128, 256, 512, 1024]
+    memory, seconds = rows[:4], rows[4:]
+    assert [int(r[0]) for r in memory] == [int(r[0]) for r in seconds] == [128, 256, 512, 1024]
+    assert "seconds per step" in out and "GFLOP/s" in out
+    full, s2 = [float(r[1]) for r in seconds], [float(r[2]) for r in seconds]
+    assert full == sorted(full) and all(b < a for a, b in zip(full, s2))  # groups: fewer pairs
+    assert [int(r[3]) for r in seconds] == [32, 64, 128, 256]  # a quarter of each length
 
 
 def test_micro_batch_is_the_largest_divisor_that_fits():

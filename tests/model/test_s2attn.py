@@ -3,6 +3,7 @@ sequence, the loss of a hand-written shift-and-group reference, records never mi
 and the flattened rows of the flash path), gradient checkpointing, and a run that trains with it
 and reloads with full attention. Every numeric check in fp32 and in bf16."""
 
+import itertools
 from functools import partial
 
 import pytest
@@ -58,7 +59,7 @@ def reference(module, q, k, v, mask, *, group: int, scaling=None, dropout=0.0, *
     for h in range(q.shape[1]):
         shift = 0 if h < half else group // 2
         bounds = [0, *range(shift or group, q.shape[2], group), q.shape[2]]
-        for lo, hi in zip(bounds, bounds[1:]):
+        for lo, hi in itertools.pairwise(bounds):
             scores = (q[:, h, lo:hi] @ k[:, h, lo:hi].transpose(-1, -2)).float() * scaling
             causal = torch.ones(hi - lo, hi - lo, dtype=torch.bool).tril()
             weights = scores.masked_fill(~causal, float("-inf")).softmax(-1).to(q.dtype)
@@ -86,7 +87,9 @@ def test_group_covering_the_sequence_is_full_attention(precision):
     mask[1, :, :, 50:] = False  # row 1 right-padded after 50 tokens
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | torch.eye(L, dtype=torch.bool))
     got = grouped_sdpa(q, k, v, mask, L, 0, 0.0, None)
-    assert (got - want)[:, :, :50].abs().max().item() <= tolerance(precision, want.abs().max().item())
+    assert (got - want)[:, :, :50].abs().max().item() <= tolerance(
+        precision, want.abs().max().item()
+    )
 
 
 def logits_with(model, impl: str, x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +124,9 @@ def varlen_reference(module, q, k, v, mask, *, position_ids, scaling=None, is_ca
     seg = (position_ids[0] == 0).cumsum(0)
     j = torch.arange(q.shape[2])
     allowed = (seg[:, None] == seg[None, :]) & (j[None, :] <= j[:, None])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling).transpose(1, 2), None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling).transpose(
+        1, 2
+    ), None
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -137,13 +142,17 @@ def test_groups_never_cross_records(precision):
     tol = tolerance(precision, alone.abs().max().item())
     assert (packed - alone).abs().max().item() <= tol
     register("test_varlen", varlen_reference)
-    flat = register("s2_test_varlen", partial(s2_attention, inner="test_varlen", group=G), "flash_attention_2")
+    flat = register(
+        "s2_test_varlen", partial(s2_attention, inner="test_varlen", group=G), "flash_attention_2"
+    )
     model.set_attn_implementation(flat)
     varlen = model(input_ids=x, position_ids=pos, use_cache=False).logits
     assert (varlen - alone).abs().max().item() <= tol
     # Control: full attention over the packed row without its position ids mixes the records.
     model.set_attn_implementation("sdpa")
-    assert (model(input_ids=x, use_cache=False).logits - alone)[:, 40:].abs().max().item() > 10 * tol
+    assert (model(input_ids=x, use_cache=False).logits - alone)[
+        :, 40:
+    ].abs().max().item() > 10 * tol
 
 
 def test_segments_restart_at_records_groups_and_padding():
@@ -166,7 +175,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(precision):
     for ckpt in (False, True):
         model = tiny(DTYPES[precision])
         if ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         loss_with(model, register_s2("sdpa", G), x).backward()
         grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.float())
     scale = grads[0].abs().max().item()

@@ -80,3 +80,57 @@ def test_two_stages_hand_weights_on(tmp_path, tiny_llama_dir):
     assert {h["stage"] for h in out.log_history} == {"1-short", "2-long"}
     steps = [h["step"] for h in out.log_history]
     assert steps == sorted(steps) and steps[-1] == 4  # one step axis: stage 2 continues from 3
+
+
+def staged_yaml(tmp_path: Path) -> Path:
+    words = " ".join(Path(demo_files()[0]).read_text(encoding="utf-8").split()[:3000])
+    text = write_jsonl(
+        tmp_path / "long.jsonl", [{"text": words[i : i + 3000]} for i in range(0, 12000, 3000)]
+    )
+    yaml = tmp_path / "staged.yaml"
+    yaml.write_text(
+        "stages:\n"
+        f"  - {{name: a, data: {{train_file: {text}, format: text, max_length: 64}}, train: {{max_steps: 3}}}}\n"
+        f"  - {{name: b, data: {{train_file: {text}, format: text, max_length: 128}}, train: {{max_steps: 4}}}}\n",
+        encoding="utf-8",
+    )
+    return yaml
+
+
+def cut(run: Path, stage: str, keep_checkpoint: int | None) -> None:
+    """Leave `run` as a run stopped inside `stage`: its later checkpoints, its end and the run's
+    end removed (keep_checkpoint None: stopped before the stage's first checkpoint)."""
+    import shutil
+
+    stage_dir = run / "stages" / stage
+    for p in (stage_dir / "stage_done.json", stage_dir / "adapter_model.safetensors",
+              run / "adapter_model.safetensors", run / "results.json"):  # fmt: skip
+        p.unlink()
+    for ckpt in (stage_dir / "checkpoints").iterdir():
+        if keep_checkpoint is None or int(ckpt.name.split("-")[1]) > keep_checkpoint:
+            shutil.rmtree(ckpt)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_staged_run_resumes_inside_a_stage_and_between_stages(tmp_path, tiny_llama_dir, precision):
+    """Bit for bit, as a single run resumes: stopped after stage b's checkpoint-2 it continues
+    from there; stopped before stage b saved anything it starts b from a's adapter."""
+    yaml = staged_yaml(tmp_path)
+    extra = ["context.target_length=512", f"train.precision={precision}", "lora.dropout=0.1",
+             "train.save_steps=2", "train.save_total_limit=null", "eval.long=false",
+             "eval.num_samples=0", "eval.compare_base=false"]  # fmt: skip
+    full, run = tmp_path / "full", tmp_path / "run"
+    train(load_config(yaml, overrides(tiny_llama_dir, full, *extra)))
+    train(load_config(yaml, overrides(tiny_llama_dir, run, *extra)))
+    want = load_file(full / "adapter_model.safetensors")
+    for keep in (2, None):
+        cut(run, "2-b", keep)
+        out = train(load_config(yaml, overrides(tiny_llama_dir, run, *extra, "train.resume=auto")))
+        got = load_file(run / "adapter_model.safetensors")
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), keep
+        resumed = out.info["stages"][1]["resumed_from"]
+        assert resumed == (str(run / "stages/2-b/checkpoints/checkpoint-2") if keep else None)
+        assert [s["global_step"] for s in out.info["stages"]] == [3, 4]
+        assert (
+            json.loads((run / "results.json").read_text())["train"]["stages"][0]["stage"] == "1-a"
+        )

@@ -26,10 +26,10 @@ def finish_run(run_dir: Path, model, tok, cfg: Config, examples, encoded, log_hi
     write_samples(run_dir / "samples.md", ev.get("samples", []))
     results = {"config": cfg.model_dump(mode="json"), "data": counts, "train": info,
                "log_history": log_history, "eval": ev, "overfitting": v, "versions": versions()}  # fmt: skip
-    if cfg.context.target_length is not None:
-        from lorasft.eval.long import evaluate_long
+    if cfg.context.target_length is not None and cfg.eval.long:
+        from lorasft.eval.long import evaluate_long, long_settings
 
-        results["long_context"] = evaluate_long(model, tok, cfg, out_dir=run_dir)
+        results["long_context"] = evaluate_long(model, tok, cfg, long_settings(cfg.eval), run_dir)
     write_results(run_dir / "results.json", results)
     print_summary(ev, v, str(run_dir))
     return results

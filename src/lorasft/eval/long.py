@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorasft.config import Config
+from lorasft.config import Config, EvalSection
 from lorasft.eval.attention import attention_by_distance
 from lorasft.eval.long_data import read_documents, token_stream
 from lorasft.eval.long_models import base_variants, eager_attention, position_limit, window_and_plan
 from lorasft.eval.passkey import passkey_grid
-from lorasft.eval.sliding import sliding_perplexity
+from lorasft.eval.sliding import same_tokens_perplexity, sliding_perplexity
 from lorasft.model.context import length_ladder
 from lorasft.model.run import frozen_dtype
 
@@ -24,42 +24,65 @@ from lorasft.model.run import frozen_dtype
 class LongSettings:
     lengths: list[int] | None = None
     """Context lengths; None: half the original window, doubling, up to the target."""
+    protocol: str = "same_tokens"
+    """same_tokens: the last `scored` tokens before each end point, read with each length of
+    context (lengths compare along a row); sliding: windows of each length advancing by `stride`."""
+    scored: int = 512
+    """same_tokens: tokens scored at each end point."""
     stride: int | None = None
-    """Window stride; None: half of each length."""
+    """sliding: window stride; None: half of each length."""
     max_windows: int = 4
-    """Windows read per length (caps the tokens and the time)."""
+    """End points (same_tokens) or windows per length (sliding): caps the tokens and the time."""
     data: list[str] | None = None
     """Text / JSONL (`text`) files; None: the text the package ships."""
     passkey_lengths: list[int] | None = None
     """None: the same lengths as perplexity."""
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     trials: int = 2
+    passkey_base: bool = True
+    """Passkey also for the base with the scaling untrained (the before of a before/after)."""
     seed: int = 0
     attention_length: int | None = None
     """Tokens of the attention check; None: the largest length, at most 4096 (eager attention
     holds one layer's heads x L x L matrix)."""
 
 
+def long_settings(ev: EvalSection) -> LongSettings:
+    """The evaluation by length that ends a run with context.target_length (the `eval.long_*`
+    settings)."""
+    return LongSettings(lengths=ev.long_lengths, scored=ev.long_scored, max_windows=ev.long_windows,
+                        data=ev.long_data, depths=list(ev.passkey_depths), trials=ev.passkey_trials)  # fmt: skip
+
+
 def _ppl_row(model, ids: list[int], lengths: list[int], s: LongSettings) -> dict[str, Any]:
-    row, limit = {}, position_limit(model)
-    for n in lengths:
-        if limit is not None and n > limit:
-            row[str(n)] = {"perplexity": None, "reason": f"beyond the model's {limit} positions"}
-            continue
+    limit = position_limit(model)
+    fits = [n for n in lengths if limit is None or n <= limit]
+    row = {str(n): {"perplexity": None, "reason": f"beyond the model's {limit} positions"}
+           for n in lengths if n not in fits}  # fmt: skip
+    if s.protocol == "same_tokens" and fits:
+        row.update(
+            same_tokens_perplexity(model, ids, fits, min(s.scored, min(fits) - 1), s.max_windows)
+        )
+    for n in fits if s.protocol == "sliding" else []:
         row[str(n)] = sliding_perplexity(model, ids, n, s.stride or max(1, n // 2), s.max_windows)
-    return row
+    return {str(n): row[str(n)] for n in lengths}
 
 
-def _perplexities(tuned, cfg: Config, plan, ids: list[int], lengths: list[int],
-                  s: LongSettings) -> tuple[dict, dict]:  # fmt: skip
-    out, labels = {}, {}
+def _by_model(tuned, cfg: Config, plan, ids: list[int], lengths: list[int], pk_lengths: list[int],
+              tok, s: LongSettings) -> tuple[dict, dict, dict]:  # fmt: skip
+    """Perplexity rows for every base variant and the tuned run; passkey grids for the tuned run
+    and (passkey_base) the base with the scaling untrained."""
+    ppl, labels, passkey = {}, {}, {}
     for name, (label, load) in base_variants(cfg, plan, frozen_dtype(tuned)).items():
         model = load()
-        out[name], labels[name] = _ppl_row(model, ids, lengths, s), label
+        ppl[name], labels[name] = _ppl_row(model, ids, lengths, s), label
+        if name == "base_scaled" and s.passkey_base:
+            passkey[name] = passkey_grid(model, tok, pk_lengths, s.depths, s.trials, s.seed)
         del model
         gc.collect()
-    out["tuned"], labels["tuned"] = _ppl_row(tuned, ids, lengths, s), "tuned run"
-    return out, labels
+    ppl["tuned"], labels["tuned"] = _ppl_row(tuned, ids, lengths, s), "tuned run"
+    passkey["tuned"] = passkey_grid(tuned, tok, pk_lengths, s.depths, s.trials, s.seed)
+    return ppl, labels, passkey
 
 
 def evaluate_long(tuned, tok, cfg: Config, settings: LongSettings | None = None,
@@ -73,16 +96,18 @@ def evaluate_long(tuned, tok, cfg: Config, settings: LongSettings | None = None,
     lengths = s.lengths or length_ladder(original, target)
     ids = token_stream(read_documents(s.data), tok)
     tuned.eval()
-    ppl, labels = _perplexities(tuned, cfg, plan, ids, lengths, s)
+    limit = position_limit(tuned)
+    pk_lengths = [n for n in s.passkey_lengths or lengths if limit is None or n <= limit]
+    ppl, labels, passkey = _by_model(tuned, cfg, plan, ids, lengths, pk_lengths, tok, s)
     res: dict[str, Any] = {
         "original_window": original, "target_length": target,
         "method": plan.method if plan else None, "factor": plan.factor if plan else None,
-        "data_tokens": len(ids), "stride": s.stride or "half of each length",
+        "data_tokens": len(ids), "protocol": s.protocol,
+        "scored": s.scored if s.protocol == "same_tokens" else None,
+        "stride": None if s.protocol == "same_tokens" else s.stride or "half of each length",
         "max_windows": s.max_windows, "lengths": lengths, "labels": labels, "perplexity": ppl,
+        "passkey": passkey["tuned"], "passkey_base": passkey.get("base_scaled"),
     }  # fmt: skip
-    limit = position_limit(tuned)
-    pk_lengths = [n for n in s.passkey_lengths or lengths if limit is None or n <= limit]
-    res["passkey"] = passkey_grid(tuned, tok, pk_lengths, s.depths, s.trials, s.seed)
     n_attn = s.attention_length or min(max(lengths), 4096)
     with eager_attention(tuned):
         res["attention"] = attention_by_distance(tuned, ids[:n_attn])

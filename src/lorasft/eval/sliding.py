@@ -1,4 +1,4 @@
-"""Sliding-window perplexity at a given context length.
+"""Perplexity by context length: sliding windows, and the same tokens read with more or less context.
 
 Windows of `length` tokens advance by `stride`; each window scores only the tokens it adds
 (the first window scores all of its tokens but the first), so every scored token after the
@@ -64,3 +64,32 @@ def sliding_perplexity(model, ids: list[int], length: int, stride: int,
     loss = total / count
     return {"loss": round(loss, 5), "perplexity": round(math.exp(loss), 4), "tokens": count,
             "windows": len(wins)}  # fmt: skip
+
+
+def tail_windows(n_tokens: int, longest: int, windows: int) -> list[int]:
+    """End positions of the scored spans: every `longest` tokens, as many as fit (at most
+    `windows`), so each end has `longest` tokens before it and the spans never overlap."""
+    return [longest * (k + 1) for k in range(windows) if longest * (k + 1) <= n_tokens]
+
+
+def same_tokens_perplexity(model, ids: list[int], lengths: list[int], scored: int,
+                           windows: int) -> dict[str, dict]:  # fmt: skip
+    """Perplexity by context length on the *same* tokens: at each end point the last `scored`
+    tokens are predicted with `n` tokens of context in the window for each n in `lengths`, so a
+    row compares lengths on one set of tokens (a lower value at a longer length means the model
+    used the extra context)."""
+    longest = max(lengths)
+    if scored >= min(lengths):
+        raise ValueError(f"scored={scored}: must be below the shortest length ({min(lengths)})")
+    ends = tail_windows(len(ids), longest, windows)
+    if not ends:
+        reason = f"only {len(ids)} tokens of long text (< {longest})"
+        return {str(n): {"perplexity": None, "reason": reason} for n in lengths}
+    model.eval()
+    seq, out = torch.tensor(ids), {}
+    for n in lengths:
+        total = sum(window_nll(model, seq[end - n : end], scored) for end in ends)
+        loss = total / (scored * len(ends))
+        out[str(n)] = {"loss": round(loss, 5), "perplexity": round(math.exp(loss), 4),
+                       "tokens": scored * len(ends), "windows": len(ends)}  # fmt: skip
+    return out

@@ -29,13 +29,48 @@ def check_llama(config) -> None:
             f"{config.model_type!r}. Merge it with `lorasft merge` and convert that folder with "
             "llama.cpp's convert_hf_to_gguf.py instead"
         )
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ModelError(
-            f"GGUF export: rope scaling {rope} is not supported yet; export a model without it"
-        )
+    rope_scaling(config)  # raises for a scaling llama.cpp cannot reproduce
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise ModelError("GGUF export: llama models with attention or MLP biases are not supported")
+
+
+# RoPE scaling that llama.cpp applies from GGUF metadata alone (convert_hf_to_gguf.py writes the
+# same keys): linear (position interpolation) and YaRN. Dynamic NTK has no llama.cpp counterpart
+# for llama models, and llama3 needs a rope_freqs tensor that lorasft does not write.
+GGUF_ROPE = {"linear": gguf.RopeScalingType.LINEAR, "yarn": gguf.RopeScalingType.YARN}
+YARN_KEYS = {"extrapolation_factor": "add_rope_scaling_yarn_ext_factor",
+             "attention_factor": "add_rope_scaling_yarn_attn_factor",
+             "beta_fast": "add_rope_scaling_yarn_beta_fast",
+             "beta_slow": "add_rope_scaling_yarn_beta_slow"}  # fmt: skip
+
+
+def rope_scaling(config) -> dict | None:
+    """The model's RoPE scaling (None for none), checked to be one llama.cpp reproduces."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind not in GGUF_ROPE:
+        raise ModelError(
+            f"GGUF export: rope_type {kind!r} has no llama.cpp equivalent for llama models "
+            f"(it supports {', '.join(GGUF_ROPE)}); train the run with context.method=yarn or "
+            "linear to export it, or serve it with `lorasft serve --engine transformers`"
+        )
+    return rope
+
+
+def write_rope_scaling(w: gguf.GGUFWriter, config) -> None:
+    rope = rope_scaling(config)
+    if rope is None:
+        return
+    kind = rope.get("rope_type", rope.get("type"))
+    w.add_rope_scaling_type(GGUF_ROPE[kind])
+    w.add_rope_scaling_factor(float(rope["factor"]))
+    if kind == "yarn":
+        w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+        for key, add in YARN_KEYS.items():
+            if rope.get(key) is not None:
+                getattr(w, add)(float(rope[key]))
 
 
 def _rope_theta(config) -> float:
@@ -55,6 +90,7 @@ def write_hparams(w: gguf.GGUFWriter, config, name: str, ftype: gguf.LlamaFileTy
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     w.add_rope_freq_base(_rope_theta(config))
     w.add_rope_dimension_count(head_dim)
+    write_rope_scaling(w, config)
     w.add_key_length(head_dim)  # as llama.cpp's converter writes them: explicit, not derived
     w.add_value_length(head_dim)
     w.add_vocab_size(config.vocab_size)

@@ -79,6 +79,26 @@ def prompt_set(spec, limit: int) -> list[list[dict]]:
     return [spec.conversation(prompt_messages(ex.messages)) for ex in chats[:limit]]
 
 
+def long_prompts(tok, length: int) -> list[str]:
+    """A passkey text of about `length` tokens (raw text, no chat template): past the original
+    window it checks that a runtime applies the run's RoPE scaling."""
+    from lorasft.eval.passkey import build_prompt as passkey_prompt
+
+    return [passkey_prompt(tok, length, 0.5, 52817).text]
+
+
+def prompt_ids(prompt, tok) -> list[int]:
+    """A chat prompt through the template; a raw text as the long-context evaluation reads it."""
+    if isinstance(prompt, str):
+        bos = [tok.bos_token_id] if adds_bos(tok) else []
+        return bos + tok(prompt, add_special_tokens=False).input_ids
+    return encode_prompt(prompt, tok)
+
+
+def prompt_text(prompt, tok) -> str:
+    return prompt if isinstance(prompt, str) else build_prompt(prompt, tok)
+
+
 def _eos_list(value) -> list[int]:
     if value is None:
         return []
@@ -233,7 +253,7 @@ def compare_llamacpp(ref: Target, lc, messages: list[dict], ref_ids: list[int],
     """The run's prompt text through llama.cpp's tokenizer, then llama.cpp's greedy tokens; at
     the first differing token, the margin in llama.cpp's logits and in the run's."""
     name = f"llama.cpp:{lc.type.lower()}"
-    ids = lc.encode(build_prompt(messages, ref.tok))
+    ids = lc.encode(prompt_text(messages, ref.tok))
     out, rows = lc.greedy(ids, max_new_tokens)
     detail = _describe(ref.tok, ref_ids, ids, "prompt")
     if detail or out == ref_out:
@@ -270,15 +290,19 @@ def verify(ref: Target, targets: list[Target], prompts: list[list[dict]], max_ne
     for lc in runtimes:
         report.problems += llamacpp_problems(ref, lc)
     for i, messages in enumerate(prompts):
-        ref_ids = encode_prompt(messages, ref.tok)
+        ref_ids = prompt_ids(messages, ref.tok)
         ref_out = greedy(ref, ref_ids, max_new_tokens)
+        # raw long texts go to llama.cpp only: merged/GGUF/server targets are checked on chats
+        chat_targets = [] if isinstance(messages, str) else targets
         ref_logits = (
-            prompt_logits(ref.model, ref_ids) if any(t.model is not None for t in targets) else None
+            prompt_logits(ref.model, ref_ids)
+            if any(t.model is not None for t in chat_targets)
+            else None
         )
         report.rows.append(
             Row(i, ref.name, True, True, None, f"{len(ref_ids)} prompt + {len(ref_out)} new")
         )
-        for t in targets:
+        for t in chat_targets:
             if t.model is None:
                 report.rows.append(
                     compare_server(ref, t, messages, ref_ids, ref_out, i, max_new_tokens)
@@ -327,7 +351,8 @@ def render(report: Report, prompts: list[list[dict]]) -> str:
     lines += [f"problem: {p}" for p in report.problems]
     bad = next((r for r in report.rows if not r.ok), None)
     if bad is not None:
-        user = prompts[bad.prompt][-1]["content"]
+        p = prompts[bad.prompt]
+        user = f"long text, {len(p)} characters" if isinstance(p, str) else p[-1]["content"]
         lines.append(
             f"first mismatch: prompt {bad.prompt} ({user[:80]!r}) on {bad.target}: {bad.detail}"
         )
@@ -343,9 +368,11 @@ def render(report: Report, prompts: list[list[dict]]) -> str:
 def check_run(run_dir: str | Path, merged: str | None = None, gguf: str | None = None,
               url: str | None = None, api_key: str | None = None, server_model: str | None = None,
               max_new_tokens: int = 32, num_prompts: int = 8,
-              llama_cpp: list[str] | None = None) -> Report:  # fmt: skip
-    """Load every target given, compare it with the run, print the table; the report says ok."""
-    runtimes = tuple(LlamaCpp(f) for f in llama_cpp or [])  # before minutes of loading the run
+              llama_cpp: list[str] | None = None, long: int | None = None) -> Report:  # fmt: skip
+    """Load every target given, compare it with the run, print the table; the report says ok.
+    `long`: also a raw text of that many tokens through llama.cpp (its RoPE scaling checked)."""
+    n_ctx = max(2048, (long or 0) + max_new_tokens + 16)
+    runtimes = tuple(LlamaCpp(f, n_ctx) for f in llama_cpp or [])  # before loading the run
     spec, ref = load_reference(run_dir)
     targets = [load_merged(merged)] if merged else []
     targets += [load_gguf(gguf)] if gguf else []
@@ -356,6 +383,12 @@ def check_run(run_dir: str | Path, merged: str | None = None, gguf: str | None =
         raise ModelError("verify: nothing to compare; give --merged DIR, --gguf FILE, "
                          "--llama-cpp FILE... and/or --url URL")  # fmt: skip
     prompts = prompt_set(spec, num_prompts)
+    if long:
+        if not runtimes:
+            raise ModelError(
+                "verify --long: give --llama-cpp FILE (the long text is checked there)"
+            )
+        prompts += long_prompts(ref.tok, long)
     report = verify(ref, targets, prompts, max_new_tokens, runtimes)
     print(render(report, prompts))
     return report

@@ -1,23 +1,36 @@
-"""`lorasft plan`: the model's window, the context method and factor, and peak training memory per
-sequence length, estimated before launch so an out-of-memory shows up in seconds, not hours.
+"""`lorasft plan`: the model's window, the context method and factor, peak training memory and
+seconds per step by sequence length, estimated before launch so an out-of-memory or a week-long
+run shows up in seconds.
 
-The estimate, in bytes, for batch b, sequence s, L layers, hidden h, heads a, vocab V, base
-dtype of p_w bytes and activations of p bytes:
+Memory, in bytes, for batch b, sequence s, L layers, hidden h, heads a, vocab V, base dtype of
+p_w bytes and activations of p bytes:
 
   weights     = P_base * p_w                       (P_base: base parameters, tables extended)
   trainable   = T * 16                             (T: LoRA + modules_to_save parameters, fp32
                                                     weight 4 + gradient 4 + AdamW moments 8)
   layer(s)    = s*b*h*(34 + 5*a*s/h) * p/2         (Korthikanti et al. 2022, arXiv 2205.05198,
-                                                    eq. 1, scaled from 16-bit to p bytes)
-  logits(s)   = 2 * b*s*V*4                        (fp32 logits and their gradient)
+                                                    eq. 1, scaled from 16-bit to p bytes) with
+                                                    eager attention, which stores the a*s*s
+                                                    scores; sdpa, flash attention and S2-Attn
+                                                    around them store none: s*b*h*34 * p/2
+  logits(s)   = b*s*V*(p + 16) with p = 2, 16*b*s*V with p = 4: lorasft's loss holds the logits
+                (p bytes), their fp32 copy and log-softmax (4 + 4), and in the backward pass the
+                fp32 gradients of both (4 + 4); in fp32 the copy is the logits themselves
   no checkpointing:   L*layer(s) + logits(s)
   checkpointing:      L*s*b*h*p + layer(s) + logits(s)   (each layer's input kept, one layer
                                                            recomputed at a time)
   peak = weights + trainable + activations
 
-The 5*a*s/h term stores the attention scores, as eager (and SDPA's math path) do; flash and
-memory-efficient SDPA kernels keep none, so for them it overestimates, and more so the longer s.
-It ignores allocator slack, the CUDA context and temporary buffers.
+It counts what the model and training add to the process, not the Python/torch runtime itself
+(about 0.45 GB of RSS on CPU), allocator slack, the CUDA context or temporary buffers; with
+text (every position in the loss) the logits dominate past a few thousand tokens.
+
+Time per step: matrix products (2 FLOPs per weight per token forward, the same again for the
+input gradients, the forward once more under checkpointing) at a matmul rate, plus attention
+(causal: 2*s*s*h FLOPs per layer forward, 2*s*G*h with S2-Attn groups of G; backward 2.5x the
+forward) at an attention-kernel rate, both rates measured on this machine in about a second.
+Element-wise work (norms, activations, the loss) is left out: measured at 2k tokens on CPU it
+was about a sixth of a step.
 """
 
 from __future__ import annotations
@@ -62,22 +75,28 @@ class MemoryRow:
         return self.weights + self.trainable + self.activations_checkpointed
 
 
-def layer_activations(s: int, b: int, h: int, a: int, p: int) -> int:
-    return int(s * b * h * (34 + 5 * a * s / h) * p / 2)
+def layer_activations(s: int, b: int, h: int, a: int, p: int, attention: str = "sdpa") -> int:
+    scores = 5 * a * s / h if attention == "eager" else 0
+    return int(s * b * h * (34 + scores) * p / 2)
 
 
-def activations(config, s: int, b: int, p: int, checkpointing: bool) -> int:
+def logits_bytes(s: int, b: int, vocab: int, p: int) -> int:
+    return b * s * vocab * (p + 16 if p == 2 else 16)
+
+
+def activations(config, s: int, b: int, p: int, checkpointing: bool,
+                attention: str = "sdpa") -> int:  # fmt: skip
     h, a, n = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
-    logits = 2 * b * s * config.vocab_size * 4
-    layer = layer_activations(s, b, h, a, p)
+    logits = logits_bytes(s, b, config.vocab_size, p)
+    layer = layer_activations(s, b, h, a, p, attention)
     if checkpointing:
         return n * s * b * h * p + layer + logits
     return n * layer + logits
 
 
 def peak_bytes(config, base: int, trainable: int, s: int, b: int, p: int, p_w: int,
-               checkpointing: bool) -> int:  # fmt: skip
-    return base * p_w + trainable * 16 + activations(config, s, b, p, checkpointing)
+               checkpointing: bool, attention: str = "sdpa") -> int:  # fmt: skip
+    return base * p_w + trainable * 16 + activations(config, s, b, p, checkpointing, attention)
 
 
 def choose_micro_batch(model, cfg: Config, length: int, precision: str,
@@ -93,7 +112,8 @@ def choose_micro_batch(model, cfg: Config, length: int, precision: str,
     p = activation_bytes(precision)
     ckpt, total = cfg.train.gradient_checkpointing, cfg.train.batch_size
     for m in (d for d in range(total, 0, -1) if total % d == 0):
-        peak = peak_bytes(config, base, trainable, length, m, p, p_w, ckpt)
+        peak = peak_bytes(config, base, trainable, length, m, p, p_w, ckpt,
+                          cfg.model.attn_implementation)  # fmt: skip
         if peak <= budget:
             return m, peak
     raise ConfigError(
@@ -139,14 +159,14 @@ def memory_table(
     p = activation_bytes(precision)
     p_w = BYTES.get(cfg.model.dtype, p)
     base, trainable = count_parameters(config, cfg)
-    b = cfg.train.batch_size
+    b, att = cfg.train.batch_size, cfg.model.attn_implementation
     return [
         MemoryRow(
             s,
             base * p_w,
             trainable * 16,
-            activations(config, s, b, p, False),
-            activations(config, s, b, p, True),
+            activations(config, s, b, p, False, att),
+            activations(config, s, b, p, True, att),
         )
         for s in lengths
     ]
@@ -159,12 +179,12 @@ def describe_plan(config, cfg: Config, precision: str) -> list[str]:
     if ctx:
         factor = f", factor {ctx.factor:g}" if ctx.factor else ""
         lines.append(f"context: {ctx.method} to {ctx.target} tokens{factor}")
-    rows = memory_table(
-        config, cfg, length_ladder(original, ctx.target if ctx else None), precision
-    )
+    lengths = length_ladder(original, ctx.target if ctx else None)
+    rows = memory_table(config, cfg, lengths, precision)
     gib = 2**30
     lines.append(
-        f"peak memory per sequence length (batch {cfg.train.batch_size}, {precision}; GiB):"
+        f"peak memory per sequence length (batch {cfg.train.batch_size}, {precision}, "
+        f"{cfg.model.attn_implementation} attention; GiB):"
     )
     lines.append(
         f"{'length':>8} {'weights':>8} {'lora+opt':>8} {'act':>8} {'act ckpt':>8} {'peak':>8} {'peak ckpt':>9}"
@@ -174,4 +194,127 @@ def describe_plan(config, cfg: Config, precision: str) -> list[str]:
             f"{r.length:>8} {r.weights / gib:>8.3f} {r.trainable / gib:>8.3f} {r.activations / gib:>8.3f} "
             f"{r.activations_checkpointed / gib:>8.3f} {r.peak / gib:>8.3f} {r.peak_checkpointed / gib:>9.3f}"
         )
+    return lines + describe_time(config, cfg, precision, lengths)
+
+
+def describe_time(config, cfg: Config, precision: str, lengths: list[int]) -> list[str]:
+    """Seconds per optimizer step by length, full attention and S2-Attn side by side."""
+    from lorasft.model.precision import PRECISION_DTYPES
+    from lorasft.model.s2attn import group_tokens
+
+    heads = config.num_attention_heads
+    rates = measure_rates(PRECISION_DTYPES[precision], heads, config.hidden_size // heads)
+    t, ckpt = cfg.train, cfg.train.gradient_checkpointing
+    lines = [(f"seconds per step (batch {t.batch_size} x accum {t.grad_accum}, checkpointing "
+             f"{ckpt}; measured here: matmul {rates.matmul / 1e9:.0f} GFLOP/s, attention "
+             f"{rates.attention / 1e9:.0f} GFLOP/s; element-wise work not counted):"),
+             f"{'length':>8} {'full':>9} {'S2-Attn':>9} {'group':>7}"]  # fmt: skip
+    for n in lengths:
+        g = group_tokens(cfg.context.s2_group, n)
+        full, s2 = (step_seconds(config, n, t.batch_size, span, ckpt, rates)["seconds"] * t.grad_accum
+                    for span in (n, g))  # fmt: skip
+        lines.append(f"{n:>8} {full:>9.3g} {s2:>9.3g} {g:>7}")
     return lines
+
+
+# --- time per step ---------------------------------------------------------------------------
+
+
+@dataclass
+class Rates:
+    """FLOP/s measured on this machine: dense matmul, and the attention kernel (sdpa causal,
+    forward + backward counted as 3.5 forwards)."""
+
+    matmul: float
+    attention: float
+
+
+_RATES: dict[tuple, Rates] = {}
+
+
+def _seconds(fn, repeat: int = 3) -> float:
+    import time
+
+    fn()  # warm-up: kernel selection, allocations
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat
+
+
+def measure_rates(dtype: torch.dtype, heads: int, head_dim: int, device: str = "cpu") -> Rates:
+    """About a second: a [2048 x h] x [h x 4h] product and causal sdpa on 2048 tokens."""
+    key = (dtype, heads, head_dim, device)
+    if key in _RATES:
+        return _RATES[key]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    n, h = 2048, heads * head_dim
+    x, w = (
+        torch.randn(n, h, dtype=dtype, device=device),
+        torch.randn(h, 4 * h, dtype=dtype, device=device),
+    )
+    matmul = 2 * n * h * 4 * h / _seconds(lambda: (x @ w, sync()))
+    q, k, v = (torch.randn(1, heads, n, head_dim, dtype=dtype, device=device, requires_grad=True)
+               for _ in range(3))  # fmt: skip
+
+    def attend():
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out.sum().backward()
+        sync()
+
+    attention = 3.5 * attention_flops(n, n, h) / _seconds(attend)
+    _RATES[key] = Rates(matmul, attention)
+    return _RATES[key]
+
+
+def attention_flops(s: int, span: int, h: int) -> float:
+    """One causal forward of one layer: QK^T and PV over the s*span/2 visible pairs (span = s for
+    full attention, the group size for S2-Attn)."""
+    return 2 * s * min(span, s) * h
+
+
+def matmul_parameters(config) -> int:
+    """Weights used in matrix products per token: every Linear, the output head included."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def step_seconds(config, s: int, b: int, span: int, checkpointing: bool, rates: Rates) -> dict:
+    n_layers, h = config.num_hidden_layers, config.hidden_size
+    head = config.vocab_size * h
+    weights = matmul_parameters(config)
+    passes = 2 * weights * 2 + (2 * (weights - head) if checkpointing else 0)
+    linear = b * s * passes
+    attention = n_layers * b * attention_flops(s, span, h) * ((2 if checkpointing else 1) + 2.5)
+    return {"matmul_s": linear / rates.matmul, "attention_s": attention / rates.attention,
+            "seconds": linear / rates.matmul + attention / rates.attention}  # fmt: skip
+
+
+def step_plan(cfg: Config, length: int, config=None, rates: Rates | None = None) -> dict:
+    """Estimated peak bytes and seconds for one optimizer step at `length` (batch_size x
+    grad_accum sequences), for the attention the run trains with."""
+    from lorasft.model.load import resolve_model_path
+    from lorasft.model.precision import PRECISION_DTYPES, resolve_precision
+    from lorasft.model.s2attn import group_tokens
+
+    if config is None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(resolve_model_path(cfg.model.path),
+                                            trust_remote_code=cfg.model.trust_remote_code)  # fmt: skip
+    precision = resolve_precision(cfg.train.precision)
+    p, t = activation_bytes(precision), cfg.train
+    p_w = BYTES.get(cfg.model.dtype, p)
+    base, trainable = count_parameters(config, cfg)
+    ckpt = t.gradient_checkpointing
+    peak = peak_bytes(config, base, trainable, length, t.batch_size, p, p_w, ckpt,
+                      cfg.model.attn_implementation)  # fmt: skip
+    span = group_tokens(cfg.context.s2_group, length) if cfg.context.s2_attn else length
+    heads = config.num_attention_heads
+    rates = rates or measure_rates(PRECISION_DTYPES[precision], heads, config.hidden_size // heads)
+    time_parts = step_seconds(config, length, t.batch_size, span, ckpt, rates)
+    time_parts = {k: v * t.grad_accum for k, v in time_parts.items()}
+    return {"bytes": peak, "attention": "s2" if cfg.context.s2_attn else cfg.model.attn_implementation,
+            "span": span, "rates": {"matmul": rates.matmul, "attention": rates.attention},
+            **time_parts}  # fmt: skip

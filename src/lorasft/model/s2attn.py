@@ -39,7 +39,7 @@ def group_tokens(group: float, max_length: int) -> int:
     """Group size in tokens: `group` > 1 is tokens, <= 1 a fraction of the training length.
     Even (the shift is half a group) and at least 2."""
     tokens = group if group > 1 else group * max_length
-    return max(2, int(round(tokens / 2)) * 2)
+    return max(2, round(tokens / 2) * 2)
 
 
 def s2_name(inner: str, group: int) -> str:
@@ -96,7 +96,9 @@ def grouped_sdpa(q, k, v, mask, group: int, offset: int, dropout: float, scale):
     parts = []
     if offset:
         head = None if mask is None else _with_diagonal(mask[..., :offset, :offset])
-        parts.append(_sdpa(q[:, :, :offset], k[:, :, :offset], v[:, :, :offset], head, dropout, scale))
+        parts.append(
+            _sdpa(q[:, :, :offset], k[:, :, :offset], v[:, :, :offset], head, dropout, scale)
+        )
     rest = length - offset
     n = -(-rest // group)
     pad = n * group - rest
@@ -104,7 +106,9 @@ def grouped_sdpa(q, k, v, mask, group: int, offset: int, dropout: float, scale):
     masks = None if mask is None else _mask_groups(mask[..., offset:, offset:], n, group, pad)
     out = _sdpa(qs, ks, vs, masks, dropout, scale)
     b, h, _, d = q.shape
-    parts.append(out.view(b, n, h, group, d).transpose(1, 2).reshape(b, h, n * group, d)[:, :, :rest])
+    parts.append(
+        out.view(b, n, h, group, d).transpose(1, 2).reshape(b, h, n * group, d)[:, :, :rest]
+    )
     return torch.cat(parts, dim=2)
 
 
@@ -186,14 +190,18 @@ def segment_positions(start: torch.Tensor) -> torch.Tensor:
 def is_packed(position_ids: torch.Tensor | None) -> bool:
     if position_ids is None:
         return False
-    return bool((position_ids != torch.arange(position_ids.shape[-1], device=position_ids.device)).any())
+    return bool(
+        (position_ids != torch.arange(position_ids.shape[-1], device=position_ids.device)).any()
+    )
 
 
 def grouped_varlen(full, module, q, k, v, mask, group: int, offset: int, dropout: float, scale,
                    kwargs: dict):  # fmt: skip
     b, h, length, d = q.shape
     padding = mask if mask is not None and mask.dim() == 2 else None
-    pos = segment_positions(segment_starts(length, group, offset, kwargs.get("position_ids"), padding, b))
+    pos = segment_positions(
+        segment_starts(length, group, offset, kwargs.get("position_ids"), padding, b)
+    )
     rest = {k_: v_ for k_, v_ in kwargs.items()
             if k_ != "position_ids" and not k_.startswith(("cu_seq_lens", "max_length"))}  # fmt: skip
 

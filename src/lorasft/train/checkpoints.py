@@ -58,3 +58,17 @@ def find_resume(resume: str, output: OutputSection) -> tuple[Path, str] | None:
         if ckpts:
             return run, str(ckpts[-1])
     return None
+
+
+def find_staged_run(resume: str, output: OutputSection) -> Path | None:
+    """The staged run to continue: `auto` is the newest run of this name with a `stages` folder
+    (None: start a new one); otherwise the run folder given."""
+    if resume == "auto":
+        return next((r for r in reversed(runs_of(output)) if (r / "stages").is_dir()), None)
+    p = Path(resume)
+    if not (p / "stages").is_dir():
+        raise FileNotFoundError(
+            f"train.resume={resume}: not the folder of a staged run (no stages/ inside); give the "
+            "run folder, or train.resume=auto"
+        )
+    return p

@@ -16,7 +16,7 @@ from lorasft.model.context import apply_context, context_modules_to_save
 from lorasft.model.load import load_model, load_tokenizer, resolve_model_path
 from lorasft.model.lora import apply_lora
 from lorasft.model.precision import base_dtype, resolve_precision
-from lorasft.train.checkpoints import find_resume, new_run_dir
+from lorasft.train.checkpoints import find_resume, find_staged_run, new_run_dir
 
 
 def check_before_loading(t: TrainSection) -> None:
@@ -52,6 +52,12 @@ def run_dir_and_checkpoint(cfg: Config) -> tuple[Path, str | None]:
     """Where this run writes, and the checkpoint it continues from (None for a fresh start)."""
     if cfg.train.resume is None:
         return new_run_dir(cfg.output, datetime.now()), None
+    if cfg.stages:  # each stage resumes from its own checkpoints (train/stages.py)
+        run = find_staged_run(cfg.train.resume, cfg.output)
+        if run is None:
+            print(f"[lorasft] resume=auto: no staged run '{cfg.output.name}' under "
+                  f"{cfg.output.dir}; starting a new run", file=sys.stderr)  # fmt: skip
+        return run or new_run_dir(cfg.output, datetime.now()), None
     found = find_resume(cfg.train.resume, cfg.output)
     if found is None:
         print(f"[lorasft] resume=auto: no checkpoint of run '{cfg.output.name}' under "

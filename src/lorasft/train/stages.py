@@ -4,10 +4,12 @@ starts from the weights the previous stage ended with. Each stage's adapter is a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from lorasft.config import Config, dump_config
 from lorasft.model.context import context_window
+from lorasft.train.checkpoints import complete_checkpoints
 from lorasft.train.fit import TrainOutcome, fit
 from lorasft.train.launch import say
 
@@ -45,32 +47,74 @@ def base_window(model_path: Path, cfg: Config) -> int:
     return context_window(AutoConfig.from_pretrained(model_path, trust_remote_code=trust))
 
 
+STAGE_DONE = "stage_done.json"
+
+
 def train_stages(cfg: Config, model, tok, run_dir: Path, precision: str, model_path: Path,
                  is_main: bool) -> TrainOutcome:  # fmt: skip
-    window = base_window(model_path, cfg)
-    history, summaries, out = [], [], None
+    """Train the stages in order. With train.resume, a stage that finished before (its
+    stage_done.json) is skipped, and the first unfinished one continues from its newest complete
+    checkpoint, or starts from the adapter the last finished stage saved."""
+    window, resume = base_window(model_path, cfg), cfg.train.resume is not None
+    history, summaries, out, finished = [], [], None, None
     for i, st in enumerate(cfg.stages):
         scfg = stage_config(cfg, i, window)
         name = f"{i + 1}-{st.name or 'stage'}"
         stage_dir = run_dir / "stages" / name
+        if resume and (stage_dir / STAGE_DONE).is_file():
+            done = json.loads((stage_dir / STAGE_DONE).read_text())
+            say(f"[lorasft] stage {name}: finished before, skipped")
+            history, finished = _append(history, done["log_history"], name), stage_dir
+            summaries.append({"stage": name, **done["info"]})
+            continue
+        ckpts = complete_checkpoints(stage_dir) if resume else []
+        if not ckpts and finished is not None:
+            load_adapter_weights(model, finished)
+            finished = None
         if is_main:
             stage_dir.mkdir(parents=True, exist_ok=True)
             dump_config(scfg, stage_dir / "config.yaml")
         t = scfg.train
         say(f"[lorasft] stage {name}: max_length {scfg.data.max_length}, batch {t.batch_size} x "
-            f"accum {t.grad_accum}, checkpointing {t.gradient_checkpointing}")  # fmt: skip
+            f"accum {t.grad_accum}, checkpointing {t.gradient_checkpointing}"
+            + (f", resuming {ckpts[-1]}" if ckpts else ""))  # fmt: skip
         set_checkpointing(model, t.gradient_checkpointing)
-        out = fit(scfg, model, tok, stage_dir, precision)
+        out = fit(scfg, model, tok, stage_dir, precision, str(ckpts[-1]) if ckpts else None)
         model = out.model
         if is_main:
             model.save_pretrained(stage_dir)
-        # One step axis across stages (each stage's Trainer counts from 0), for the loss curve
-        # and the overfitting verdict.
-        offset = history[-1]["step"] if history else 0
-        history += [
-            {**h, "stage": name, "step": h.get("step", 0) + offset} for h in out.log_history
-        ]
+            record = {"log_history": out.log_history, "info": out.info}
+            (stage_dir / STAGE_DONE).write_text(json.dumps(record, indent=1, default=str))
+        history = _append(history, out.log_history, name)
         summaries.append({"stage": name, **out.info})
+    if out is None:  # every stage had finished: the run stopped before its evaluation
+        out = finished_outcome(cfg, model, tok, run_dir, finished, window)
     out.run_dir, out.log_history = run_dir, history
     out.info = {**out.info, "stages": summaries}
     return out
+
+
+def _append(history: list[dict], logs: list[dict], name: str) -> list[dict]:
+    """One step axis across stages (each stage's Trainer counts from 0), for the loss curve and
+    the overfitting verdict."""
+    offset = history[-1]["step"] if history else 0
+    return history + [{**h, "stage": name, "step": h.get("step", 0) + offset} for h in logs]
+
+
+def load_adapter_weights(model, stage_dir: Path) -> None:
+    """The adapter (LoRA and modules_to_save) a finished stage saved, into the training model."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    say(f"[lorasft] starting from the adapter of {stage_dir.name}")
+    set_peft_model_state_dict(model, load_file(stage_dir / "adapter_model.safetensors"))
+
+
+def finished_outcome(
+    cfg: Config, model, tok, run_dir: Path, last: Path, window: int
+) -> TrainOutcome:
+    from lorasft.data.prepare import prepare
+
+    load_adapter_weights(model, last)
+    data = prepare(stage_config(cfg, len(cfg.stages) - 1, window).data, tok)
+    return TrainOutcome(run_dir, model, tok, data, [], {})
