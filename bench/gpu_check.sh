@@ -11,11 +11,13 @@
 # loss and long-context quality figures are not) and wheels of the Python packages lorasft needs
 # in the versions it is tested with. lorasft itself runs from src/ (PYTHONPATH).
 #
-# Steps (each bounded by `timeout`, each reported even when it fails):
+# Steps (each bounded by `timeout`, their limits adding up to 11 minutes with setup; each
+# reported even when it fails):
 #   1. environment: GPU, torch, transformers, flash-attn
 #   2. bench/train_speed.py --device cuda: naive / lorasft / packed tokens/s, peak memory, MFU
 #   3. flash attention varlen packing: a short `lorasft train` with data.packing and
-#      flash_attention_2 (flattened batches); "not run" when flash-attn is not installed
+#      flash_attention_2 (flattened batches), then the same with S2-Attn around flash attention;
+#      "not run" when flash-attn is not installed
 #   4. bench/long_step.py at 16384 tokens: full attention vs S2-Attn step time and peak memory
 #      (torch.cuda.max_memory_allocated) against `lorasft plan`
 #   5. a short 16k S2-Attn training (one stage at 16384) with the long-context evaluation after it
@@ -40,14 +42,17 @@ for f in src.iterdir():
         shutil.copy(f, dst / f.name)
 print("model files:", sorted(p.name for p in dst.iterdir()))
 EOF
-  # Versions as in this project's tested environment; the GPU image's torch, numpy, pyarrow,
-  # pandas, huggingface_hub, tokenizers and safetensors are used as they are.
-  for spec in transformers==5.24.0 peft==0.21.2 accelerate==1.15.0 datasets pydantic pydantic-core \
-              annotated-types typing-inspection dill multiprocess gguf sacrebleu portalocker; do
+  # The versions of this project's tested environment (this venv); the GPU image's torch, numpy,
+  # pyarrow, pandas, huggingface_hub, tokenizers and safetensors are used as they are there.
+  fresh=$(mktemp -d)  # a failed download leaves the previous set in place, not half of one
+  for name in transformers peft accelerate datasets pydantic pydantic-core annotated-types \
+              typing-inspection dill multiprocess gguf sacrebleu portalocker; do
+    version=$("$PY" -c "import importlib.metadata as m; print(m.version('$name'))")
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-      -d "$GPU/whl" "$spec"
+      -d "$fresh" "$name==$version"
   done
+  rm -rf "$GPU/whl" && mv "$fresh" "$GPU/whl"
   grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
   du -sh "$GPU"
   exit 0
@@ -63,8 +68,13 @@ SMOKE=${GPU_CHECK_SMOKE:-0}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}
 if [[ -d "$GPU/whl" ]] && ls "$GPU"/whl/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/lorasft-site "$GPU"/whl/*.whl \
-    && export PYTHONPATH=/tmp/lorasft-site
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/lorasft-site \
+       "$GPU"/whl/*.whl >> "$LOG" 2>&1; then
+    export PYTHONPATH=/tmp/lorasft-site
+  else
+    echo "warning: the wheels in .gpu/whl did not install (they are built for Python 3.12);" \
+         "using this machine's packages" | tee -a "$LOG"
+  fi
 fi
 export PYTHONPATH=$ROOT/src:$ROOT/bench${PYTHONPATH:+:$PYTHONPATH}
 
@@ -73,7 +83,7 @@ step() {  # step NAME SECONDS COMMAND...: run, log, keep going
   shift 2
   echo "== $name ($(date -u +%H:%M:%S), limit ${limit}s)" | tee -a "$LOG"
   local start=$SECONDS
-  timeout "$limit" "$@" >> "$LOG" 2>&1
+  timeout -k 10 "$limit" "$@" >> "$LOG" 2>&1
   local rc=$?
   echo "== $name: exit $rc after $((SECONDS - start))s" | tee -a "$LOG"
   printf '{"step": "%s", "exit": %d, "seconds": %d}\n' "$name" "$rc" "$((SECONDS - start))" >> "$JSON"
@@ -101,6 +111,7 @@ for f in src.iterdir():
         shutil.copy(f, dst / f.name)
 print("random-weight model:", dst)
 EOF
+[[ -f "$MODEL/config.json" ]] || { echo "no model to check with; stopping" | tee -a "$LOG"; exit 1; }
 
 if [[ "$SMOKE" == 1 ]]; then
   L16=512; L8=256; STEPS=1; SPEED_STEPS=2; PACK_STEPS=2
@@ -109,27 +120,31 @@ else
 fi
 export LORASFT_BENCH_MODEL=$MODEL
 
-step environment 60 "$PY" -c '
+step environment 30 "$PY" -c '
 import importlib.util, torch, transformers, peft
 print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__, "peft", peft.__version__)
 print("devices:", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
 print("flash_attn installed:", importlib.util.find_spec("flash_attn") is not None)'
 
-step train_speed 200 "$PY" bench/train_speed.py --steps "$SPEED_STEPS" --modes naive,lorasft,packed
+step train_speed 120 "$PY" bench/train_speed.py --steps "$SPEED_STEPS" --modes naive,lorasft,packed
 
 if "$PY" -c 'import flash_attn' 2>/dev/null; then
-  step flash_packing 150 "$PY" -m lorasft train "model.path=$MODEL" model.attn_implementation=flash_attention_2 \
+  step flash_packing 90 "$PY" -m lorasft train "model.path=$MODEL" model.attn_implementation=flash_attention_2 \
     data.packing=true "train.max_steps=$PACK_STEPS" train.eval_strategy=no train.early_stopping_patience=null \
     train.load_best_model_at_end=false eval.num_samples=4 "output.run_dir=$OUT/run-flash"
+  step flash_s2 60 "$PY" -m lorasft train "model.path=$MODEL" model.attn_implementation=flash_attention_2 \
+    data.packing=true data.max_length=2048 context.s2_attn=true context.s2_group=256 \
+    "train.max_steps=$PACK_STEPS" train.eval_strategy=no train.early_stopping_patience=null \
+    train.load_best_model_at_end=false eval.num_samples=0 "output.run_dir=$OUT/run-flash-s2"
 else
   echo "== flash_packing: not run (flash-attn is not installed in this image)" | tee -a "$LOG"
   echo '{"step": "flash_packing", "exit": null, "note": "flash-attn not installed"}' >> "$JSON"
 fi
 
-step long_step 240 "$PY" bench/long_step.py --lengths "$L8" "$L16" --attention full s2 --steps "$STEPS" \
+step long_step 150 "$PY" bench/long_step.py --lengths "$L8" "$L16" --attention full s2 --steps "$STEPS" \
   --set "model.path=$MODEL" "context.target_length=$L16" --out "$OUT/long_step.json"
 
-"$PY" bench/long_corpus.py "$OUT/corpus" >> "$LOG" 2>&1
+step long_corpus 30 "$PY" bench/long_corpus.py "$OUT/corpus"
 cat > "$OUT/long.yaml" <<EOF
 model: {path: $MODEL}
 context: {target_length: $L16, method: yarn, trainable: [embed, norm], s2_attn: true}
@@ -140,11 +155,11 @@ output: {run_dir: $OUT/run-long}
 stages:
   - {name: long, data: {train_file: $OUT/corpus/train.jsonl, format: text, max_length: $L16, val_ratio: 0}, train: {max_steps: $STEPS}}
 EOF
-step s2_train_and_long_eval 240 "$PY" -m lorasft train "$OUT/long.yaml"
+step s2_train_and_long_eval 150 "$PY" -m lorasft train "$OUT/long.yaml"
 
 NGPU=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
 if [[ "$NGPU" -gt 1 ]]; then
-  step fsdp 150 torchrun --nproc-per-node "$NGPU" -m lorasft train examples/fsdp.yaml "model.path=$MODEL" \
+  step fsdp 60 torchrun --nproc-per-node "$NGPU" -m lorasft train examples/fsdp.yaml "model.path=$MODEL" \
     train.max_steps=10 "output.run_dir=$OUT/run-fsdp"
 else
   echo "== fsdp: not run ($NGPU GPU)" | tee -a "$LOG"

@@ -139,7 +139,8 @@ def measure(a) -> list[dict]:
 
 def print_row(r: dict) -> None:
     gib, plan = 2**30, r["plan"]
-    added = r["peak"] - r["rss_before_model"]
+    # CPU: RSS above the process before the model; GPU: max_memory_allocated is the model's alone
+    added = r["peak"] - (r["rss_before_model"] if r["device"] == "cpu" else 0)
     print(f"{r['length']:>6} {r['attention']:>4} {r['precision']}: step {r['step_seconds']:.1f}s "
           f"(plan {plan['seconds']:.1f}s), peak {r['peak'] / gib:.2f} GiB, above the bare process "
           f"{added / gib:.2f} GiB (plan {plan['bytes'] / gib:.2f} GiB, "

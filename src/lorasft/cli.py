@@ -45,15 +45,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _long_settings(args: argparse.Namespace):
-    from lorasft.eval.long import LongSettings
-
-    s = LongSettings(lengths=args.lengths, stride=args.stride, data=args.long_data)
-    for name in ("protocol", "scored", "max_windows", "trials", "depths"):
-        if getattr(args, name) is not None:
-            setattr(s, name, getattr(args, name))
+def _long_settings(args: argparse.Namespace) -> dict:
+    """The --long flags given, to apply over the run's own eval.long_* settings."""
     check_long_settings(args)
-    return s
+    names = {"lengths": "lengths", "stride": "stride", "long_data": "data", "protocol": "protocol",
+             "scored": "scored", "max_windows": "max_windows", "trials": "trials", "depths": "depths"}  # fmt: skip
+    return {
+        key: getattr(args, flag) for flag, key in names.items() if getattr(args, flag) is not None
+    }
 
 
 def check_long_settings(args: argparse.Namespace) -> None:
@@ -91,7 +90,8 @@ def _long_args(e: argparse.ArgumentParser) -> None:
         "--stride", type=int, help="sliding: window stride (default: half of each length)"
     )
     g.add_argument("--max-windows", type=int,
-                   help="end points (same_tokens) or windows per length (sliding); default 4")  # fmt: skip
+                   help="end points (same_tokens) or windows per length (sliding); default: the "
+                        "run's eval.long_windows")  # fmt: skip
     g.add_argument("--trials", type=int, help="passkey trials per length x depth (default 2)")
     g.add_argument(
         "--depths", nargs="+", type=float, help="passkey depths, 0-1 (default 0 .25 .5 .75 1)"

@@ -90,6 +90,14 @@ def test_group_covering_the_sequence_is_full_attention(precision):
     assert (got - want)[:, :, :50].abs().max().item() <= tolerance(
         precision, want.abs().max().item()
     )
+    # Several groups, both offsets: the mask's diagonal blocks give what no mask gives on the
+    # unpadded row and on the padded row's real tokens (the blocks line up with the groups).
+    for offset in (0, G // 2):
+        plain = grouped_sdpa(q, k, v, None, G, offset, 0.0, None)
+        masked = grouped_sdpa(q, k, v, mask, G, offset, 0.0, None)
+        tol = tolerance(precision, plain.abs().max().item())
+        assert (masked[0] - plain[0]).abs().max().item() <= tol
+        assert (masked[1, :, :50] - plain[1, :, :50]).abs().max().item() <= tol
 
 
 def logits_with(model, impl: str, x: torch.Tensor) -> torch.Tensor:

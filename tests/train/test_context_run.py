@@ -91,15 +91,17 @@ def staged_yaml(tmp_path: Path) -> Path:
     yaml.write_text(
         "stages:\n"
         f"  - {{name: a, data: {{train_file: {text}, format: text, max_length: 64}}, train: {{max_steps: 3}}}}\n"
-        f"  - {{name: b, data: {{train_file: {text}, format: text, max_length: 128}}, train: {{max_steps: 4}}}}\n",
+        f"  - {{name: b, data: {{train_file: {text}, format: text, max_length: 128}}, train: {{max_steps: 4}}}}\n"
+        f"  - {{name: c, data: {{train_file: {text}, format: text, max_length: 96}}, train: {{max_steps: 2}}}}\n",
         encoding="utf-8",
     )
     return yaml
 
 
 def cut(run: Path, stage: str, keep_checkpoint: int | None) -> None:
-    """Leave `run` as a run stopped inside `stage`: its later checkpoints, its end and the run's
-    end removed (keep_checkpoint None: stopped before the stage's first checkpoint)."""
+    """Leave `run` as a run stopped inside `stage` (the second of three): its later checkpoints,
+    its end, the third stage and the run's end removed (keep_checkpoint None: stopped before the
+    stage's first checkpoint)."""
     import shutil
 
     stage_dir = run / "stages" / stage
@@ -109,12 +111,14 @@ def cut(run: Path, stage: str, keep_checkpoint: int | None) -> None:
     for ckpt in (stage_dir / "checkpoints").iterdir():
         if keep_checkpoint is None or int(ckpt.name.split("-")[1]) > keep_checkpoint:
             shutil.rmtree(ckpt)
+    shutil.rmtree(run / "stages" / "3-c")
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_staged_run_resumes_inside_a_stage_and_between_stages(tmp_path, tiny_llama_dir, precision):
     """Bit for bit, as a single run resumes: stopped after stage b's checkpoint-2 it continues
-    from there; stopped before stage b saved anything it starts b from a's adapter."""
+    from there; stopped before stage b saved anything it starts b from a's adapter; either way
+    stage c then starts from b's weights (not from a's, the last stage skipped)."""
     yaml = staged_yaml(tmp_path)
     extra = ["context.target_length=512", f"train.precision={precision}", "lora.dropout=0.1",
              "train.save_steps=2", "train.save_total_limit=null", "eval.long=false",
@@ -130,7 +134,7 @@ def test_staged_run_resumes_inside_a_stage_and_between_stages(tmp_path, tiny_lla
         assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), keep
         resumed = out.info["stages"][1]["resumed_from"]
         assert resumed == (str(run / "stages/2-b/checkpoints/checkpoint-2") if keep else None)
-        assert [s["global_step"] for s in out.info["stages"]] == [3, 4]
+        assert [s["global_step"] for s in out.info["stages"]] == [3, 4, 2]
         assert (
             json.loads((run / "results.json").read_text())["train"]["stages"][0]["stage"] == "1-a"
         )

@@ -36,9 +36,10 @@ def finish_run(run_dir: Path, model, tok, cfg: Config, examples, encoded, log_hi
 
 
 def evaluate_run(run_dir: str | Path, data_file: str | None = None, num_samples: int | None = None,
-                 long_settings=None, dtype: str | None = None) -> Path:  # fmt: skip
+                 long: dict | None = None, dtype: str | None = None) -> Path:  # fmt: skip
     """`lorasft eval`: the run as it trained, on its eval split (or `data_file`); writes
-    eval_results.json and returns its path."""
+    eval_results.json and returns its path. `long`: evaluate by length too, with the run's
+    eval.long_* settings and these overrides."""
     from lorasft.data.prepare import eval_set
     from lorasft.model.run import open_run
 
@@ -51,10 +52,11 @@ def evaluate_run(run_dir: str | Path, data_file: str | None = None, num_samples:
         )
     examples, encoded = eval_set(cfg.data, run.tok, data_file)
     ev = evaluate(run.model, run.tok, examples, encoded, cfg.eval)
-    if long_settings is not None:
-        from lorasft.eval.long import evaluate_long
+    if long is not None:
+        from lorasft.eval.long import evaluate_long, long_settings
 
-        ev["long_context"] = evaluate_long(run.model, run.tok, cfg, long_settings, run_dir)
+        settings = long_settings(cfg.eval, **long)
+        ev["long_context"] = evaluate_long(run.model, run.tok, cfg, settings, run_dir)
     out = run_dir / "eval_results.json"
     out.write_text(json.dumps(ev, indent=2, ensure_ascii=False), encoding="utf-8")
     results = run_dir / "results.json"

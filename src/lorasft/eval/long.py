@@ -47,11 +47,14 @@ class LongSettings:
     holds one layer's heads x L x L matrix)."""
 
 
-def long_settings(ev: EvalSection) -> LongSettings:
-    """The evaluation by length that ends a run with context.target_length (the `eval.long_*`
-    settings)."""
-    return LongSettings(lengths=ev.long_lengths, scored=ev.long_scored, max_windows=ev.long_windows,
-                        data=ev.long_data, depths=list(ev.passkey_depths), trials=ev.passkey_trials)  # fmt: skip
+def long_settings(ev: EvalSection, **overrides: Any) -> LongSettings:
+    """The run's evaluation by length (its `eval.long_*` settings), with `overrides` (the
+    `lorasft eval --long` flags given) on top."""
+    s = LongSettings(lengths=ev.long_lengths, scored=ev.long_scored, max_windows=ev.long_windows,
+                     data=ev.long_data, depths=list(ev.passkey_depths), trials=ev.passkey_trials)  # fmt: skip
+    for name, value in overrides.items():
+        setattr(s, name, value)
+    return s
 
 
 def _ppl_row(model, ids: list[int], lengths: list[int], s: LongSettings) -> dict[str, Any]:
@@ -60,9 +63,8 @@ def _ppl_row(model, ids: list[int], lengths: list[int], s: LongSettings) -> dict
     row = {str(n): {"perplexity": None, "reason": f"beyond the model's {limit} positions"}
            for n in lengths if n not in fits}  # fmt: skip
     if s.protocol == "same_tokens" and fits:
-        row.update(
-            same_tokens_perplexity(model, ids, fits, min(s.scored, min(fits) - 1), s.max_windows)
-        )
+        scored = min(s.scored, min(lengths) - 1)  # one value for every model and length
+        row.update(same_tokens_perplexity(model, ids, fits, scored, s.max_windows, max(lengths)))
     for n in fits if s.protocol == "sliding" else []:
         row[str(n)] = sliding_perplexity(model, ids, n, s.stride or max(1, n // 2), s.max_windows)
     return {str(n): row[str(n)] for n in lengths}

@@ -72,13 +72,14 @@ def tail_windows(n_tokens: int, longest: int, windows: int) -> list[int]:
     return [longest * (k + 1) for k in range(windows) if longest * (k + 1) <= n_tokens]
 
 
-def same_tokens_perplexity(model, ids: list[int], lengths: list[int], scored: int,
-                           windows: int) -> dict[str, dict]:  # fmt: skip
+def same_tokens_perplexity(model, ids: list[int], lengths: list[int], scored: int, windows: int,
+                           longest: int | None = None) -> dict[str, dict]:  # fmt: skip
     """Perplexity by context length on the *same* tokens: at each end point the last `scored`
     tokens are predicted with `n` tokens of context in the window for each n in `lengths`, so a
     row compares lengths on one set of tokens (a lower value at a longer length means the model
-    used the extra context)."""
-    longest = max(lengths)
+    used the extra context). `longest` (default: the largest length) places the end points, so
+    models that cannot read every length still score the same tokens as the others."""
+    longest = longest or max(lengths)
     if scored >= min(lengths):
         raise ValueError(f"scored={scored}: must be below the shortest length ({min(lengths)})")
     ends = tail_windows(len(ids), longest, windows)

@@ -38,10 +38,11 @@ def check_llama(config) -> None:
 # same keys): linear (position interpolation) and YaRN. Dynamic NTK has no llama.cpp counterpart
 # for llama models, and llama3 needs a rope_freqs tensor that lorasft does not write.
 GGUF_ROPE = {"linear": gguf.RopeScalingType.LINEAR, "yarn": gguf.RopeScalingType.YARN}
-YARN_KEYS = {"extrapolation_factor": "add_rope_scaling_yarn_ext_factor",
-             "attention_factor": "add_rope_scaling_yarn_attn_factor",
-             "beta_fast": "add_rope_scaling_yarn_beta_fast",
+YARN_KEYS = {"beta_fast": "add_rope_scaling_yarn_beta_fast",
              "beta_slow": "add_rope_scaling_yarn_beta_slow"}  # fmt: skip
+# Attention-scale settings that llama.cpp derives its own way (it applies YaRN's 0.1*ln(factor)+1
+# itself): a model carrying them is refused rather than exported with another scale.
+UNSUPPORTED_YARN = ("attention_factor", "mscale", "mscale_all_dim")
 
 
 def rope_scaling(config) -> dict | None:
@@ -55,6 +56,12 @@ def rope_scaling(config) -> dict | None:
             f"GGUF export: rope_type {kind!r} has no llama.cpp equivalent for llama models "
             f"(it supports {', '.join(GGUF_ROPE)}); train the run with context.method=yarn or "
             "linear to export it, or serve it with `lorasft serve --engine transformers`"
+        )
+    extra = [k for k in UNSUPPORTED_YARN if rope.get(k) is not None]
+    if extra:
+        raise ModelError(
+            f"GGUF export: rope_parameters sets {', '.join(extra)}, which llama.cpp does not read "
+            "the way transformers does; export needs YaRN's default attention scale"
         )
     return rope
 

@@ -20,6 +20,7 @@ import torch
 from lorasft.data.templates import adds_bos, build_prompt, prompt_messages
 from lorasft.eval.generate import GenSettings, encode_prompt
 from lorasft.export.llamacpp import LlamaCpp
+from lorasft.model.context import base_window
 from lorasft.model.load import ModelError
 
 # How far a target's own rounding may move a logit, by the type of its weights: below this plus
@@ -388,6 +389,10 @@ def check_run(run_dir: str | Path, merged: str | None = None, gguf: str | None =
             raise ModelError(
                 "verify --long: give --llama-cpp FILE (the long text is checked there)"
             )
+        window = base_window(spec.base_path, spec.cfg.model.trust_remote_code)
+        if long <= window:
+            print(f"note: --long {long} is inside the base's {window}-token window: it does not "
+                  "reach the positions that only the RoPE scaling covers")  # fmt: skip
         prompts += long_prompts(ref.tok, long)
     report = verify(ref, targets, prompts, max_new_tokens, runtimes)
     print(render(report, prompts))

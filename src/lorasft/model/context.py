@@ -119,6 +119,16 @@ def context_window(config) -> int:
     return int(n)
 
 
+def base_window(model_path, trust_remote_code: bool = False) -> int:
+    """The window a base was trained with, read from its folder (a loaded run's config already
+    carries the context extension)."""
+    from transformers import AutoConfig
+
+    return context_window(
+        AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    )
+
+
 def length_ladder(original: int, target: int | None) -> list[int]:
     """The lengths that planning and evaluation by length report: half the window (at least 16),
     then doublings from the window up to the target, then the target."""

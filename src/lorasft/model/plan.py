@@ -203,7 +203,8 @@ def describe_time(config, cfg: Config, precision: str, lengths: list[int]) -> li
     from lorasft.model.s2attn import group_tokens
 
     heads = config.num_attention_heads
-    rates = measure_rates(PRECISION_DTYPES[precision], heads, config.hidden_size // heads)
+    rates = measure_rates(PRECISION_DTYPES[precision], heads, config.hidden_size // heads,
+                          "cuda" if torch.cuda.is_available() else "cpu")  # fmt: skip
     t, ckpt = cfg.train, cfg.train.gradient_checkpointing
     lines = [(f"seconds per step (batch {t.batch_size} x accum {t.grad_accum}, checkpointing "
              f"{ckpt}; measured here: matmul {rates.matmul / 1e9:.0f} GFLOP/s, attention "
@@ -312,7 +313,8 @@ def step_plan(cfg: Config, length: int, config=None, rates: Rates | None = None)
                       cfg.model.attn_implementation)  # fmt: skip
     span = group_tokens(cfg.context.s2_group, length) if cfg.context.s2_attn else length
     heads = config.num_attention_heads
-    rates = rates or measure_rates(PRECISION_DTYPES[precision], heads, config.hidden_size // heads)
+    rates = rates or measure_rates(PRECISION_DTYPES[precision], heads, config.hidden_size // heads,
+                                   "cuda" if torch.cuda.is_available() else "cpu")  # fmt: skip
     time_parts = step_seconds(config, length, t.batch_size, span, ckpt, rates)
     time_parts = {k: v * t.grad_accum for k, v in time_parts.items()}
     return {"bytes": peak, "attention": "s2" if cfg.context.s2_attn else cfg.model.attn_implementation,

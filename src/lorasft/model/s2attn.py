@@ -82,7 +82,7 @@ def s2_attention(module, query, key, value, attention_mask, *, inner: str, group
             outs.append(grouped_sdpa(q, k, v, attention_mask, group, offset, dropout, scaling))
         else:
             outs.append(grouped_varlen(full, module, q, k, v, attention_mask, group, offset,
-                                       dropout, scaling, kwargs))  # fmt: skip
+                                       dropout, scaling, kwargs, inner))  # fmt: skip
     return torch.cat(outs, dim=1).transpose(1, 2).contiguous(), None
 
 
@@ -196,21 +196,42 @@ def is_packed(position_ids: torch.Tensor | None) -> bool:
 
 
 def grouped_varlen(full, module, q, k, v, mask, group: int, offset: int, dropout: float, scale,
-                   kwargs: dict):  # fmt: skip
+                   kwargs: dict, inner: str):  # fmt: skip
+    """The batch as one flattened row [1, h, b*L, d] whose positions restart at every segment,
+    through the variable-length kernel; back to [b, h, L, d]."""
     b, h, length, d = q.shape
     padding = mask if mask is not None and mask.dim() == 2 else None
     pos = segment_positions(
         segment_starts(length, group, offset, kwargs.get("position_ids"), padding, b)
     )
-    rest = {k_: v_ for k_, v_ in kwargs.items()
-            if k_ != "position_ids" and not k_.startswith(("cu_seq_lens", "max_length"))}  # fmt: skip
+    rest = {k_: v_ for k_, v_ in kwargs.items() if k_ not in ("position_ids", "is_causal")
+            and not k_.startswith(("cu_seq_lens", "max_length"))}  # fmt: skip
 
     def flat(t):
         return t.transpose(0, 1).reshape(1, h, b * length, d)
 
-    out, _ = full(module, flat(q), flat(k), flat(v), None, dropout=dropout, scaling=scale,
-                  is_causal=True, position_ids=pos.reshape(1, -1), **rest)  # fmt: skip
+    pos = pos.reshape(1, -1)
+    if inner.startswith("flash_attention"):
+        out = _flash_varlen(module, flat(q), flat(k), flat(v), pos, inner, dropout, scale, rest)
+    else:  # any other registered variable-length function (the tests' CPU reference)
+        out, _ = full(module, flat(q), flat(k), flat(v), None, dropout=dropout, scaling=scale,
+                      is_causal=True, position_ids=pos, **rest)  # fmt: skip
     return out.view(b, length, h, d).transpose(1, 2)
+
+
+def _flash_varlen(module, q, k, v, pos, inner: str, dropout: float, scale, rest: dict):
+    """transformers' flash attention call, with the kernel named explicitly: its public wrapper
+    looks the kernel up by the model's attention name, which is S2's while it trains."""
+    from transformers.integrations.flash_attention import _use_top_left_mask, get_target_dtype
+    from transformers.modeling_flash_attention_utils import _flash_attention_forward
+
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [1, tokens, heads, d]
+    return _flash_attention_forward(
+        q, k, v, None, query_length=q.shape[1], is_causal=True, dropout=dropout,
+        position_ids=pos, softmax_scale=scale, use_top_left_mask=_use_top_left_mask,
+        target_dtype=get_target_dtype(q, module), attn_implementation=inner,
+        layer_idx=getattr(module, "layer_idx", None), **rest,
+    )  # fmt: skip
 
 
 @contextmanager

@@ -5,10 +5,11 @@ starts from the weights the previous stage ended with. Each stage's adapter is a
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-from lorasft.config import Config, dump_config
-from lorasft.model.context import context_window
+from lorasft.config import Config, ConfigError, dump_config
+from lorasft.model.context import base_window
 from lorasft.train.checkpoints import complete_checkpoints
 from lorasft.train.fit import TrainOutcome, fit
 from lorasft.train.launch import say
@@ -38,15 +39,6 @@ def set_checkpointing(model, on: bool) -> None:
         base.gradient_checkpointing_disable()
 
 
-def base_window(model_path: Path, cfg: Config) -> int:
-    """The window the base was trained with: read from its folder, since the loaded model's
-    config already carries the context extension."""
-    from transformers import AutoConfig
-
-    trust = cfg.model.trust_remote_code
-    return context_window(AutoConfig.from_pretrained(model_path, trust_remote_code=trust))
-
-
 STAGE_DONE = "stage_done.json"
 
 
@@ -55,22 +47,23 @@ def train_stages(cfg: Config, model, tok, run_dir: Path, precision: str, model_p
     """Train the stages in order. With train.resume, a stage that finished before (its
     stage_done.json) is skipped, and the first unfinished one continues from its newest complete
     checkpoint, or starts from the adapter the last finished stage saved."""
-    window, resume = base_window(model_path, cfg), cfg.train.resume is not None
+    window = base_window(model_path, cfg.model.trust_remote_code)
+    resume = cfg.train.resume is not None
     history, summaries, out, finished = [], [], None, None
     for i, st in enumerate(cfg.stages):
         scfg = stage_config(cfg, i, window)
         name = f"{i + 1}-{st.name or 'stage'}"
         stage_dir = run_dir / "stages" / name
         if resume and (stage_dir / STAGE_DONE).is_file():
-            done = json.loads((stage_dir / STAGE_DONE).read_text())
+            done = read_stage_done(stage_dir)
             say(f"[lorasft] stage {name}: finished before, skipped")
             history, finished = _append(history, done["log_history"], name), stage_dir
             summaries.append({"stage": name, **done["info"]})
             continue
         ckpts = complete_checkpoints(stage_dir) if resume else []
-        if not ckpts and finished is not None:
+        if not ckpts and finished is not None:  # a checkpoint restores the weights itself
             load_adapter_weights(model, finished)
-            finished = None
+        finished = None  # handed on: later stages start from this one's weights
         if is_main:
             stage_dir.mkdir(parents=True, exist_ok=True)
             dump_config(scfg, stage_dir / "config.yaml")
@@ -84,7 +77,9 @@ def train_stages(cfg: Config, model, tok, run_dir: Path, precision: str, model_p
         if is_main:
             model.save_pretrained(stage_dir)
             record = {"log_history": out.log_history, "info": out.info}
-            (stage_dir / STAGE_DONE).write_text(json.dumps(record, indent=1, default=str))
+            tmp = stage_dir / f"{STAGE_DONE}.tmp"  # written whole, then renamed: a stage is
+            tmp.write_text(json.dumps(record, indent=1, default=str))  # done or not, never half
+            os.replace(tmp, stage_dir / STAGE_DONE)
         history = _append(history, out.log_history, name)
         summaries.append({"stage": name, **out.info})
     if out is None:  # every stage had finished: the run stopped before its evaluation
@@ -101,13 +96,25 @@ def _append(history: list[dict], logs: list[dict], name: str) -> list[dict]:
     return history + [{**h, "stage": name, "step": h.get("step", 0) + offset} for h in logs]
 
 
+def read_stage_done(stage_dir: Path) -> dict:
+    path = stage_dir / STAGE_DONE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable ({e}); delete it to train that stage again") from e
+
+
 def load_adapter_weights(model, stage_dir: Path) -> None:
     """The adapter (LoRA and modules_to_save) a finished stage saved, into the training model."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     say(f"[lorasft] starting from the adapter of {stage_dir.name}")
-    set_peft_model_state_dict(model, load_file(stage_dir / "adapter_model.safetensors"))
+    path = stage_dir / "adapter_model.safetensors"
+    result = set_peft_model_state_dict(model, load_file(path))
+    if result.unexpected_keys:
+        raise ConfigError(f"{path}: tensors this run's adapter does not have, e.g. "
+                          f"{result.unexpected_keys[0]}; was the config changed since that stage?")  # fmt: skip
 
 
 def finished_outcome(
