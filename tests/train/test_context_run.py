@@ -47,11 +47,16 @@ def lora_weights(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in load_file(path / "adapter_model.safetensors").items() if "lora_" in k}
 
 
-def test_two_stages_hand_weights_on(tmp_path, tiny_llama_dir):
+def long_text(tmp_path: Path) -> Path:
+    """Four 3000-character documents of the demo's words, as raw text records."""
     words = " ".join(Path(demo_files()[0]).read_text(encoding="utf-8").split()[:3000])
-    text = write_jsonl(
+    return write_jsonl(
         tmp_path / "long.jsonl", [{"text": words[i : i + 3000]} for i in range(0, 12000, 3000)]
     )
+
+
+def test_two_stages_hand_weights_on(tmp_path, tiny_llama_dir):
+    text = long_text(tmp_path)
     yaml = tmp_path / "staged.yaml"
     yaml.write_text(
         "stages:\n"
@@ -83,10 +88,7 @@ def test_two_stages_hand_weights_on(tmp_path, tiny_llama_dir):
 
 
 def staged_yaml(tmp_path: Path) -> Path:
-    words = " ".join(Path(demo_files()[0]).read_text(encoding="utf-8").split()[:3000])
-    text = write_jsonl(
-        tmp_path / "long.jsonl", [{"text": words[i : i + 3000]} for i in range(0, 12000, 3000)]
-    )
+    text = long_text(tmp_path)
     yaml = tmp_path / "staged.yaml"
     yaml.write_text(
         "stages:\n"
