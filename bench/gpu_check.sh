@@ -114,9 +114,9 @@ EOF
 [[ -f "$MODEL/config.json" ]] || { echo "no model to check with; stopping" | tee -a "$LOG"; exit 1; }
 
 if [[ "$SMOKE" == 1 ]]; then
-  L16=512; L8=256; STEPS=1; SPEED_STEPS=2; PACK_STEPS=2
+  L16=512; L8=256; STEPS=1; SPEED_STEPS=2; PACK_STEPS=2; SPEED_MODES=lorasft
 else
-  L16=16384; L8=8192; STEPS=2; SPEED_STEPS=8; PACK_STEPS=20
+  L16=16384; L8=8192; STEPS=2; SPEED_STEPS=8; PACK_STEPS=20; SPEED_MODES=naive,lorasft,packed
 fi
 export LORASFT_BENCH_MODEL=$MODEL
 
@@ -126,7 +126,7 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", tr
 print("devices:", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
 print("flash_attn installed:", importlib.util.find_spec("flash_attn") is not None)'
 
-step train_speed 120 "$PY" bench/train_speed.py --steps "$SPEED_STEPS" --modes naive,lorasft,packed
+step train_speed 120 "$PY" bench/train_speed.py --steps "$SPEED_STEPS" --modes "$SPEED_MODES"
 
 if "$PY" -c 'import flash_attn' 2>/dev/null; then
   step flash_packing 90 "$PY" -m lorasft train "model.path=$MODEL" model.attn_implementation=flash_attention_2 \
