@@ -68,13 +68,16 @@ class Report:
         return not self.problems and all(r.ok for r in self.rows)
 
 
-def prompt_set(spec, limit: int) -> list[list[dict]]:
+def prompt_set(spec, limit: int, required: bool = True) -> list[list[dict]]:
     """The run's eval conversations (its training records if it had none) without their answers,
-    as the run sees them (its system prompt included)."""
+    as the run sees them (its system prompt included). A run on raw text has none: an error
+    unless not `required` (verify --long checks such a run on its long text alone)."""
     from lorasft.data.prepare import load_split
 
     train, evals, _ = load_split(spec.cfg.data)  # a staged run's last stage
     chats = [ex for ex in (evals or train) if not ex.is_text and ex.messages]
+    if not chats and not required:
+        return []
     if not chats:
         raise ModelError("verify: the run's data has no chat records to build prompts from")
     return [spec.conversation(prompt_messages(ex.messages)) for ex in chats[:limit]]
@@ -383,7 +386,7 @@ def check_run(run_dir: str | Path, merged: str | None = None, gguf: str | None =
     if not targets and not runtimes:
         raise ModelError("verify: nothing to compare; give --merged DIR, --gguf FILE, "
                          "--llama-cpp FILE... and/or --url URL")  # fmt: skip
-    prompts = prompt_set(spec, num_prompts)
+    prompts = prompt_set(spec, num_prompts, required=not long)
     if long:
         if not runtimes:
             raise ModelError(
