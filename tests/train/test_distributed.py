@@ -36,6 +36,7 @@ ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
 DEEPSPEED = f"train.deepspeed={ROOT / 'examples' / 'deepspeed_zero2.json'}"
 ZERO3 = f"train.deepspeed={ROOT / 'examples' / 'deepspeed_zero3.json'}"  # parameters sharded
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+EXIT_ABORT = "terminate called without an active exception"
 
 LAUNCHES = {
     "torchrun-ddp": (TORCHRUN + ["--master-port", "29517"], [], "MULTI_CPU"),
@@ -70,6 +71,13 @@ def test_two_processes_match_one_with_the_same_global_batch(
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [*launcher, "-m", "lorasft", *args(tiny_llama_dir, ddp, 2, precision), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    if proc.returncode and EXIT_ABORT in proc.stderr and "zero3" in " ".join(cmd):
+        # Known, rare (2 of about 12 full suites here): a ZeRO-3 rank that has finished aborts
+        # in a C++ destructor as the interpreter exits, and torchrun then stops rank 0 before it
+        # writes results. One rerun, for that signature only; every check below still applies.
+        proc = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=600, check=False
+        )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("[lorasft] run folder:") == 1  # rank 0 alone reports
     assert proc.stdout.count("base vs tuned") == 1  # and alone evaluates
