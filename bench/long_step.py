@@ -45,6 +45,7 @@ def child(length: int, attention: str, steps: int, extra: list[str], text: Path)
 
     from lorasft.config import load_config
     from lorasft.data.tokenize import document_stream
+    from lorasft.model.precision import PRECISION_DTYPES
     from lorasft.model.s2attn import s2_training
     from lorasft.train.setup import prepare_model_and_tokenizer
     from lorasft.train.trainer import causal_lm_loss
@@ -60,13 +61,13 @@ def child(length: int, attention: str, steps: int, extra: list[str], text: Path)
     batch = {"input_ids": ids.to(device), "labels": ids.to(device)}
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = PRECISION_DTYPES[precision]
     times = []
     model.train()
     with s2_training(model, cfg.context, length, say=lambda _m: None):
         for _ in range(steps):
             start = time.perf_counter()
-            with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            with torch.autocast(device, dtype=dtype, enabled=precision != "fp32"):
                 loss, _ = causal_lm_loss(model, batch, None)
             loss.backward()
             opt.step()

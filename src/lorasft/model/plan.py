@@ -199,12 +199,10 @@ def describe_plan(config, cfg: Config, precision: str) -> list[str]:
 
 def describe_time(config, cfg: Config, precision: str, lengths: list[int]) -> list[str]:
     """Seconds per optimizer step by length, full attention and S2-Attn side by side."""
-    from lorasft.model.precision import PRECISION_DTYPES
     from lorasft.model.s2attn import group_tokens
 
-    heads = config.num_attention_heads
-    rates = measure_rates(PRECISION_DTYPES[precision], heads, config.hidden_size // heads,
-                          "cuda" if torch.cuda.is_available() else "cpu")  # fmt: skip
+    rates = rates_for(config, precision)
+    weights = matmul_parameters(config)
     t, ckpt = cfg.train, cfg.train.gradient_checkpointing
     lines = [(f"seconds per step (batch {t.batch_size} x accum {t.grad_accum}, checkpointing "
              f"{ckpt}; measured here: matmul {rates.matmul / 1e9:.0f} GFLOP/s, attention "
@@ -212,8 +210,8 @@ def describe_time(config, cfg: Config, precision: str, lengths: list[int]) -> li
              f"{'length':>8} {'full':>9} {'S2-Attn':>9} {'group':>7}"]  # fmt: skip
     for n in lengths:
         g = group_tokens(cfg.context.s2_group, n)
-        full, s2 = (step_seconds(config, n, t.batch_size, span, ckpt, rates)["seconds"] * t.grad_accum
-                    for span in (n, g))  # fmt: skip
+        full, s2 = (step_seconds(config, n, t.batch_size, span, ckpt, rates, weights)["seconds"]
+                    * t.grad_accum for span in (n, g))  # fmt: skip
         lines.append(f"{n:>8} {full:>9.3g} {s2:>9.3g} {g:>7}")
     return lines
 
@@ -268,6 +266,15 @@ def measure_rates(dtype: torch.dtype, heads: int, head_dim: int, device: str = "
     return _RATES[key]
 
 
+def rates_for(config, precision: str) -> Rates:
+    """The rates for this model's attention shape and the run's precision, on the GPU if any."""
+    from lorasft.model.precision import PRECISION_DTYPES
+
+    heads = config.num_attention_heads
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return measure_rates(PRECISION_DTYPES[precision], heads, config.hidden_size // heads, device)
+
+
 def attention_flops(s: int, span: int, h: int) -> float:
     """One causal forward of one layer: QK^T and PV over the s*span/2 visible pairs (span = s for
     full attention, the group size for S2-Attn)."""
@@ -281,10 +288,12 @@ def matmul_parameters(config) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
 
 
-def step_seconds(config, s: int, b: int, span: int, checkpointing: bool, rates: Rates) -> dict:
+def step_seconds(config, s: int, b: int, span: int, checkpointing: bool, rates: Rates,
+                 weights: int | None = None) -> dict:  # fmt: skip
+    """`weights`: matmul_parameters(config), when the caller has it (it builds a meta model)."""
     n_layers, h = config.num_hidden_layers, config.hidden_size
     head = config.vocab_size * h
-    weights = matmul_parameters(config)
+    weights = weights or matmul_parameters(config)
     passes = 2 * weights * 2 + (2 * (weights - head) if checkpointing else 0)
     linear = b * s * passes
     attention = n_layers * b * attention_flops(s, span, h) * ((2 if checkpointing else 1) + 2.5)
@@ -296,7 +305,7 @@ def step_plan(cfg: Config, length: int, config=None, rates: Rates | None = None)
     """Estimated peak bytes and seconds for one optimizer step at `length` (batch_size x
     grad_accum sequences), for the attention the run trains with."""
     from lorasft.model.load import resolve_model_path
-    from lorasft.model.precision import PRECISION_DTYPES, resolve_precision
+    from lorasft.model.precision import resolve_precision
     from lorasft.model.s2attn import group_tokens
 
     if config is None:
@@ -304,17 +313,12 @@ def step_plan(cfg: Config, length: int, config=None, rates: Rates | None = None)
 
         config = AutoConfig.from_pretrained(resolve_model_path(cfg.model.path),
                                             trust_remote_code=cfg.model.trust_remote_code)  # fmt: skip
-    precision = resolve_precision(cfg.train.precision)
-    p, t = activation_bytes(precision), cfg.train
-    p_w = BYTES.get(cfg.model.dtype, p)
-    base, trainable = count_parameters(config, cfg)
+    precision, t = resolve_precision(cfg.train.precision), cfg.train
     ckpt = t.gradient_checkpointing
-    peak = peak_bytes(config, base, trainable, length, t.batch_size, p, p_w, ckpt,
-                      cfg.model.attn_implementation)  # fmt: skip
+    (row,) = memory_table(config, cfg, [length], precision)
+    peak = row.peak_checkpointed if ckpt else row.peak
     span = group_tokens(cfg.context.s2_group, length) if cfg.context.s2_attn else length
-    heads = config.num_attention_heads
-    rates = rates or measure_rates(PRECISION_DTYPES[precision], heads, config.hidden_size // heads,
-                                   "cuda" if torch.cuda.is_available() else "cpu")  # fmt: skip
+    rates = rates or rates_for(config, precision)
     time_parts = step_seconds(config, length, t.batch_size, span, ckpt, rates)
     time_parts = {k: v * t.grad_accum for k, v in time_parts.items()}
     return {"bytes": peak, "attention": "s2" if cfg.context.s2_attn else cfg.model.attn_implementation,
