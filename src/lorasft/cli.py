@@ -13,6 +13,7 @@ from lorasft.config import Config, ConfigError, load_config
 from lorasft.data.formats import DataError
 from lorasft.data.templates import TemplateError
 from lorasft.model.load import ModelError
+from lorasft.serve import DEFAULT_MAX_QUEUE, ENGINES
 
 USER_ERRORS = (ConfigError, DataError, ModelError, TemplateError, FileNotFoundError)
 
@@ -187,15 +188,37 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from lorasft.serve.app import create_app, serve
-    from lorasft.serve.engine import load_engine
+    from lorasft.serve.engines import EngineOptions, open_engine
 
-    engine = load_engine(args.base, args.adapter, args.dtype)
-    key = args.api_key or os.environ.get("LORASFT_API_KEY") or None
-    app = create_app(engine, key, args.max_tokens_cap, args.max_request_bytes)
-    print(f"[lorasft] serving {', '.join(engine.served)} on http://{args.host}:{args.port}/v1"
-          f"{' (API key required)' if key else ''}")  # fmt: skip
-    serve(app, args.host, args.port)
+    opts = EngineOptions(args.engine, args.slots, args.max_queue, args.gguf_type,
+                         args.llama_server, args.threads)  # fmt: skip
+    engine = open_engine(args.base, args.adapter, args.dtype, opts)
+    try:
+        key = args.api_key or os.environ.get("LORASFT_API_KEY") or None
+        app = create_app(engine, key, args.max_tokens_cap, args.max_request_bytes)
+        print(f"[lorasft] serving {', '.join(engine.served)} on http://{args.host}:{args.port}/v1 "
+              f"with {engine.name} ({engine.slots} at once, {engine.max_queue} queued)"
+              f"{'; API key required' if key else ''}")  # fmt: skip
+        serve(app, args.host, args.port)
+    finally:
+        engine.close()
     return 0
+
+
+def _count(least: int):
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = None
+        if n is None or n < least:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {least}, got {text!r}")
+        return n
+
+    return parse
+
+
+_positive, _non_negative = _count(1), _count(0)
 
 
 def _dtype_arg(p: argparse.ArgumentParser) -> None:
@@ -214,6 +237,19 @@ def _serve_parser(sub) -> None:
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or env LORASFT_API_KEY)")
     s.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens accepted")
     s.add_argument("--max-request-bytes", type=int, default=1_000_000, help="largest request body")
+    s.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="what generates: llama.cpp (llama-server, batching; default on a CPU where "
+                   "it is installed), vllm (GPU), transformers (one at a time, exactly as training "
+                   "evaluated; the fallback)")  # fmt: skip
+    s.add_argument("--slots", type=_positive, default=8,
+                   help="requests generated at once by llama.cpp / vLLM (llama-server --parallel)")  # fmt: skip
+    s.add_argument("--max-queue", type=_non_negative, default=DEFAULT_MAX_QUEUE,
+                   help="requests waiting for a slot; past that the answer is 503 + Retry-After")  # fmt: skip
+    s.add_argument("--gguf-type", choices=["f16", "f32", "q8_0"], default="f16",
+                   help="llama.cpp: the type of the base GGUF lorasft writes (adapters stay F32)")  # fmt: skip
+    s.add_argument("--llama-server", metavar="PATH",
+                   help="llama.cpp: this llama-server binary (default: the venv's, then PATH)")  # fmt: skip
+    s.add_argument("--threads", type=_positive, help="llama.cpp: CPU threads (default: its own)")
     _dtype_arg(s)
     s.set_defaults(fn=cmd_serve)
 

@@ -221,9 +221,10 @@ def shared_base(base: RunSpec, runs: list[RunSpec]) -> None:
             say(f"warning: {r.dir} was trained on {r.base_path}, opened on {base.base_path}")
 
 
-def open_runs(base: str | None, adapters: list[tuple[str, str]], dtype: str | None = None):
-    """One base with several runs' adapters (for serving): `(model, base spec, run specs)`.
-    The base defaults to the first run's; it opens in the runs' dtype."""
+def read_specs(base: str | None, adapters: list[tuple[str, str]], dtype: str | None = None):
+    """One base with several runs' adapters (for serving): `(base spec, run specs)`, checked to
+    share what changes the base. The base defaults to the first run's; it opens in the runs'
+    dtype."""
     runs = [read_run(d, dtype, what=f"--adapter {name}") for name, d in adapters]
     for (name, _), r in zip(adapters, runs):
         r.name = name
@@ -235,7 +236,17 @@ def open_runs(base: str | None, adapters: list[tuple[str, str]], dtype: str | No
                          first.cfg.model.trust_remote_code)  # fmt: skip
         spec.attn = first.attn
     shared_base(spec, runs)
-    model = open_base(spec, first.cfg.context if first else None)
+    return spec, runs
+
+
+def served_context(runs: list[RunSpec]) -> ContextSection | None:
+    """The context extension every served adapter trained with (None: a bare base)."""
+    return runs[0].cfg.context if runs else None
+
+
+def open_runs(spec: RunSpec, runs: list[RunSpec]):
+    """The base of `read_specs` with every run's adapter attached under the run's name."""
+    model = open_base(spec, served_context(runs))
     for r in runs:
         model = attach(model, r, r.name)
-    return model.to(device()).eval(), spec, runs
+    return model.to(device()).eval()

@@ -8,6 +8,7 @@ in memory beyond the limit.
 from __future__ import annotations
 
 import secrets
+from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -99,7 +100,8 @@ def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
 def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
-        return JSONResponse(error_body(e.message, e.kind, e.param, e.code), status_code=e.status)
+        return JSONResponse(error_body(e.message, e.kind, e.param, e.code), status_code=e.status,
+                            headers=e.headers)  # fmt: skip
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
@@ -121,7 +123,13 @@ def _install_errors(app: FastAPI) -> None:
 def create_app(engine: Engine, api_key: str | None = None,
                max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:  # fmt: skip
-    app = FastAPI(title="lorasft", docs_url=None, redoc_url=None, openapi_url=None)
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        engine.close()  # the engine's server process stops with this one (Ctrl-C, SIGTERM)
+
+    app = FastAPI(title="lorasft", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)  # fmt: skip
     app.state.engine, app.state.max_tokens_cap = engine, max_tokens_cap
     app.include_router(router)
     _install_errors(app)

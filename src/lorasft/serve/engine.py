@@ -1,18 +1,25 @@
-"""One base model with its LoRA adapters, and the single worker thread that generates with it.
+"""What `lorasft serve` generates with: the served names, the prompt as the run trained on it,
+admission (slots plus a bounded queue), and the engines behind the same interface.
 
-The model is not thread-safe and switching adapters is a model-wide change, so every request
-becomes a job on one FIFO queue served by one thread: concurrent requests wait their turn.
-Prompts are built by the same `build_prompt` that training used, with the tokenizer (and so the
-chat template) saved in each adapter's run folder.
+An engine turns prompt token ids into generated token ids; everything a client sees is decided
+here and is the same for every engine: prompts are built by the same `build_prompt` that
+training used, with the tokenizer (and so the chat template) saved in each adapter's run folder;
+text is decoded from the ids by that tokenizer and cut at stop strings by `TextCutter`; a request
+ends at the run's stop ids. `TransformersEngine` is the reference: it generates exactly as
+training's evaluation does, one request at a time. `serve/llamacpp.py` and `serve/vllm.py` put
+the same requests on the field's batching servers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
+from collections.abc import AsyncIterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
+import anyio
 import torch
 from peft import PeftModel
 from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
@@ -22,8 +29,12 @@ from lorasft.data.tokenize import stop_ids
 from lorasft.eval.generate import GenSettings, encode_prompt
 from lorasft.model.context import context_window
 from lorasft.model.load import ModelError
-from lorasft.model.run import RunSpec, open_runs
+from lorasft.model.run import RunSpec, open_runs, read_specs
+from lorasft.serve import DEFAULT_MAX_QUEUE
+from lorasft.serve.schemas import APIError
 from lorasft.serve.textstream import TextCutter
+
+RETRY_AFTER_S = 1
 
 
 @dataclass
@@ -54,8 +65,123 @@ class Params:
         )
 
 
+@dataclass
+class Generation:
+    """One request's answer. `stream()` yields text; then counts and finish_reason are set.
+    Engines supply `_tokens()`, the generated ids; `close()` frees the request's slot."""
+
+    served: Served
+    prompt_ids: list[int]
+    params: Params
+    engine: Engine
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    ended_at_stop: bool = False  # the engine stopped at an end-of-generation token it withheld
+    engine_count: int | None = None  # tokens generated, as the engine counted them
+    _closed: bool = field(default=False, repr=False)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    async def stream(self) -> AsyncIterator[str]:
+        stops = set(stop_ids(self.served.tok))
+        cutter, last = TextCutter(self.served.tok, self.params.stop), None
+        tokens = self._tokens()
+        try:
+            async for token in tokens:
+                self.completion_tokens, last = self.completion_tokens + 1, token
+                if text := cutter.add(token):
+                    yield text
+                if cutter.stopped or token in stops:
+                    break
+            if text := cutter.flush():
+                yield text
+            ended = cutter.stopped or last in stops or self.ended_at_stop or last is None
+            self.finish_reason = "stop" if ended else "length"
+            if self.engine_count is not None:
+                self.completion_tokens = self.engine_count
+        finally:
+            await tokens.aclose()  # ends the engine's request (a stop id or string came first)
+            self.close()  # also when the client left mid-stream: the slot is freed at once
+
+    async def atext(self) -> str:
+        return "".join([piece async for piece in self.stream()])
+
+    def text(self) -> str:
+        """The whole answer, for callers without an event loop (scripts, tests)."""
+        return asyncio.run(self.atext())
+
+    def _tokens(self) -> AsyncIterator[int]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._cancel()
+            self.engine.release()
+
+    def _cancel(self) -> None:
+        pass
+
+
+class Engine:
+    """Served names, the window, and admission: `slots` requests generate at once and up to
+    `max_queue` more wait; past that `submit` refuses with 503 and Retry-After."""
+
+    name = "engine"
+
+    def __init__(self, served: list[Served], context_window: int, slots: int = 1,
+                 max_queue: int = DEFAULT_MAX_QUEUE):  # fmt: skip
+        self.served = {s.name: s for s in served}
+        self.context_window, self.slots, self.max_queue = context_window, slots, max_queue
+        self.tok_lock = threading.Lock()
+        self._admitted, self._admit_lock = 0, threading.Lock()
+
+    def encode_chat(self, served: Served, messages: list[dict]) -> list[int]:
+        """The prompt as the run trained on it: its template and its system prompt."""
+        with self.tok_lock:
+            return encode_prompt(served.spec.conversation(messages), served.tok)
+
+    def encode_text(self, served: Served, prompt: str) -> list[int]:
+        with self.tok_lock:
+            return served.tok(prompt).input_ids
+
+    @property
+    def in_flight(self) -> int:
+        return self._admitted
+
+    def submit(self, served: Served, prompt_ids: list[int], params: Params) -> Generation:
+        with self._admit_lock:
+            if self._admitted >= self.slots + self.max_queue:
+                raise APIError(503, f"the server is busy: {self.slots} requests generating and "
+                               f"{self.max_queue} waiting (--max-queue); retry after "
+                               f"{RETRY_AFTER_S} s", None, "server_busy", kind="server_error",
+                               headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
+            self._admitted += 1
+        try:
+            return self._start(served, prompt_ids, params)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        with self._admit_lock:
+            self._admitted -= 1
+
+    def _start(self, served: Served, prompt_ids: list[int], params: Params) -> Generation:
+        raise NotImplementedError
+
+    def health(self) -> dict:
+        """What /health reports beyond the served names; `ok` False turns it into a 503."""
+        return {"ok": True, "engine": self.name, "slots": self.slots, "in_flight": self.in_flight}
+
+    def close(self) -> None:
+        """Stop what the engine started (a server process); called when the server stops."""
+
+
 class _IdQueue(BaseStreamer):
-    """Hands generated ids to the request thread; the first `put` is the prompt and is skipped."""
+    """Hands generated ids to the request; the first `put` is the prompt and is skipped."""
 
     def __init__(self):
         self.q: queue.Queue = queue.Queue()
@@ -81,72 +207,50 @@ class _Cancelled(StoppingCriteria):
 
 
 @dataclass
-class Generation:
-    """One request's answer; `pieces()` yields text, then the counts and finish_reason are set."""
-
-    served: Served
-    prompt_ids: list[int]
-    params: Params
+class LocalGeneration(Generation):
     out: _IdQueue = field(default_factory=_IdQueue)
     cancel: threading.Event = field(default_factory=threading.Event)
-    completion_tokens: int = 0
-    finish_reason: str | None = None
 
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
+    async def _tokens(self) -> AsyncIterator[int]:
+        while True:  # abandoned (not waited for) when the client leaves; the worker then stops
+            item = await anyio.to_thread.run_sync(self.out.q.get, abandon_on_cancel=True)
+            if item is None:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
 
-    def pieces(self):
-        cutter, last = TextCutter(self.served.tok, self.params.stop), None
-        try:
-            while (item := self.out.q.get()) is not None:
-                if isinstance(item, Exception):
-                    raise item
-                self.completion_tokens, last = self.completion_tokens + 1, item
-                if text := cutter.add(item):
-                    yield text
-                if cutter.stopped:
-                    break
-            if text := cutter.flush():
-                yield text
-            stopped = cutter.stopped or last in stop_ids(self.served.tok)
-            self.finish_reason = "stop" if stopped or last is None else "length"
-        finally:
-            self.cancel.set()  # the client left, or a stop string ended it: free the worker
-
-    def text(self) -> str:
-        return "".join(self.pieces())
+    def _cancel(self) -> None:
+        self.cancel.set()
 
 
-class Engine:
-    def __init__(self, model, served: list[Served], context_window: int):
-        self.model, self.context_window = model, context_window
-        self.served = {s.name: s for s in served}
-        self.jobs: queue.Queue[Generation] = queue.Queue()
-        self.tok_lock = threading.Lock()
+class TransformersEngine(Engine):
+    """The model with its adapters in transformers, and one worker thread: the model is not
+    thread-safe and switching adapters is a model-wide change, so requests run one at a time."""
+
+    name = "transformers"
+
+    def __init__(self, model, served: list[Served], context_window: int,
+                 max_queue: int = DEFAULT_MAX_QUEUE):  # fmt: skip
+        super().__init__(served, context_window, slots=1, max_queue=max_queue)
+        self.model = model
+        self.jobs: queue.Queue[LocalGeneration] = queue.Queue()
         threading.Thread(target=self._work, daemon=True, name="lorasft-generate").start()
 
-    def encode_chat(self, served: Served, messages: list[dict]) -> list[int]:
-        """The prompt as the run trained on it: its template and its system prompt."""
-        with self.tok_lock:
-            return encode_prompt(served.spec.conversation(messages), served.tok)
-
-    def encode_text(self, served: Served, prompt: str) -> list[int]:
-        with self.tok_lock:
-            return served.tok(prompt).input_ids
-
-    def submit(self, served: Served, prompt_ids: list[int], params: Params) -> Generation:
-        job = Generation(served, prompt_ids, params)
+    def _start(self, served: Served, prompt_ids: list[int], params: Params) -> Generation:
+        job = LocalGeneration(served, prompt_ids, params, self)
         self.jobs.put(job)
         return job
 
     def _work(self) -> None:
         while True:
             job = self.jobs.get()
-            if not job.cancel.is_set():  # a client that left while queued costs nothing
+            if job.cancel.is_set():  # a client that left while queued costs nothing
+                job.out.q.put(None)
+            else:
                 self._run(job)
 
-    def _run(self, job: Generation) -> None:
+    def _run(self, job: LocalGeneration) -> None:
         tok = job.served.tok
         ids = torch.tensor([job.prompt_ids], device=self.model.device)
         try:
@@ -169,15 +273,20 @@ class Engine:
         return nullcontext()
 
 
-def load_engine(base: str | None, adapters: list[tuple[str, str]],
-                dtype: str | None = None) -> Engine:  # fmt: skip
-    """The base (by default the first adapter run's base, else the default model) and adapters,
-    opened as the runs trained (dtype, attention, context extension)."""
-    model, base_spec, runs = open_runs(base, adapters, dtype)
+def served_names(base_spec: RunSpec, runs: list[RunSpec]) -> list[Served]:
     names = [base_spec.name, *(r.name for r in runs)]
     if len(set(names)) != len(names):
         raise ModelError(f"served names must be unique, got {names} (the base is served as "
                          f"{names[0]!r}; rename the adapter)")  # fmt: skip
     served = [Served(base_spec.name, base_spec, None, str(base_spec.base_path))]
-    served += [Served(r.name, r, r.name, str(r.dir)) for r in runs]
-    return Engine(model, served, context_window(model.config))
+    return served + [Served(r.name, r, r.name, str(r.dir)) for r in runs]
+
+
+def load_engine(base: str | None, adapters: list[tuple[str, str]], dtype: str | None = None,
+                max_queue: int = DEFAULT_MAX_QUEUE) -> TransformersEngine:  # fmt: skip
+    """The base (by default the first adapter run's base, else the default model) and adapters
+    in transformers, opened as the runs trained (dtype, attention, context extension)."""
+    base_spec, runs = read_specs(base, adapters, dtype)
+    served = served_names(base_spec, runs)
+    model = open_runs(base_spec, runs)
+    return TransformersEngine(model, served, context_window(model.config), max_queue)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from jinja2 import TemplateError as JinjaError
+from starlette.background import BackgroundTask
 
 from lorasft.serve.engine import Engine, Generation, Params, Served
 from lorasft.serve.schemas import APIError, ChatRequest, CompletionRequest, Sampling, error_body
@@ -57,8 +59,12 @@ def _encode_chat(engine: Engine, served: Served, messages: list[dict]) -> list[i
 
 
 @router.get("/health")
-async def health(request: Request) -> dict:
-    return {"status": "ok", "models": list(_engine(request).served)}
+async def health(request: Request):
+    engine = _engine(request)
+    state = await run_in_threadpool(engine.health)
+    body = {"status": "ok" if state.pop("ok") else "engine_down", "models": list(engine.served),
+            **state}  # fmt: skip
+    return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
 
 @router.get("/v1/models")
@@ -79,8 +85,8 @@ async def chat_completions(req: ChatRequest, request: Request):
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model}
     if req.stream:
         usage = req.stream_options is not None and req.stream_options.include_usage
-        return _sse(_chat_chunks(job, {**head, "object": "chat.completion.chunk"}, usage))
-    text = await run_in_threadpool(job.text)
+        return _sse(_chat_chunks(job, {**head, "object": "chat.completion.chunk"}, usage), job)
+    text = await _answer(request, job)
     choice = {"index": 0, "message": {"role": "assistant", "content": text},
               "finish_reason": job.finish_reason, "logprobs": None}  # fmt: skip
     return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(job)}
@@ -96,8 +102,8 @@ async def completions(req: CompletionRequest, request: Request):
             "created": int(time.time()), "model": req.model}  # fmt: skip
     if req.stream:
         usage = req.stream_options is not None and req.stream_options.include_usage
-        return _sse(_text_chunks(job, head, usage))
-    text = await run_in_threadpool(job.text)
+        return _sse(_text_chunks(job, head, usage), job)
+    text = await _answer(request, job)
     choice = {"index": 0, "text": text, "finish_reason": job.finish_reason, "logprobs": None}
     return {**head, "choices": [choice], "usage": _usage(job)}
 
@@ -107,40 +113,55 @@ def _usage(job: Generation) -> dict:
             "total_tokens": job.prompt_tokens + job.completion_tokens}  # fmt: skip
 
 
-def _chat_chunks(job: Generation, head: dict, usage: bool) -> Iterator[dict]:
+async def _answer(request: Request, job: Generation) -> str:
+    """The whole answer; generation stops (its slot freed) if the client leaves before it ends."""
+    task = asyncio.ensure_future(job.atext())
+    try:
+        while not (await asyncio.wait({task}, timeout=0.25))[0]:
+            if await request.is_disconnected():
+                task.cancel()
+                raise APIError(499, "the client closed the connection", None, "client_closed")
+        return task.result()
+    finally:
+        job.close()
+
+
+async def _chat_chunks(job: Generation, head: dict, usage: bool) -> AsyncIterator[dict]:
     def chunk(delta: dict, finish: str | None = None) -> dict:
         return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
     yield chunk({"role": "assistant", "content": ""})
-    for piece in job.pieces():
+    async for piece in job.stream():
         yield chunk({"content": piece})
     yield chunk({}, job.finish_reason)
     if usage:
         yield {**head, "choices": [], "usage": _usage(job)}
 
 
-def _text_chunks(job: Generation, head: dict, usage: bool) -> Iterator[dict]:
+async def _text_chunks(job: Generation, head: dict, usage: bool) -> AsyncIterator[dict]:
     def chunk(text: str, finish: str | None = None) -> dict:
         return {**head, "choices": [{"index": 0, "text": text, "finish_reason": finish,
                                      "logprobs": None}]}  # fmt: skip
 
-    for piece in job.pieces():
+    async for piece in job.stream():
         yield chunk(piece)
     yield chunk("", job.finish_reason)
     if usage:
         yield {**head, "choices": [], "usage": _usage(job)}
 
 
-def _sse(chunks: Iterator[dict]) -> StreamingResponse:
-    """Server-sent events; an error after the headers went out can only be reported in-stream."""
+def _sse(chunks: AsyncIterator[dict], job: Generation) -> StreamingResponse:
+    """Server-sent events; an error after the headers went out can only be reported in-stream.
+    A client that leaves cancels the stream (the generation stops); `job.close` also runs after
+    the response, for a client gone before the first chunk."""
 
-    def events() -> Iterator[str]:
+    async def events() -> AsyncIterator[str]:
         try:
-            for c in chunks:
+            async for c in chunks:
                 yield f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
         except Exception as e:  # noqa: BLE001 (the status line is out: say it in the stream)
             yield f"data: {json.dumps(error_body(f'generation failed: {e}', 'server_error'))}\n\n"
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream",
+    return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(job.close),
                              headers={"Cache-Control": "no-cache"})  # fmt: skip

@@ -15,10 +15,11 @@ class APIError(Exception):
     """A request the server refuses: becomes an OpenAI-style error body with this status."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, kind: str = "invalid_request_error"):  # fmt: skip
+                 code: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None):  # fmt: skip
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
-        self.kind = kind
+        self.kind, self.headers = kind, headers
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: Any = None) -> dict:

@@ -54,3 +54,29 @@ class TextCutter:
                     best = k
                     break
         return best
+
+
+def byte_token_ids(tok) -> list[int]:
+    """The id of each single-byte token (byte b at index b) of a byte-level BPE vocabulary: ids
+    whose decoding is exactly given bytes. A ModelError if the vocabulary lacks one."""
+    from lorasft.model.load import ModelError
+
+    vocab = tok.get_vocab()
+    ids = [vocab.get(ch) for ch in _bytes_to_unicode()]
+    if None in ids:
+        raise ModelError("the tokenizer is not byte-level BPE: some single bytes have no token")
+    return ids
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's printable stand-in for each byte (the alphabet of byte-level BPE), by byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]  # fmt: skip
+    extra, out = 0, []
+    for b in range(256):
+        if b in keep:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + extra))
+            extra += 1
+    return out

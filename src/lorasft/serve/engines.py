@@ -1,0 +1,61 @@
+"""Which engine `lorasft serve` runs on: `--engine auto` takes llama.cpp on a CPU where
+llama-server is installed and the runs can be put on it, vLLM on a GPU where it is installed,
+and otherwise transformers (the reference), saying why."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from dataclasses import dataclass
+
+import torch
+
+from lorasft.model.run import say
+from lorasft.serve import DEFAULT_MAX_QUEUE
+from lorasft.serve.engine import Engine, load_engine
+
+
+@dataclass
+class EngineOptions:
+    engine: str = "auto"
+    slots: int = 8
+    max_queue: int = DEFAULT_MAX_QUEUE
+    gguf_type: str = "f16"
+    llama_server: str | None = None
+    threads: int | None = None
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None or shutil.which("vllm") is not None
+
+
+def choose_engine(base: str | None, adapters: list[tuple[str, str]], opts: EngineOptions) -> str:
+    if opts.engine != "auto":
+        return opts.engine
+    if torch.cuda.is_available():
+        if vllm_installed():
+            return "vllm"
+        say("engine: transformers (a GPU without vLLM; pip install vllm to batch requests)")
+        return "transformers"
+    from lorasft.serve.llamacpp import llamacpp_problem
+
+    problem = llamacpp_problem(base, adapters, opts.llama_server)
+    if problem is None:
+        return "llama.cpp"
+    say(f"engine: transformers, one request at a time (llama.cpp not used: {problem})")
+    return "transformers"
+
+
+def open_engine(base: str | None, adapters: list[tuple[str, str]], dtype: str | None,
+                opts: EngineOptions) -> Engine:  # fmt: skip
+    kind = choose_engine(base, adapters, opts)
+    if kind == "llama.cpp":
+        from lorasft.serve.llamacpp import load_llamacpp_engine
+
+        return load_llamacpp_engine(base, adapters, dtype, opts.slots, opts.gguf_type,
+                                    opts.llama_server, opts.threads, opts.max_queue)  # fmt: skip
+    if kind == "vllm":
+        from lorasft.serve.vllm import load_vllm_engine
+
+        return load_vllm_engine(base, adapters, dtype, opts.slots, opts.max_queue)
+    return load_engine(base, adapters, dtype, opts.max_queue)

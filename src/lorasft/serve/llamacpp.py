@@ -1,0 +1,383 @@
+"""llama.cpp's `llama-server` as the engine behind `lorasft serve` (the default on a CPU where it
+is installed): continuous batching over `--parallel` slots, every adapter loaded next to the base
+as a GGUF LoRA and switched on per request through the request's `lora` field.
+
+lorasft exports the base (as the runs trained it: dtype widened to float, context extension in
+the GGUF's RoPE keys) once into its cache, and each adapter as a GGUF LoRA; then it starts
+llama-server on a free loopback port with a random key of its own (no one else on the machine
+can use the engine around lorasft's key, bounds and checks), waits for its health check, and
+stops it with the server. On Linux the engine also dies with the lorasft process if that is
+killed outright (PR_SET_PDEATHSIG), so no engine is ever left behind.
+
+Requests go to llama-server's native `/completion` as token ids rendered by the run's own
+template (`Engine.encode_chat`), greedy or with the client's temperature and top_p and every other
+llama.cpp sampler switched off, and come back as token ids that lorasft decodes with the run's
+tokenizer and cuts at stop strings: the same path as the transformers engine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from lorasft.export.gguf import TYPES, check_llama, source_pre_type, write_gguf
+from lorasft.export.gguf_lora import ADAPTER_CONFIG, ADAPTER_FILE, check_lora, write_lora_gguf
+from lorasft.model.context import plan_context, rope_parameters
+from lorasft.model.load import ModelError, cache_root
+from lorasft.model.run import RunSpec, open_base, read_specs, say, served_context
+from lorasft.serve import DEFAULT_MAX_QUEUE
+from lorasft.serve.engine import Engine, Generation, Params, served_names
+from lorasft.serve.schemas import APIError
+from lorasft.serve.textstream import byte_token_ids
+
+BINARY_ENV = "LORASFT_LLAMA_SERVER"
+GGUF_FORMAT = 1  # bump when what `serving_files` writes changes, so cached files are rewritten
+# Every llama.cpp sampler but top-p and temperature switched off, as transformers samples
+# (serve's Params: top_k=0); temperature 0 is llama.cpp's greedy argmax.
+NEUTRAL_SAMPLING = {"top_k": 0, "min_p": 0.0, "typical_p": 1.0, "repeat_penalty": 1.0,
+                    "presence_penalty": 0.0, "frequency_penalty": 0.0, "dry_multiplier": 0.0,
+                    "xtc_probability": 0.0, "top_n_sigma": -1.0, "mirostat": 0}  # fmt: skip
+
+
+def find_llama_server(explicit: str | None = None) -> Path | None:
+    """`--llama-server PATH`, else $LORASFT_LLAMA_SERVER, else the one `make llama-server` put
+    next to this Python, else `llama-server` on PATH."""
+    if explicit:
+        p = Path(explicit).expanduser()
+        if not (p.is_file() and os.access(p, os.X_OK)):
+            raise ModelError(f"--llama-server {p}: not an executable file")
+        return p
+    for candidate in (os.environ.get(BINARY_ENV), Path(sys.executable).parent / "llama-server",
+                      shutil.which("llama-server")):  # fmt: skip
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return Path(candidate)
+    return None
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _weights_stamp(folder: Path) -> bytes:
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".json", ".bin"))
+    return "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files).encode()
+
+
+def base_gguf(spec: RunSpec, runs: list[RunSpec], qtype: str) -> Path:
+    """The base as the runs trained it, in GGUF, cached by its weights, dtype, context and type."""
+    context = served_context(runs)
+    ctx_json = context.model_dump_json() if context is not None else "none"
+    key = _digest(str(spec.base_path.resolve()).encode(), _weights_stamp(spec.base_path),
+                  str(spec.dtype).encode(), ctx_json.encode(), qtype.encode(),
+                  str(GGUF_FORMAT).encode())  # fmt: skip
+    out = cache_root() / "serve" / f"{spec.name}-{key}-{qtype}.gguf"
+    if out.is_file():
+        return out
+    say(f"writing the base as GGUF for llama.cpp (once, cached): {out}")
+    model = open_base(spec, context).float()
+    check_llama(model.config)
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    write_gguf(model, spec.tok, tmp, qtype, name=spec.name, pre=source_pre_type(spec.base_path))
+    tmp.replace(out)
+    return out
+
+
+def lora_gguf(run: RunSpec, config) -> Path:
+    """The run's adapter as a GGUF LoRA, cached by the adapter's bytes."""
+    check_lora(run.dir)
+    key = _digest((run.dir / ADAPTER_FILE).read_bytes(), (run.dir / ADAPTER_CONFIG).read_bytes(),
+                  str(GGUF_FORMAT).encode())  # fmt: skip
+    out = cache_root() / "serve" / f"lora-{key}.gguf"
+    if not out.is_file():
+        tmp = out.with_suffix(f".tmp{os.getpid()}")
+        write_lora_gguf(run.dir, config, tmp)
+        tmp.replace(out)
+    return out
+
+
+def gguf_window(path: Path) -> int:
+    import gguf
+
+    field_ = gguf.GGUFReader(path).fields["llama.context_length"]
+    return int(field_.parts[field_.data[0]][0])
+
+
+def _death_signal():
+    """For the child before exec: SIGTERM when the thread that started it dies (Linux
+    PR_SET_PDEATHSIG). libc is opened here, in the parent: the child only makes the call."""
+    if sys.platform != "linux":
+        return None
+    try:
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except OSError:
+        return None
+    return lambda: prctl(1, signal.SIGTERM)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LlamaServer:
+    """One llama-server process on loopback, started, health-checked and stopped."""
+
+    binary: Path
+    model: Path
+    loras: list[Path]
+    slots: int
+    ctx_per_slot: int
+    threads: int | None = None
+    port: int = field(default_factory=free_port)
+    key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    proc: subprocess.Popen | None = None
+    log: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [str(self.binary), "--model", str(self.model), "--host", "127.0.0.1",
+               "--port", str(self.port), "--parallel", str(self.slots),
+               "--ctx-size", str(self.slots * self.ctx_per_slot), "--no-webui",
+               # No host-memory prompt cache: it restores a prompt's KV state whatever adapter
+               # computed it (llama.cpp keys it by tokens alone), so one adapter's request would
+               # continue from another's. Each slot's own reuse is kept (reset on an adapter
+               # change).
+               "--cache-ram", "0"]  # fmt: skip
+        for lora in self.loras:
+            cmd += ["--lora", str(lora)]
+        if self.loras:
+            cmd.append("--lora-init-without-apply")  # every request names its adapter
+        if self.threads:
+            cmd += ["--threads", str(self.threads), "--threads-batch", str(self.threads)]
+        return cmd
+
+    def start(self, wait_s: float = 180) -> LlamaServer:
+        self.log = cache_root() / "serve" / "logs" / f"llama-server-{os.getpid()}-{self.port}.log"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "LLAMA_API_KEY": self.key}  # not on the command line (ps shows it)
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,  # Ctrl-C reaches lorasft, which stops the engine in turn
+                preexec_fn=_death_signal(),  # noqa: PLW1509 (one libc call, no Python locks)
+            )  # fmt: skip
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ModelError(f"llama-server exited with code {self.proc.returncode} while "
+                                 f"starting: {self.log_tail()}")  # fmt: skip
+            if self.healthy():
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise ModelError(f"llama-server did not become healthy within {wait_s:.0f} s: "
+                         f"{self.log_tail()}")  # fmt: skip
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 12) -> str:
+        if self.log is None or not self.log.is_file():
+            return "(no log)"
+        text = self.log.read_text(errors="replace").strip().splitlines()[-lines:]
+        return f"log {self.log}:\n" + "\n".join(text)
+
+    def stop(self, wait_s: float = 10) -> None:
+        if not self.alive():
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@dataclass
+class RemoteGeneration(Generation):
+    """One request on llama-server. A whole answer comes back as every generated id. A stream
+    comes token by token, except that llama-server holds back a token that ends inside a UTF-8
+    character and sends it later as text only, next to the token that completes the character:
+    those bytes are fed on as single-byte tokens, which decode to exactly the same text."""
+
+    body: dict = field(default_factory=dict)
+    whole: bool = False
+
+    async def atext(self) -> str:
+        self.whole = True
+        return await super().atext()
+
+    async def _tokens(self) -> AsyncIterator[int]:
+        server: LlamaServer = self.engine.server
+        body = {**self.body, "stream": not self.whole}
+        try:
+            async for msg in _post(server, body):
+                if self.whole:
+                    for token in msg.get("tokens") or []:
+                        yield token
+                else:
+                    for token in self._streamed(msg):
+                        yield token
+                if msg.get("stop"):
+                    self.ended_at_stop = msg.get("stop_type") in ("eos", "word")
+                    self.engine_count = msg.get("tokens_predicted", self.engine_count)
+                    return
+        except httpx.TransportError as e:
+            alive = "" if server.alive() else f" (it exited: {server.log_tail(4)})"
+            raise _engine_error(f"cannot reach llama-server: {e!r}{alive}") from e
+
+    def _streamed(self, msg: dict) -> list[int]:
+        tokens, count = msg.get("tokens") or [], msg.get("tokens_predicted")
+        held = count is not None and count - (self.engine_count or 0) > len(tokens)
+        if count is not None:
+            self.engine_count = count
+        if not held:
+            return tokens
+        by_byte, content = self.engine.byte_ids[self.served.name], msg.get("content", "")
+        if not content:  # it ended inside a character whose bytes were never sent: one U+FFFD,
+            return [by_byte[0xFF]]  # as decoding those ids gives (0xFF never starts a character)
+        return [by_byte[b] for b in content.encode("utf-8")]
+
+
+async def _post(server: LlamaServer, body: dict) -> AsyncIterator[dict]:
+    """llama-server's `/completion` answer: each server-sent event, or the one JSON body."""
+    headers = {"Authorization": f"Bearer {server.key}"}
+    timeout = httpx.Timeout(None, connect=5.0)
+    async with (
+        httpx.AsyncClient(timeout=timeout) as http,
+        http.stream("POST", f"{server.url}/completion", json=body, headers=headers) as r,
+    ):
+        if r.status_code != 200:
+            detail = (await r.aread()).decode(errors="replace")[:300]
+            raise _engine_error(f"HTTP {r.status_code}: {detail}")
+        if not body["stream"]:
+            yield json.loads(await r.aread())
+            return
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                msg = json.loads(line[6:])
+                if "error" in msg:
+                    raise _engine_error(str(msg["error"])[:300])
+                yield msg
+
+
+def _engine_error(message: str) -> APIError:
+    return APIError(502, f"the llama.cpp engine failed: {message}", None, "engine_error",
+                    kind="server_error")  # fmt: skip
+
+
+class LlamaCppEngine(Engine):
+    name = "llama.cpp"
+
+    def __init__(self, served, context_window: int, server: LlamaServer, qtype: str,
+                 max_queue: int = DEFAULT_MAX_QUEUE):  # fmt: skip
+        super().__init__(served, context_window, slots=server.slots, max_queue=max_queue)
+        self.server, self.qtype = server, qtype
+        adapters = [s.adapter for s in served if s.adapter is not None]
+        self.lora_ids = {name: i for i, name in enumerate(adapters)}
+        self.byte_ids = {s.name: byte_token_ids(s.tok) for s in served}
+
+    def request_body(self, adapter: str | None, prompt_ids: list[int], params: Params) -> dict:
+        body = {"prompt": prompt_ids, "n_predict": params.max_tokens, "return_tokens": True, "cache_prompt": True, **NEUTRAL_SAMPLING,
+                "temperature": params.temperature, "top_p": params.top_p,
+                "seed": params.seed if params.seed is not None else -1}  # fmt: skip
+        if self.lora_ids:  # every adapter named: scale 1 for this one, 0 for the others
+            mine = self.lora_ids.get(adapter) if adapter is not None else None
+            body["lora"] = [{"id": i, "scale": 1.0 if i == mine else 0.0}
+                            for i in self.lora_ids.values()]  # fmt: skip
+        return body
+
+    def _start(self, served, prompt_ids, params) -> Generation:
+        body = self.request_body(served.adapter, prompt_ids, params)
+        return RemoteGeneration(served, prompt_ids, params, self, body=body)
+
+    def health(self) -> dict:
+        state = super().health()
+        ok = self.server.alive() and self.server.healthy()
+        return {**state, "ok": ok, "weights": self.qtype.upper()}
+
+    def close(self) -> None:
+        self.server.stop()
+
+
+def served_config(spec: RunSpec, runs: list[RunSpec]):
+    """The base's config as the runs extended it (RoPE scaling), read without loading weights."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(spec.base_path,
+                                        trust_remote_code=spec.cfg.model.trust_remote_code)  # fmt: skip
+    context = served_context(runs)
+    plan = plan_context(config, context) if context is not None else None
+    if plan is not None and plan.kind == "rope":
+        config.rope_parameters = rope_parameters(config.rope_parameters, plan)
+    return config
+
+
+def llamacpp_problem(base: str | None, adapters: list[tuple[str, str]],
+                     binary: str | None = None) -> str | None:  # fmt: skip
+    """Why these runs cannot be served by llama.cpp here (None: they can), without loading."""
+    if find_llama_server(binary) is None:
+        return ("llama-server is not installed (`make llama-server` builds it into the venv; "
+                f"or put it on PATH, or set ${BINARY_ENV})")  # fmt: skip
+    try:
+        spec, runs = read_specs(base, adapters)
+        check_llama(served_config(spec, runs))
+        for r in runs:
+            check_lora(r.dir)
+    except ModelError as e:
+        return str(e)
+    return None
+
+
+def load_llamacpp_engine(base: str | None, adapters: list[tuple[str, str]],
+                         dtype: str | None = None, slots: int = 8, qtype: str = "f16",
+                         binary: str | None = None, threads: int | None = None,
+                         max_queue: int = DEFAULT_MAX_QUEUE) -> LlamaCppEngine:  # fmt: skip
+    """Export (or find cached) the base GGUF and the adapters' GGUF LoRAs, start llama-server."""
+    if qtype not in TYPES:
+        raise ModelError(f"--gguf-type {qtype}: expected one of {', '.join(TYPES)}")
+    found = find_llama_server(binary)
+    if found is None:
+        raise ModelError(llamacpp_problem(base, adapters, binary))
+    spec, runs = read_specs(base, adapters, dtype)
+    served = served_names(spec, runs)
+    config = served_config(spec, runs)
+    check_llama(config)  # before the (slow) base export
+    for r in runs:
+        check_lora(r.dir)
+    model_file = base_gguf(spec, runs, qtype)
+    loras = [lora_gguf(r, config) for r in runs]
+    window = gguf_window(model_file)
+    server = LlamaServer(found, model_file, loras, slots, window, threads).start()
+    say(f"llama-server {found} on {server.url}: {slots} slots of {window} tokens, "
+        f"{len(loras)} LoRA adapter(s), {qtype} base")  # fmt: skip
+    return LlamaCppEngine(served, window, server, qtype, max_queue)
