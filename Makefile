@@ -3,8 +3,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.lorasft-installed
 TEST_STAMP := $(VENV)/.lorasft-test-installed
+LLAMA_SERVER := $(VENV)/bin/llama-server
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo test bench llama-server clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +24,19 @@ $(TEST_STAMP): $(STAMP)
 	$(VENV)/bin/pip install --quiet -e '.[test,tensorboard,llamacpp]'
 	touch $(TEST_STAMP)
 
+# llama.cpp's server, the engine of `lorasft serve` on CPUs: built with cmake from the llama.cpp
+# source vendored in llama-cpp-python's PyPI sdist (about 5-9 minutes on 2 cores the first time;
+# then copied from ~/.cache/lorasft/llama-server).
+llama-server: $(LLAMA_SERVER)
+
+$(LLAMA_SERVER): scripts/build_llama_server.sh | $(STAMP)
+	scripts/build_llama_server.sh $(VENV)
+
 demo: $(STAMP)
 	$(VENV)/bin/lorasft train
 
-test: $(TEST_STAMP)
-	$(VENV)/bin/python -m pytest -q
+test: $(TEST_STAMP) $(LLAMA_SERVER)
+	LORASFT_REQUIRE_LLAMA_SERVER=1 $(VENV)/bin/python -m pytest -q
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/train_speed.py

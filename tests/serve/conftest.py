@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from typing import Self
@@ -11,6 +10,7 @@ import pytest
 import uvicorn
 
 from lorasft.cli import main
+from lorasft.serve.process import free_port
 from tests.conftest import QUICK, tiny_args
 
 API_KEY = "test-key"
@@ -28,12 +28,6 @@ def adapter_runs(tiny_llama_dir, tmp_path_factory):
     assert main(tiny_args(tiny_llama_dir, b, *QUICK, "train.max_steps=4", "train.learning_rate=0.02",
                           "train.seed=7")) == 0  # fmt: skip
     return a, b
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LiveServer:

@@ -40,6 +40,7 @@ class Target:
     url: str | None = None
     api_key: str | None = None
     server_model: str | None = None
+    weights: str = "F32"  # a server's weight type, as its /health says (its rounding: ROUNDING)
 
 
 @dataclass
@@ -198,6 +199,18 @@ def ask_server(t: Target, messages: list[dict], max_tokens: int) -> str:
     return data["choices"][0]["message"]["content"] or ""
 
 
+def server_engine(url: str) -> tuple[str, str]:
+    """What generates behind `url` and its weight type, from lorasft serve's /health (another
+    server: unknown, taken as F32)."""
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=10) as resp:
+            health = json.loads(resp.read())
+    except (urllib.error.URLError, TimeoutError, ValueError):
+        return "unknown", "F32"
+    weights = "F32" if health.get("engine") == "transformers" else health.get("weights", "F32")
+    return health.get("engine", "unknown"), str(weights).upper()
+
+
 def _first_diff(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
@@ -271,17 +284,38 @@ def compare_llamacpp(ref: Target, lc, messages: list[dict], ref_ids: list[int],
 
 def compare_server(ref: Target, t: Target, messages: list[dict], ref_ids: list[int],
                    ref_out: list[int], i: int, max_new_tokens: int) -> Row:  # fmt: skip
-    """A server shows text, not tokens: a differing answer is tokenized with the run's tokenizer
-    to weigh its first differing token in the run's logits (the server's own rounding unknown,
-    taken as fp32's)."""
+    """A server shows text, not tokens: the first of the run's tokens that the served text does
+    not continue is where they part, weighed by the run's margin there between its own token and
+    its runner-up (a near tie when within the server's rounding, by its weight type)."""
     want = ref.tok.decode(ref_out, skip_special_tokens=True).strip()
     got = ask_server(t, messages, max_new_tokens).strip()
     if got == want:
         return Row(i, t.name, True, True)
-    out = ref.tok(got, add_special_tokens=False).input_ids
-    _, tie = weigh_divergence(ref, ref_ids, ref_out, out, ROUNDING["F32"])
-    detail = f"text: expected {want[:60]!r}, got {got[:60]!r}{' (near tie)' if tie else ''}"
+    j = parting_token(ref, ref_out, got)
+    ours, resolution = last_logits(ref.model, ref_ids + ref_out[:j])
+    top = ours.topk(2)
+    gap = (top.values[0] - top.values[1]).item()
+    tie = ref_out[j] == top.indices[0].item() and gap <= ROUNDING.get(t.weights, 0.0) + resolution
+    runner = top.indices[1].item()
+    detail = (f"output token {j}: the run chose {ref_out[j]} {ref.tok.decode([ref_out[j]])!r} over "
+              f"{runner} {ref.tok.decode([runner])!r} by {gap:.3g}{' (near tie)' if tie else ''}; "
+              f"text: expected {want[:40]!r}, got {got[:40]!r}")  # fmt: skip
     return Row(i, t.name, True, False, None, detail, near_tie=tie)
+
+
+def parting_token(ref: Target, ref_out: list[int], got: str) -> int:
+    """Index of the first of the run's tokens whose text the served text does not continue.
+    A token ending inside a character decodes to U+FFFD until the next completes it, so such
+    prefixes are not judged; a run that stopped where the server went on parts at its stop."""
+    agreed = 0
+    for k in range(len(ref_out)):
+        text = ref.tok.decode(ref_out[: k + 1], skip_special_tokens=True).strip()
+        if text.endswith("\ufffd"):
+            continue
+        if not got.startswith(text):
+            return agreed
+        agreed = k + 1
+    return min(agreed, len(ref_out) - 1)
 
 
 def verify(ref: Target, targets: list[Target], prompts: list[list[dict]], max_new_tokens: int,
@@ -382,7 +416,11 @@ def check_run(run_dir: str | Path, merged: str | None = None, gguf: str | None =
     targets += [load_gguf(gguf)] if gguf else []
     if url:
         name = server_model or Path(run_dir).resolve().name
-        targets.append(Target("server", None, [], url=url, api_key=api_key, server_model=name))
+        engine, weights = server_engine(url)
+        print(f"server {url}: engine {engine}, weights {weights} (a near tie is a margin within "
+              f"{ROUNDING.get(weights, 0.0)} + the run's logit resolution)")  # fmt: skip
+        targets.append(Target("server", None, [], url=url, api_key=api_key, server_model=name,
+                              weights=weights))  # fmt: skip
     if not targets and not runtimes:
         raise ModelError("verify: nothing to compare; give --merged DIR, --gguf FILE, "
                          "--llama-cpp FILE... and/or --url URL")  # fmt: skip

@@ -17,17 +17,11 @@ tokenizer and cuts at stop strings: the same path as the transformers engine.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
-import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +35,7 @@ from lorasft.model.load import ModelError, cache_root
 from lorasft.model.run import RunSpec, open_base, read_specs, say, served_context
 from lorasft.serve import DEFAULT_MAX_QUEUE
 from lorasft.serve.engine import Engine, Generation, Params, served_names
+from lorasft.serve.process import EngineProcess
 from lorasft.serve.schemas import APIError
 from lorasft.serve.textstream import byte_token_ids
 
@@ -120,42 +115,16 @@ def gguf_window(path: Path) -> int:
     return int(field_.parts[field_.data[0]][0])
 
 
-def _death_signal():
-    """For the child before exec: SIGTERM when the thread that started it dies (Linux
-    PR_SET_PDEATHSIG). libc is opened here, in the parent: the child only makes the call."""
-    if sys.platform != "linux":
-        return None
-    try:
-        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except OSError:
-        return None
-    return lambda: prctl(1, signal.SIGTERM)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
-class LlamaServer:
-    """One llama-server process on loopback, started, health-checked and stopped."""
+class LlamaServer(EngineProcess):
+    """llama-server on loopback with the base GGUF and every adapter's GGUF LoRA."""
 
-    binary: Path
-    model: Path
-    loras: list[Path]
-    slots: int
-    ctx_per_slot: int
+    model: Path | None = None
+    loras: list[Path] = field(default_factory=list)
+    slots: int = 8
+    ctx_per_slot: int = 2048
     threads: int | None = None
-    port: int = field(default_factory=free_port)
-    key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
-    proc: subprocess.Popen | None = None
-    log: Path | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    label: str = "llama-server"
 
     def command(self) -> list[str]:
         cmd = [str(self.binary), "--model", str(self.model), "--host", "127.0.0.1",
@@ -165,7 +134,7 @@ class LlamaServer:
                # computed it (llama.cpp keys it by tokens alone), so one adapter's request would
                # continue from another's. Each slot's own reuse is kept (reset on an adapter
                # change).
-               "--cache-ram", "0"]  # fmt: skip
+               "--cache-ram", "0", "--metrics"]  # fmt: skip
         for lora in self.loras:
             cmd += ["--lora", str(lora)]
         if self.loras:
@@ -174,52 +143,8 @@ class LlamaServer:
             cmd += ["--threads", str(self.threads), "--threads-batch", str(self.threads)]
         return cmd
 
-    def start(self, wait_s: float = 180) -> LlamaServer:
-        self.log = cache_root() / "serve" / "logs" / f"llama-server-{os.getpid()}-{self.port}.log"
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "LLAMA_API_KEY": self.key}  # not on the command line (ps shows it)
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True,  # Ctrl-C reaches lorasft, which stops the engine in turn
-                preexec_fn=_death_signal(),  # noqa: PLW1509 (one libc call, no Python locks)
-            )  # fmt: skip
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ModelError(f"llama-server exited with code {self.proc.returncode} while "
-                                 f"starting: {self.log_tail()}")  # fmt: skip
-            if self.healthy():
-                return self
-            time.sleep(0.2)
-        self.stop()
-        raise ModelError(f"llama-server did not become healthy within {wait_s:.0f} s: "
-                         f"{self.log_tail()}")  # fmt: skip
-
-    def healthy(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_tail(self, lines: int = 12) -> str:
-        if self.log is None or not self.log.is_file():
-            return "(no log)"
-        text = self.log.read_text(errors="replace").strip().splitlines()[-lines:]
-        return f"log {self.log}:\n" + "\n".join(text)
-
-    def stop(self, wait_s: float = 10) -> None:
-        if not self.alive():
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+    def env(self) -> dict[str, str]:
+        return {"LLAMA_API_KEY": self.key}  # not on the command line (ps shows it)
 
 
 @dataclass
@@ -377,7 +302,8 @@ def load_llamacpp_engine(base: str | None, adapters: list[tuple[str, str]],
     model_file = base_gguf(spec, runs, qtype)
     loras = [lora_gguf(r, config) for r in runs]
     window = gguf_window(model_file)
-    server = LlamaServer(found, model_file, loras, slots, window, threads).start()
+    server = LlamaServer(found, model=model_file, loras=loras, slots=slots, ctx_per_slot=window,
+                         threads=threads).start()  # fmt: skip
     say(f"llama-server {found} on {server.url}: {slots} slots of {window} tokens, "
         f"{len(loras)} LoRA adapter(s), {qtype} base")  # fmt: skip
     return LlamaCppEngine(served, window, server, qtype, max_queue)
