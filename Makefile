@@ -5,7 +5,7 @@ STAMP := $(VENV)/.lorasft-installed
 TEST_STAMP := $(VENV)/.lorasft-test-installed
 LLAMA_SERVER := $(VENV)/bin/llama-server
 
-.PHONY: demo test bench llama-server clean-venv
+.PHONY: demo test bench llama-server browser clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +35,13 @@ $(LLAMA_SERVER): scripts/build_llama_server.sh | $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/lorasft train
 
-test: $(TEST_STAMP) $(LLAMA_SERVER)
-	LORASFT_REQUIRE_LLAMA_SERVER=1 $(VENV)/bin/python -m pytest -q
+# A real browser for the report and dashboard tests: Debian's chromium (playwright's Python client
+# drives it; its own browser download is not reachable here).
+browser:
+	@command -v chromium >/dev/null || scripts/install_chromium.sh
+
+test: $(TEST_STAMP) $(LLAMA_SERVER) browser
+	LORASFT_REQUIRE_LLAMA_SERVER=1 LORASFT_REQUIRE_BROWSER=1 $(VENV)/bin/python -m pytest -q
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/train_speed.py

@@ -21,7 +21,8 @@
 #   4. bench/long_step.py at 16384 tokens: full attention vs S2-Attn step time and peak memory
 #      (torch.cuda.max_memory_allocated) against `lorasft plan`
 #   5. a short 16k S2-Attn training (one stage at 16384) with the long-context evaluation after it
-#   6. FSDP with torchrun on every GPU of the node, when there is more than one
+#   6. vLLM behind `lorasft serve --engine vllm`: verify --url and serve_load (when installed)
+#   7. FSDP with torchrun on every GPU of the node, when there is more than one
 # GPU_CHECK_SMOKE=1 runs every step at toy sizes (minutes on a CPU; to test this script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -156,6 +157,30 @@ stages:
   - {name: long, data: {train_file: $OUT/corpus/train.jsonl, format: text, max_length: $L16, val_ratio: 0}, train: {max_steps: $STEPS}}
 EOF
 step s2_train_and_long_eval 150 "$PY" -m lorasft train "$OUT/long.yaml"
+
+# 6. vLLM behind `lorasft serve --engine vllm` (the run's adapter as a LoRA module, no merge):
+#    answers checked with `lorasft verify --url`, then the serve_load clients against it
+if "$PY" -c 'import vllm' 2>/dev/null; then
+  step vllm_run 60 "$PY" -m lorasft train "model.path=$MODEL" train.max_steps=4 train.eval_strategy=no \
+    train.early_stopping_patience=null train.load_best_model_at_end=false eval.num_samples=0 \
+    eval.compare_base=false "output.run_dir=$OUT/run-vllm"
+  vllm_serve() {
+    "$PY" -m lorasft serve --engine vllm --adapter "r=$OUT/run-vllm" --port 8011 &
+    local pid=$!
+    for _ in $(seq 600); do curl -sf http://127.0.0.1:8011/health >/dev/null && break; sleep 1; done
+    "$PY" -m lorasft verify "$OUT/run-vllm" --url http://127.0.0.1:8011 --server-model r --num-prompts 8
+    local rc=$?
+    kill -TERM "$pid"; wait "$pid"
+    return $rc
+  }
+  export -f vllm_serve
+  export PY OUT
+  step vllm_verify 420 bash -c vllm_serve
+  step vllm_load 240 "$PY" bench/serve_load.py --run "$OUT/run-vllm" --servers vllm transformers --seconds 5
+else
+  echo "== vllm: not run (vLLM is not installed in this image)" | tee -a "$LOG"
+  echo '{"step": "vllm", "exit": null, "note": "vllm not installed"}' >> "$JSON"
+fi
 
 NGPU=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
 if [[ "$NGPU" -gt 1 ]]; then

@@ -2,7 +2,8 @@
 
 For each precision: train the built-in demo, reopen it (`lorasft eval`), merge, export GGUF f32 /
 f16 / q8_0, then `lorasft verify` the merged folder and the f32 file through transformers, all
-three files through llama.cpp itself, and a live `lorasft serve`. Prints one table; the README's
+three files through llama.cpp itself, and a live `lorasft serve` on each engine (transformers;
+llama.cpp with the adapter as a GGUF LoRA, where llama-server is installed). Prints one table; the README's
 "Ship it" figures come from it.
 
     python bench/ship_parity.py [--precisions auto fp32] [--out /tmp/lorasft-ship]
@@ -25,6 +26,7 @@ from pathlib import Path
 from serve_load import start_server  # bench/ is the script's folder
 
 from lorasft.cli import main
+from lorasft.serve.llamacpp import find_llama_server
 
 TYPES = ("f32", "f16", "q8_0")
 
@@ -94,7 +96,18 @@ def ship(run: Path, n: int, new: int) -> dict[str, tuple[int, int, int]]:
                     "--llama-cpp", *files, *common])  # fmt: skip
     (run / "verify.txt").write_text(out)
     found = agreement(out)
-    servers = {"lorasft serve": ["lorasft", "serve", "--adapter", f"demo={run}"]}
+    served_run = ["--adapter", f"demo={run}"]
+    servers = {
+        "lorasft serve transformers": ["lorasft", "serve", "--engine", "transformers", *served_run]
+    }
+    if find_llama_server() is not None:  # the run's adapter as a GGUF LoRA on an f16 base
+        servers["lorasft serve llama.cpp"] = [
+            "lorasft",
+            "serve",
+            "--engine",
+            "llama.cpp",
+            *served_run,
+        ]
     # llama.cpp's own OpenAI server, where installed: pip install 'llama-cpp-python[server]'
     if importlib.util.find_spec("llama_cpp.server") is not None:
         servers["llama.cpp server (f16)"] = [
@@ -107,7 +120,7 @@ def ship(run: Path, n: int, new: int) -> dict[str, tuple[int, int, int]]:
     for name, cmd in servers.items():
         with served(cmd) as url:
             _, out = quiet(["verify", str(run), "--url", url, "--server-model", "demo", *common])
-        (run / f"verify_{name.split()[0]}_server.txt").write_text(out)
+        (run / f"verify_{name.replace(' ', '_')}.txt").write_text(out)
         found[name] = agreement(out)["server"]
     return found
 
@@ -139,9 +152,9 @@ def main_(argv: list[str] | None = None) -> None:
         print(f"[bench] {precision}: trained in {trained['seconds']:.0f} s ({used})", flush=True)
     cpu = re.sub(r"\s+", " ", os.popen("lscpu | grep 'Model name'").read().split(":")[-1]).strip()
     print(f"\nmachine: {cpu}, {os.cpu_count()} cores; greedy, {a.max_new_tokens} new tokens")
-    print(f"{'precision':<10} {'used':<5} {'target':<24} {'agree':>6}  note")
+    print(f"{'precision':<10} {'used':<5} {'target':<28} {'agree':>6}  note")
     for r in rows:
-        print(f"{r[0]:<10} {r[1]:<5} {r[2]:<24} {r[3]:>6}  {r[4]}")
+        print(f"{r[0]:<10} {r[1]:<5} {r[2]:<28} {r[3]:>6}  {r[4]}")
 
 
 if __name__ == "__main__":

@@ -355,6 +355,7 @@ def parser() -> argparse.ArgumentParser:
         g.set_defaults(fn=fn)
     _serve_parser(sub)
     _add_export_parsers(sub)
+    _add_report_parsers(sub)
     pl = sub.add_parser(
         "plan", help="window, context method and peak memory per length, before training"
     )
@@ -362,6 +363,63 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("overrides", nargs="*", help="section.key=value")
     pl.set_defaults(fn=cmd_plan)
     return p
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from lorasft.report.html import write_compare, write_report
+
+    try:
+        if len(args.run_dirs) == 1:
+            out = write_report(args.run_dirs[0], args.out)
+        else:
+            out = write_compare(args.run_dirs, args.out or "compare.html")
+    except FileNotFoundError as e:
+        raise ModelError(str(e)) from e
+    print(f"report: {Path(out).resolve()}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from lorasft.report.runs import render_runs, runs_table
+
+    try:
+        rows, keys = runs_table(args.dir)
+    except FileNotFoundError as e:
+        raise ModelError(str(e)) from e
+    print(render_runs(rows, keys) if rows else f"no runs in {args.dir}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from lorasft.serve.app import serve
+    from lorasft.serve.engines import EngineOptions
+    from lorasft.serve.ui import create_ui
+
+    if not Path(args.dir).is_dir():
+        raise ModelError(f"{args.dir}: no such folder (runs go to output.dir, default runs/)")
+    key = args.api_key or os.environ.get("LORASFT_API_KEY") or None
+    app = create_ui(args.dir, EngineOptions(engine=args.engine), key)
+    where = f"http://{args.host}:{args.port}/" + (f"?key={key}" if key else "")
+    print(f"[lorasft] dashboard for {Path(args.dir).resolve()} on {where}")
+    serve(app, args.host, args.port)
+    return 0
+
+
+def _add_report_parsers(sub) -> None:
+    r = sub.add_parser("report", help="report.html of a run, or compare.html of several")
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    r.add_argument("--out", help="default: RUN_DIR/report.html, or compare.html for several runs")
+    r.set_defaults(fn=cmd_report)
+    n = sub.add_parser("runs", help="a table of the runs in a folder and where each stands")
+    n.add_argument("dir", nargs="?", default="runs")
+    n.set_defaults(fn=cmd_runs)
+    u = sub.add_parser("ui", help="local dashboard: runs (live), reports, comparison, chat")
+    u.add_argument("dir", nargs="?", default="runs")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=7860)
+    u.add_argument("--api-key", help="require this key (or env LORASFT_API_KEY)")
+    u.add_argument("--engine", choices=ENGINES, default="auto", help="chat engine, as for serve")
+    u.set_defaults(fn=cmd_ui)
 
 
 def no_bars_off_terminal() -> None:

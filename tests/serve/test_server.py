@@ -221,7 +221,7 @@ def test_default_max_tokens_is_the_room_left_under_the_cap(client, engine):
     assert r.usage.completion_tokens == 20 and r.choices[0].finish_reason == "length"
 
 
-def test_the_api_key_can_come_from_the_environment(adapter_runs, monkeypatch):
+def test_the_api_key_can_come_from_the_environment(adapter_runs, monkeypatch, tmp_path):
     from fastapi.testclient import TestClient
 
     import lorasft.serve.app as app_module
@@ -230,6 +230,7 @@ def test_the_api_key_can_come_from_the_environment(adapter_runs, monkeypatch):
     started = []
     monkeypatch.setattr(app_module, "serve", lambda app, host, port: started.append(app))
     monkeypatch.setenv("LORASFT_API_KEY", "from-env")
+    monkeypatch.setenv("LORASFT_CACHE", str(tmp_path))  # the default engine's GGUF files
     assert main(["serve", "--adapter", f"a={adapter_runs[0]}"]) == 0
     web = TestClient(started[0])
     assert web.get("/v1/models").status_code == 401

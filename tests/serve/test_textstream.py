@@ -41,3 +41,23 @@ def test_serve_arguments_are_checked(tmp_path, capsys):
     assert e.value.code == 2 and "expected NAME=RUN_DIR" in capsys.readouterr().err
     assert main(["serve", "--adapter", f"x={tmp_path}"]) == 2
     assert "is not a finished lorasft run: config.yaml is missing" in capsys.readouterr().err
+
+
+def test_bytes_become_tokens_that_decode_to_them(tiny_tokenizer):
+    """How a held-back character from llama-server's stream is fed on: its bytes as single-byte
+    tokens decode to exactly the text; a byte the vocabulary lacks (SmolLM2 has no token for
+    0x04) shows as U+FFFD."""
+    from lorasft.serve.textstream import _bytes_to_unicode, byte_token_ids, bytes_as_tokens
+
+    by_byte = byte_token_ids(tiny_tokenizer)
+    text = "法国的首都 ok é \U0001f600 \x04"
+    assert tiny_tokenizer.decode(bytes_as_tokens(by_byte, text.encode())) == text
+
+    class Without04:
+        def get_vocab(self):
+            vocab = dict(tiny_tokenizer.get_vocab())
+            del vocab[_bytes_to_unicode()[4]]
+            return vocab
+
+    lacking = byte_token_ids(Without04())
+    assert tiny_tokenizer.decode(bytes_as_tokens(lacking, text.encode())) == text[:-1] + "\ufffd"

@@ -6,20 +6,8 @@ from typing import Any
 
 from lorasft.config import DataSection
 from lorasft.data.formats import load_files
-from lorasft.data.prepare import add_system_prompt, data_files, encode
+from lorasft.data.prepare import add_system_prompt, data_files, encode, histogram
 from lorasft.data.tokenize import IGNORE, Encoded
-
-BINS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
-
-
-def histogram(lengths: list[int]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    lo = 0
-    for hi in BINS:
-        out[f"{lo + 1}-{hi}"] = sum(1 for n in lengths if lo < n <= hi)
-        lo = hi
-    out[f">{BINS[-1]}"] = sum(1 for n in lengths if n > BINS[-1])
-    return {k: v for k, v in out.items() if v}
 
 
 def show_mask(enc: Encoded, tok) -> str:

@@ -57,6 +57,19 @@ def split(
     )
 
 
+BINS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def histogram(lengths: list[int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    lo = 0
+    for hi in BINS:
+        out[f"{lo + 1}-{hi}"] = sum(1 for n in lengths if lo < n <= hi)
+        lo = hi
+    out[f">{BINS[-1]}"] = sum(1 for n in lengths if n > BINS[-1])
+    return {k: v for k, v in out.items() if v}
+
+
 def _load_counts(res: LoadResult) -> dict[str, Any]:
     return {
         "files": [asdict(f) for f in res.files],
@@ -79,6 +92,10 @@ def _encode_counts(stats: EncodeStats, encoded: list[Encoded]) -> dict[str, Any]
         "tokens": tokens,
         "supervised_tokens": supervised,
         "supervised_share": round(supervised / tokens, 4) if tokens else 0.0,
+        "prompt_lengths": histogram([e.response_start for e in encoded if e.response_start]),
+        "response_lengths": histogram(
+            [len(e) - e.response_start for e in encoded if e.response_start]
+        ),
     }
 
 

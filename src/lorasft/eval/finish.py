@@ -32,6 +32,9 @@ def finish_run(run_dir: Path, model, tok, cfg: Config, examples, encoded, log_hi
         results["long_context"] = evaluate_long(model, tok, cfg, long_settings(cfg.eval), run_dir)
     write_results(run_dir / "results.json", results)
     print_summary(ev, v, str(run_dir))
+    from lorasft.report.html import write_report
+
+    print(f"report: {write_report(run_dir).resolve()}")
     return results
 
 

@@ -293,10 +293,11 @@ def compare_server(ref: Target, t: Target, messages: list[dict], ref_ids: list[i
         return Row(i, t.name, True, True)
     j = parting_token(ref, ref_out, got)
     ours, resolution = last_logits(ref.model, ref_ids + ref_out[:j])
-    top = ours.topk(2)
-    gap = (top.values[0] - top.values[1]).item()
-    tie = ref_out[j] == top.indices[0].item() and gap <= ROUNDING.get(t.weights, 0.0) + resolution
-    runner = top.indices[1].item()
+    others = ours.clone()
+    others[ref_out[j]] = float("-inf")
+    runner = int(others.argmax())
+    gap = (ours[ref_out[j]] - ours[runner]).item()  # 0 at an exact tie, which greedy broke
+    tie = gap <= ROUNDING.get(t.weights, 0.0) + resolution
     detail = (f"output token {j}: the run chose {ref_out[j]} {ref.tok.decode([ref_out[j]])!r} over "
               f"{runner} {ref.tok.decode([runner])!r} by {gap:.3g}{' (near tie)' if tie else ''}; "
               f"text: expected {want[:40]!r}, got {got[:40]!r}")  # fmt: skip

@@ -16,6 +16,7 @@ import asyncio
 import queue
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -109,8 +110,14 @@ class Generation:
         return "".join([piece async for piece in self.stream()])
 
     def text(self) -> str:
-        """The whole answer, for callers without an event loop (scripts, tests)."""
-        return asyncio.run(self.atext())
+        """The whole answer, for synchronous callers (scripts, tests); from inside a running
+        event loop it waits on a thread of its own."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.atext())
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, self.atext()).result()
 
     def _tokens(self) -> AsyncIterator[int]:
         raise NotImplementedError

@@ -17,11 +17,13 @@ tokenizer and cuts at stop strings: the same path as the transformers engine.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import shutil
 import sys
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +39,7 @@ from lorasft.serve import DEFAULT_MAX_QUEUE
 from lorasft.serve.engine import Engine, Generation, Params, served_names
 from lorasft.serve.process import EngineProcess
 from lorasft.serve.schemas import APIError
-from lorasft.serve.textstream import byte_token_ids
+from lorasft.serve.textstream import REPLACEMENT, byte_token_ids, bytes_as_tokens
 
 BINARY_ENV = "LORASFT_LLAMA_SERVER"
 GGUF_FORMAT = 1  # bump when what `serving_files` writes changes, so cached files are rewritten
@@ -165,7 +167,7 @@ class RemoteGeneration(Generation):
         server: LlamaServer = self.engine.server
         body = {**self.body, "stream": not self.whole}
         try:
-            async for msg in _post(server, body):
+            async for msg in _post(self.engine.http(), server, body):
                 if self.whole:
                     for token in msg.get("tokens") or []:
                         yield token
@@ -189,30 +191,36 @@ class RemoteGeneration(Generation):
             return tokens
         by_byte, content = self.engine.byte_ids[self.served.name], msg.get("content", "")
         if not content:  # it ended inside a character whose bytes were never sent: one U+FFFD,
-            return [by_byte[0xFF]]  # as decoding those ids gives (0xFF never starts a character)
-        return [by_byte[b] for b in content.encode("utf-8")]
+            content = REPLACEMENT  # as decoding those ids gives
+        return bytes_as_tokens(by_byte, content.encode("utf-8"))
 
 
-async def _post(server: LlamaServer, body: dict) -> AsyncIterator[dict]:
-    """llama-server's `/completion` answer: each server-sent event, or the one JSON body."""
+async def _post(http: httpx.AsyncClient, server: LlamaServer, body: dict) -> AsyncIterator[dict]:
+    """llama-server's `/completion` answer: each server-sent event, or the one JSON body. A kept
+    connection that the engine closed while idle is retried once on a new one."""
     headers = {"Authorization": f"Bearer {server.key}"}
-    timeout = httpx.Timeout(None, connect=5.0)
-    async with (
-        httpx.AsyncClient(timeout=timeout) as http,
-        http.stream("POST", f"{server.url}/completion", json=body, headers=headers) as r,
-    ):
-        if r.status_code != 200:
-            detail = (await r.aread()).decode(errors="replace")[:300]
-            raise _engine_error(f"HTTP {r.status_code}: {detail}")
-        if not body["stream"]:
-            yield json.loads(await r.aread())
-            return
-        async for line in r.aiter_lines():
-            if line.startswith("data: "):
-                msg = json.loads(line[6:])
-                if "error" in msg:
-                    raise _engine_error(str(msg["error"])[:300])
-                yield msg
+    for attempt in (1, 2):
+        started = False
+        try:
+            async with http.stream("POST", f"{server.url}/completion", json=body,
+                                   headers=headers) as r:  # fmt: skip
+                started = True
+                if r.status_code != 200:
+                    detail = (await r.aread()).decode(errors="replace")[:300]
+                    raise _engine_error(f"HTTP {r.status_code}: {detail}")
+                if not body["stream"]:
+                    yield json.loads(await r.aread())
+                    return
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        msg = json.loads(line[6:])
+                        if "error" in msg:
+                            raise _engine_error(str(msg["error"])[:300])
+                        yield msg
+                return
+        except httpx.RemoteProtocolError:
+            if started or attempt == 2:
+                raise
 
 
 def _engine_error(message: str) -> APIError:
@@ -230,6 +238,17 @@ class LlamaCppEngine(Engine):
         adapters = [s.adapter for s in served if s.adapter is not None]
         self.lora_ids = {name: i for i, name in enumerate(adapters)}
         self.byte_ids = {s.name: byte_token_ids(s.tok) for s in served}
+        self._http: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def http(self) -> httpx.AsyncClient:
+        """One pooled client per event loop (building one costs milliseconds of CPU, which the
+        engine's threads need); idle connections are dropped before llama-server's 5 s."""
+        loop = asyncio.get_running_loop()
+        if loop not in self._http:
+            limits = httpx.Limits(max_connections=None, keepalive_expiry=2.0)
+            self._http[loop] = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0),
+                                                 limits=limits)  # fmt: skip
+        return self._http[loop]
 
     def request_body(self, adapter: str | None, prompt_ids: list[int], params: Params) -> dict:
         body = {"prompt": prompt_ids, "n_predict": params.max_tokens, "return_tokens": True, "cache_prompt": True, **NEUTRAL_SAMPLING,

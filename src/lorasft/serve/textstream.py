@@ -56,16 +56,23 @@ class TextCutter:
         return best
 
 
-def byte_token_ids(tok) -> list[int]:
-    """The id of each single-byte token (byte b at index b) of a byte-level BPE vocabulary: ids
-    whose decoding is exactly given bytes. A ModelError if the vocabulary lacks one."""
+def byte_token_ids(tok) -> list[list[int]]:
+    """For each byte b, ids that decode to exactly that byte: its single-byte token in a
+    byte-level BPE vocabulary. A vocabulary may lack bytes that no UTF-8 text holds (C0, C1,
+    F5-FF) or rare control characters; those map to U+FFFD's three byte tokens, which decode
+    to the replacement character. A ModelError if even those are missing."""
     from lorasft.model.load import ModelError
 
     vocab = tok.get_vocab()
-    ids = [vocab.get(ch) for ch in _bytes_to_unicode()]
-    if None in ids:
-        raise ModelError("the tokenizer is not byte-level BPE: some single bytes have no token")
-    return ids
+    single = [vocab.get(ch) for ch in _bytes_to_unicode()]
+    replacement = [single[b] for b in REPLACEMENT.encode("utf-8")]
+    if None in replacement:
+        raise ModelError("the tokenizer is not byte-level BPE: it has no single-byte tokens")
+    return [[i] if i is not None else replacement for i in single]
+
+
+def bytes_as_tokens(by_byte: list[list[int]], data: bytes) -> list[int]:
+    return [i for b in data for i in by_byte[b]]
 
 
 def _bytes_to_unicode() -> list[str]:

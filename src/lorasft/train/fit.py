@@ -23,7 +23,7 @@ from lorasft.data.tokenize import Encoded
 from lorasft.model.plan import choose_micro_batch
 from lorasft.model.s2attn import s2_training
 from lorasft.train.launch import decided_by_rank0, say
-from lorasft.train.progress import on_terminal, readable_progress
+from lorasft.train.progress import ProgressFile, on_terminal, readable_progress
 from lorasft.train.trainer import SupervisedTrainer
 
 TB_VARIABLE = "TENSORBOARD_LOGGING_DIR"
@@ -116,6 +116,7 @@ def build_trainer(cfg: Config, model, tok, data: Prepared, run_dir: Path,
         )
     report_sharding(cfg, trainer)
     readable_progress(trainer)
+    trainer.add_callback(ProgressFile(run_dir))
     return trainer
 
 

@@ -58,3 +58,54 @@ def readable_progress(trainer: Trainer) -> None:
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(ProgressLines())
+
+
+PROGRESS_FILE = "progress.json"
+
+
+class ProgressFile(TrainerCallback):
+    """`progress.json` in the run folder, rewritten (atomically) at every log: what `lorasft
+    runs` and `lorasft ui` show while a run trains: step, losses so far, tokens/s, ETA, and the
+    process id (a run whose process is gone without results.json has failed)."""
+
+    def __init__(self, run_dir):
+        from pathlib import Path
+
+        self.path = Path(run_dir) / PROGRESS_FILE
+        self.log: list[dict] = []
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.start, self.first_step = time.perf_counter(), state.global_step
+        self.first_tokens = state.num_input_tokens_seen
+        self._write(state, "training")
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not state.is_world_process_zero or not logs:
+            return
+        if "eval_loss" in logs:
+            self.log.append({"step": state.global_step, "eval_loss": float(logs["eval_loss"])})
+        elif "loss" in logs:
+            self.log.append({"step": state.global_step, "loss": float(logs["loss"])})
+        self._write(state, "training")
+
+    def on_train_end(self, args, state, control, **kw):
+        self._write(state, "evaluating")  # results.json follows after the final evaluation
+
+    def _write(self, state, status: str) -> None:
+        if not state.is_world_process_zero:
+            return
+        import json
+        import os
+
+        elapsed = time.perf_counter() - self.start
+        done = state.global_step - self.first_step
+        tokens = state.num_input_tokens_seen - self.first_tokens
+        left = max(state.max_steps - state.global_step, 0)
+        info = {"status": status, "pid": os.getpid(), "step": state.global_step,
+                "max_steps": state.max_steps, "elapsed_s": round(elapsed, 1),
+                "eta_s": round(elapsed / done * left, 1) if done else None,
+                "tokens_per_s": round(tokens / elapsed, 1) if tokens and elapsed > 0 else None,
+                "updated": time.time(), "log": self.log}  # fmt: skip
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info), encoding="utf-8")
+        tmp.replace(self.path)

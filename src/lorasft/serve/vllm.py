@@ -1,0 +1,166 @@
+"""vLLM as the engine behind `lorasft serve` on GPUs: `vllm serve` with the base folder and each
+run's adapter folder as a LoRA module (no merge; vLLM batches requests of several adapters
+together), fronted like llama.cpp: lorasft renders the prompt with the run's template, sends its
+token ids to vLLM's `/v1/completions` with the adapter's name as `model`, and decodes the token
+ids that come back (`return_token_ids`, vLLM >= 0.10.2) with the run's tokenizer.
+
+Not run on this project's machines so far (no GPU lent); `bench/gpu_check.sh` runs it where
+vLLM is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from lorasft.export.gguf_lora import check_lora, read_adapter_config
+from lorasft.model.context import context_window
+from lorasft.model.load import ModelError
+from lorasft.model.precision import dtype_name
+from lorasft.model.run import read_specs, say
+from lorasft.serve import DEFAULT_MAX_QUEUE
+from lorasft.serve.engine import Engine, Generation, served_names
+from lorasft.serve.llamacpp import served_config
+from lorasft.serve.process import EngineProcess
+from lorasft.serve.schemas import APIError
+
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+def find_vllm() -> Path | None:
+    for candidate in (Path(sys.executable).parent / "vllm", shutil.which("vllm")):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+@dataclass
+class VllmServer(EngineProcess):
+    base: Path | None = None
+    base_name: str = "base"
+    loras: dict[str, Path] = field(default_factory=dict)
+    slots: int = 8
+    window: int = 2048
+    dtype: str = "bfloat16"
+    max_rank: int = 8
+    overrides: dict | None = None
+    label: str = "vllm"
+
+    def command(self) -> list[str]:
+        cmd = [str(self.binary), "serve", str(self.base), "--host", "127.0.0.1",
+               "--port", str(self.port), "--served-model-name", self.base_name,
+               "--max-model-len", str(self.window), "--max-num-seqs", str(self.slots),
+               "--dtype", self.dtype, "--generation-config", "vllm"]  # fmt: skip
+        if self.loras:
+            cmd += ["--enable-lora", "--max-loras", str(len(self.loras)),
+                    "--max-lora-rank", str(self.max_rank), "--lora-modules",
+                    *(f"{name}={path}" for name, path in self.loras.items())]  # fmt: skip
+        if self.overrides:
+            cmd += ["--hf-overrides", json.dumps(self.overrides)]
+        return cmd
+
+    def env(self) -> dict[str, str]:
+        return {"VLLM_API_KEY": self.key}
+
+
+@dataclass
+class VllmGeneration(Generation):
+    body: dict = field(default_factory=dict)
+    whole: bool = False
+
+    async def atext(self) -> str:
+        self.whole = True
+        return await super().atext()
+
+    async def _tokens(self) -> AsyncIterator[int]:
+        server: VllmServer = self.engine.server
+        body = {**self.body, "stream": not self.whole}
+        headers = {"Authorization": f"Bearer {server.key}"}
+        async with (
+            httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0)) as http,
+            http.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers) as r,
+        ):
+            if r.status_code != 200:
+                detail = (await r.aread()).decode(errors="replace")[:300]
+                raise _engine_error(f"HTTP {r.status_code}: {detail}")
+            messages = [json.loads(await r.aread())] if self.whole else None
+            async for msg in _events(r, messages):
+                choice = msg["choices"][0] if msg.get("choices") else {}
+                if choice and "token_ids" not in choice:
+                    raise _engine_error("no token_ids in its answer: lorasft needs vLLM >= 0.10.2")
+                for token in choice.get("token_ids") or []:
+                    yield token
+                if choice.get("finish_reason"):
+                    self.ended_at_stop = choice["finish_reason"] == "stop"
+
+
+async def _events(r: httpx.Response, whole: list[dict] | None) -> AsyncIterator[dict]:
+    if whole is not None:
+        for msg in whole:
+            yield msg
+        return
+    async for line in r.aiter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[6:])
+
+
+def _engine_error(message: str) -> APIError:
+    return APIError(502, f"the vLLM engine failed: {message}", None, "engine_error",
+                    kind="server_error")  # fmt: skip
+
+
+class VllmEngine(Engine):
+    name = "vllm"
+
+    def __init__(self, served, window: int, server: VllmServer,
+                 max_queue: int = DEFAULT_MAX_QUEUE):  # fmt: skip
+        super().__init__(served, window, slots=server.slots, max_queue=max_queue)
+        self.server = server
+
+    def _start(self, served, prompt_ids, params) -> Generation:
+        body = {"model": served.adapter or self.server.base_name, "prompt": prompt_ids,
+                "max_tokens": params.max_tokens, "temperature": params.temperature,
+                "top_p": params.top_p, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0,
+                "seed": params.seed, "return_token_ids": True, "skip_special_tokens": False,
+                "stop_token_ids": served.spec.stops}  # fmt: skip
+        return VllmGeneration(served, prompt_ids, params, self, body=body)
+
+    def health(self) -> dict:
+        weights = {"bfloat16": "BF16", "float16": "F16"}.get(self.server.dtype, "F32")
+        return {**super().health(), "ok": self.server.alive() and self.server.healthy(),
+                "weights": weights}  # fmt: skip
+
+    def close(self) -> None:
+        self.server.stop()
+
+
+def load_vllm_engine(base: str | None, adapters: list[tuple[str, str]], dtype: str | None = None,
+                     slots: int = 8, max_queue: int = DEFAULT_MAX_QUEUE) -> VllmEngine:  # fmt: skip
+    binary = find_vllm()
+    if binary is None:
+        raise ModelError("--engine vllm: vLLM is not installed (pip install vllm, on a GPU)")
+    spec, runs = read_specs(base, adapters, dtype)
+    for r in runs:
+        check_lora(r.dir)
+    config = served_config(spec, runs)
+    window = context_window(config)
+    rope = getattr(config, "rope_parameters", None) or {}
+    overrides = None
+    if rope.get("rope_type", "default") != "default":  # the runs' context extension
+        overrides = {"rope_scaling": rope, "rope_parameters": rope,
+                     "max_position_embeddings": config.max_position_embeddings}  # fmt: skip
+    ranks = [int(read_adapter_config(r.dir)["r"]) for r in runs] or [8]
+    max_rank = next((k for k in LORA_RANKS if k >= max(ranks)), LORA_RANKS[-1])
+    server = VllmServer(binary, base=spec.base_path, base_name=spec.name,
+                        loras={r.name: r.dir for r in runs}, slots=slots, window=window,
+                        dtype=dtype_name(spec.dtype), max_rank=max_rank, overrides=overrides)  # fmt: skip
+    server.start(wait_s=900)
+    say(f"vllm {binary} on {server.url}: {slots} sequences of {window} tokens, "
+        f"{len(runs)} LoRA adapter(s)")  # fmt: skip
+    return VllmEngine(served_names(spec, runs), window, server, max_queue)
