@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -107,15 +106,6 @@ def ship(run: Path, n: int, new: int) -> dict[str, tuple[int, int, int]]:
             "--engine",
             "llama.cpp",
             *served_run,
-        ]
-    # llama.cpp's own OpenAI server, where installed: pip install 'llama-cpp-python[server]'
-    if importlib.util.find_spec("llama_cpp.server") is not None:
-        servers["llama.cpp server (f16)"] = [
-            "llama_cpp.server",
-            "--model",
-            files[1],
-            "--n_ctx",
-            "2048",
         ]
     for name, cmd in servers.items():
         with served(cmd) as url:

@@ -91,3 +91,26 @@ def test_the_dashboard_needs_its_key(ui):
     with httpx.Client(base_url=ui.url) as c:
         assert c.get("/?key=k").status_code == 200  # sets a cookie the page's requests carry
         assert "tiny-a" in [r["name"] for r in c.get("/api/runs").json()["runs"]]
+
+
+def test_long_context_results_show_as_a_table_with_the_plots_inside(tmp_path):
+    from lorasft.report.html import run_report
+
+    (tmp_path / "passkey.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 64)
+    long = {"method": "yarn", "factor": 2.0, "original_window": 8192, "target_length": 16384,
+            "lengths": [8192, 16384], "plots": ["passkey.png", "missing.png"],
+            "perplexity": {"base": {"8192": {"perplexity": 11.55}, "16384": {"perplexity": 1538.2}},
+                           "tuned": {"8192": {"perplexity": 11.02}, "16384": {"perplexity": 11.08}}}}  # fmt: skip
+    page = run_report({"long_context": long}, "x", tmp_path)
+    table = page[page.index("<table id=long>") :]
+    assert "1538" in table and "11.08" in table and table.index("base") < table.index("tuned")
+    assert page.count("data:image/png;base64,") == 1  # the plot that exists, inside the page
+
+
+def test_chat_with_a_run_still_training_is_refused(ui, runs_root, finished_run):
+    half = runs_root / "half-done"
+    half.mkdir(exist_ok=True)
+    (half / "config.yaml").write_text((finished_run / "config.yaml").read_text())
+    r = httpx.post(ui.url + "/api/chat", json={"run": "half-done", "message": "hi"},
+                   headers={"Authorization": "Bearer k"})  # fmt: skip
+    assert r.status_code == 409 and "has not finished" in r.json()["detail"]

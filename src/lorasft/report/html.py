@@ -5,6 +5,7 @@ run trains), so `lorasft report` rewrites the page for any run, old ones include
 
 from __future__ import annotations
 
+import base64
 import difflib
 import html
 import json
@@ -293,19 +294,31 @@ def samples_section(samples: list[dict]) -> str:
             f"{''.join(rows)}</table>")  # fmt: skip
 
 
-def long_section(long: dict | None) -> str:
+def long_section(long: dict | None, run_dir: Path | None = None) -> str:
+    """Perplexity by length per model (a table) and the long-context plots, embedded."""
     if not long:
         return ""
-    parts = ["<h2>Long context</h2>"]
-    ppl = long.get("perplexity_by_length") or long.get("perplexity") or {}
-    if isinstance(ppl, dict) and ppl:
-        parts.append(f"<pre>{esc(json.dumps(ppl, indent=1, ensure_ascii=False)[:4000])}</pre>")
-    for name in ("perplexity_by_length.png", "passkey.png", "attention.png"):
-        parts.append(f"<p class=muted>plot file in the run folder: {esc(name)}</p>")
+    lengths = [str(n) for n in long.get("lengths", [])]
+    ppl = long.get("perplexity") or {}
+    head = "".join(f"<th>{esc(n)}</th>" for n in lengths)
+    rows = "".join(f"<tr><td>{esc(label)}</td>" + "".join(
+        f"<td class=num>{_f((by_len.get(n) or {}).get('perplexity'))}</td>" for n in lengths) + "</tr>"
+        for label, by_len in ppl.items() if isinstance(by_len, dict))  # fmt: skip
+    parts = [(f"<h2>Long context</h2><p>{esc(long.get('method'))}, factor {_f(long.get('factor'))}, "
+             f"window {esc(long.get('original_window'))} to {esc(long.get('target_length'))} "
+             f"tokens; protocol {esc(long.get('protocol'))}</p>"
+             f"<table id=long><tr><th>perplexity</th>{head}</tr>{rows}</table>")]  # fmt: skip
+    for name in long.get("plots") or []:
+        png = run_dir / name if run_dir else None
+        if png is not None and png.is_file():
+            data = base64.b64encode(png.read_bytes()).decode()
+            parts.append(
+                f'<p><img alt="{esc(name)}" src="data:image/png;base64,{data}" width=640></p>'
+            )
     return "".join(parts)
 
 
-def run_report(results: dict, name: str) -> str:
+def run_report(results: dict, name: str, run_dir: Path | None = None) -> str:
     train = results.get("train") or {}
     head = (f"<h1>{esc(name)}</h1><p class=muted>{esc(train.get('global_step'))} steps, "
             f"{_f(train.get('train_seconds'))} s training, precision {esc(train.get('precision'))}, "
@@ -315,7 +328,7 @@ def run_report(results: dict, name: str) -> str:
             + f"</p><p>evaluation {_f((results.get('eval') or {}).get('seconds'))} s</p>")  # fmt: skip
     body = (head + metrics_section(results.get("eval") or {}) + curves_section(results)
             + samples_section((results.get("eval") or {}).get("samples") or [])
-            + long_section(results.get("long_context")) + data_section(results.get("data") or {})
+            + long_section(results.get("long_context"), run_dir) + data_section(results.get("data") or {})
             + config_section(results.get("config") or {}) + foot)  # fmt: skip
     return page(f"lorasft report: {name}", body)
 
@@ -330,7 +343,7 @@ def read_results(run_dir: Path) -> dict:
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / "report.html"
-    out.write_text(run_report(read_results(run_dir), run_dir.name), encoding="utf-8")
+    out.write_text(run_report(read_results(run_dir), run_dir.name, run_dir), encoding="utf-8")
     return out
 
 

@@ -17,13 +17,11 @@ tokenizer and cuts at stop strings: the same path as the transformers engine.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
 import shutil
 import sys
-import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +34,8 @@ from lorasft.model.context import plan_context, rope_parameters
 from lorasft.model.load import ModelError, cache_root
 from lorasft.model.run import RunSpec, open_base, read_specs, say, served_context
 from lorasft.serve import DEFAULT_MAX_QUEUE
-from lorasft.serve.engine import Engine, Generation, Params, served_names
-from lorasft.serve.process import EngineProcess
-from lorasft.serve.schemas import APIError
+from lorasft.serve.engine import Generation, Params, served_names
+from lorasft.serve.process import EngineProcess, RemoteEngine, RemoteGeneration
 from lorasft.serve.textstream import REPLACEMENT, byte_token_ids, bytes_as_tokens
 
 BINARY_ENV = "LORASFT_LLAMA_SERVER"
@@ -150,24 +147,17 @@ class LlamaServer(EngineProcess):
 
 
 @dataclass
-class RemoteGeneration(Generation):
+class LlamaGeneration(RemoteGeneration):
     """One request on llama-server. A whole answer comes back as every generated id. A stream
     comes token by token, except that llama-server holds back a token that ends inside a UTF-8
     character and sends it later as text only, next to the token that completes the character:
     those bytes are fed on as single-byte tokens, which decode to exactly the same text."""
 
-    body: dict = field(default_factory=dict)
-    whole: bool = False
-
-    async def atext(self) -> str:
-        self.whole = True
-        return await super().atext()
-
     async def _tokens(self) -> AsyncIterator[int]:
         server: LlamaServer = self.engine.server
         body = {**self.body, "stream": not self.whole}
         try:
-            async for msg in _post(self.engine.http(), server, body):
+            async for msg in _post(self.engine, body):
                 if self.whole:
                     for token in msg.get("tokens") or []:
                         yield token
@@ -180,7 +170,7 @@ class RemoteGeneration(Generation):
                     return
         except httpx.TransportError as e:
             alive = "" if server.alive() else f" (it exited: {server.log_tail(4)})"
-            raise _engine_error(f"cannot reach llama-server: {e!r}{alive}") from e
+            raise self.engine.error(f"cannot reach llama-server: {e!r}{alive}") from e
 
     def _streamed(self, msg: dict) -> list[int]:
         tokens, count = msg.get("tokens") or [], msg.get("tokens_predicted")
@@ -195,9 +185,10 @@ class RemoteGeneration(Generation):
         return bytes_as_tokens(by_byte, content.encode("utf-8"))
 
 
-async def _post(http: httpx.AsyncClient, server: LlamaServer, body: dict) -> AsyncIterator[dict]:
+async def _post(engine: LlamaCppEngine, body: dict) -> AsyncIterator[dict]:
     """llama-server's `/completion` answer: each server-sent event, or the one JSON body. A kept
     connection that the engine closed while idle is retried once on a new one."""
+    server, http = engine.server, engine.http()
     headers = {"Authorization": f"Bearer {server.key}"}
     for attempt in (1, 2):
         started = False
@@ -207,7 +198,7 @@ async def _post(http: httpx.AsyncClient, server: LlamaServer, body: dict) -> Asy
                 started = True
                 if r.status_code != 200:
                     detail = (await r.aread()).decode(errors="replace")[:300]
-                    raise _engine_error(f"HTTP {r.status_code}: {detail}")
+                    raise engine.error(f"HTTP {r.status_code}: {detail}")
                 if not body["stream"]:
                     yield json.loads(await r.aread())
                     return
@@ -215,7 +206,7 @@ async def _post(http: httpx.AsyncClient, server: LlamaServer, body: dict) -> Asy
                     if line.startswith("data: "):
                         msg = json.loads(line[6:])
                         if "error" in msg:
-                            raise _engine_error(str(msg["error"])[:300])
+                            raise engine.error(str(msg["error"])[:300])
                         yield msg
                 return
         except httpx.RemoteProtocolError:
@@ -223,32 +214,16 @@ async def _post(http: httpx.AsyncClient, server: LlamaServer, body: dict) -> Asy
                 raise
 
 
-def _engine_error(message: str) -> APIError:
-    return APIError(502, f"the llama.cpp engine failed: {message}", None, "engine_error",
-                    kind="server_error")  # fmt: skip
-
-
-class LlamaCppEngine(Engine):
+class LlamaCppEngine(RemoteEngine):
     name = "llama.cpp"
 
     def __init__(self, served, context_window: int, server: LlamaServer, qtype: str,
                  max_queue: int = DEFAULT_MAX_QUEUE):  # fmt: skip
-        super().__init__(served, context_window, slots=server.slots, max_queue=max_queue)
-        self.server, self.qtype = server, qtype
+        super().__init__(served, context_window, server, max_queue)
+        self.qtype, self.weights = qtype, qtype.upper()
         adapters = [s.adapter for s in served if s.adapter is not None]
         self.lora_ids = {name: i for i, name in enumerate(adapters)}
         self.byte_ids = {s.name: byte_token_ids(s.tok) for s in served}
-        self._http: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-    def http(self) -> httpx.AsyncClient:
-        """One pooled client per event loop (building one costs milliseconds of CPU, which the
-        engine's threads need); idle connections are dropped before llama-server's 5 s."""
-        loop = asyncio.get_running_loop()
-        if loop not in self._http:
-            limits = httpx.Limits(max_connections=None, keepalive_expiry=2.0)
-            self._http[loop] = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0),
-                                                 limits=limits)  # fmt: skip
-        return self._http[loop]
 
     def request_body(self, adapter: str | None, prompt_ids: list[int], params: Params) -> dict:
         body = {"prompt": prompt_ids, "n_predict": params.max_tokens, "return_tokens": True, "cache_prompt": True, **NEUTRAL_SAMPLING,
@@ -262,15 +237,7 @@ class LlamaCppEngine(Engine):
 
     def _start(self, served, prompt_ids, params) -> Generation:
         body = self.request_body(served.adapter, prompt_ids, params)
-        return RemoteGeneration(served, prompt_ids, params, self, body=body)
-
-    def health(self) -> dict:
-        state = super().health()
-        ok = self.server.alive() and self.server.healthy()
-        return {**state, "ok": ok, "weights": self.qtype.upper()}
-
-    def close(self) -> None:
-        self.server.stop()
+        return LlamaGeneration(served, prompt_ids, params, self, body=body)
 
 
 def served_config(spec: RunSpec, runs: list[RunSpec]):

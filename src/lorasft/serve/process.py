@@ -9,6 +9,7 @@ turn) and, on Linux, gets SIGTERM if the lorasft thread that started it dies, ev
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import secrets
@@ -17,12 +18,16 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
 from lorasft.model.load import ModelError, cache_root
+from lorasft.serve import DEFAULT_MAX_QUEUE
+from lorasft.serve.engine import Engine, Generation
+from lorasft.serve.schemas import APIError
 
 
 def free_port() -> int:
@@ -114,3 +119,49 @@ class EngineProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+@dataclass
+class RemoteGeneration(Generation):
+    """A request to an engine process: the body it is sent, and whether the whole answer is
+    wanted at once (a client that does not stream) or token by token."""
+
+    body: dict = field(default_factory=dict)
+    whole: bool = False
+
+    async def atext(self) -> str:
+        self.whole = True
+        return await super().atext()
+
+
+class RemoteEngine(Engine):
+    """An engine running in its own process (`server`), reached over loopback HTTP."""
+
+    weights = "F32"
+
+    def __init__(self, served, context_window: int, server: EngineProcess,
+                 max_queue: int = DEFAULT_MAX_QUEUE):  # fmt: skip
+        super().__init__(served, context_window, slots=server.slots, max_queue=max_queue)
+        self.server = server
+        self._http: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def http(self) -> httpx.AsyncClient:
+        """One pooled client per event loop (building one costs milliseconds of CPU, which the
+        engine's threads need); idle connections are dropped before the engine's own timeout."""
+        loop = asyncio.get_running_loop()
+        if loop not in self._http:
+            limits = httpx.Limits(max_connections=None, keepalive_expiry=2.0)
+            self._http[loop] = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0),
+                                                 limits=limits)  # fmt: skip
+        return self._http[loop]
+
+    def error(self, message: str) -> APIError:
+        return APIError(502, f"the {self.name} engine failed: {message}", None, "engine_error",
+                        kind="server_error")  # fmt: skip
+
+    def health(self) -> dict:
+        ok = self.server.alive() and self.server.healthy()
+        return {**super().health(), "ok": ok, "weights": self.weights}
+
+    def close(self) -> None:
+        self.server.stop()

@@ -20,9 +20,11 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from lorasft.model.load import ModelError
 from lorasft.report.html import compare_report, line_chart, page, read_results, run_report
 from lorasft.report.runs import is_run, progress_of, runs_table
 from lorasft.serve.engines import EngineOptions, open_engine
+from lorasft.serve.schemas import APIError
 
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -81,6 +83,14 @@ def create_ui(root: str | Path, opts: EngineOptions | None = None,
                   lifespan=lifespan)  # fmt: skip
     app.state.board = board
 
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return JSONResponse({"detail": e.message}, status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(ModelError)
+    async def model_error(request: Request, e: ModelError):  # a run the engine cannot open
+        return JSONResponse({"detail": str(e)}, status_code=400)
+
     @app.middleware("http")
     async def require_key(request: Request, call_next):
         if not api_key:
@@ -124,7 +134,7 @@ def create_ui(root: str | Path, opts: EngineOptions | None = None,
         if not (run / "results.json").is_file():
             return page(name, f"<h1>{name}</h1><p>still training: the report is written when it "
                         "finishes; the dashboard shows its progress</p>")  # fmt: skip
-        return run_report(read_results(run), name)
+        return run_report(read_results(run), name, run)
 
     @app.get("/compare", response_class=HTMLResponse)
     def compare(runs: str) -> str:

@@ -25,10 +25,9 @@ from lorasft.model.load import ModelError
 from lorasft.model.precision import dtype_name
 from lorasft.model.run import read_specs, say
 from lorasft.serve import DEFAULT_MAX_QUEUE
-from lorasft.serve.engine import Engine, Generation, served_names
+from lorasft.serve.engine import Generation, served_names
 from lorasft.serve.llamacpp import served_config
-from lorasft.serve.process import EngineProcess
-from lorasft.serve.schemas import APIError
+from lorasft.serve.process import EngineProcess, RemoteEngine, RemoteGeneration
 
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
@@ -70,30 +69,21 @@ class VllmServer(EngineProcess):
 
 
 @dataclass
-class VllmGeneration(Generation):
-    body: dict = field(default_factory=dict)
-    whole: bool = False
-
-    async def atext(self) -> str:
-        self.whole = True
-        return await super().atext()
-
+class VllmGeneration(RemoteGeneration):
     async def _tokens(self) -> AsyncIterator[int]:
-        server: VllmServer = self.engine.server
+        engine: VllmEngine = self.engine
         body = {**self.body, "stream": not self.whole}
-        headers = {"Authorization": f"Bearer {server.key}"}
-        async with (
-            httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0)) as http,
-            http.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers) as r,
-        ):
+        headers = {"Authorization": f"Bearer {engine.server.key}"}
+        url = f"{engine.server.url}/v1/completions"
+        async with engine.http().stream("POST", url, json=body, headers=headers) as r:
             if r.status_code != 200:
                 detail = (await r.aread()).decode(errors="replace")[:300]
-                raise _engine_error(f"HTTP {r.status_code}: {detail}")
+                raise engine.error(f"HTTP {r.status_code}: {detail}")
             messages = [json.loads(await r.aread())] if self.whole else None
             async for msg in _events(r, messages):
                 choice = msg["choices"][0] if msg.get("choices") else {}
                 if choice and "token_ids" not in choice:
-                    raise _engine_error("no token_ids in its answer: lorasft needs vLLM >= 0.10.2")
+                    raise engine.error("no token_ids in its answer: lorasft needs vLLM >= 0.10.2")
                 for token in choice.get("token_ids") or []:
                     yield token
                 if choice.get("finish_reason"):
@@ -110,18 +100,13 @@ async def _events(r: httpx.Response, whole: list[dict] | None) -> AsyncIterator[
             yield json.loads(line[6:])
 
 
-def _engine_error(message: str) -> APIError:
-    return APIError(502, f"the vLLM engine failed: {message}", None, "engine_error",
-                    kind="server_error")  # fmt: skip
-
-
-class VllmEngine(Engine):
+class VllmEngine(RemoteEngine):
     name = "vllm"
 
     def __init__(self, served, window: int, server: VllmServer,
                  max_queue: int = DEFAULT_MAX_QUEUE):  # fmt: skip
-        super().__init__(served, window, slots=server.slots, max_queue=max_queue)
-        self.server = server
+        super().__init__(served, window, server, max_queue)
+        self.weights = {"bfloat16": "BF16", "float16": "F16"}.get(server.dtype, "F32")
 
     def _start(self, served, prompt_ids, params) -> Generation:
         body = {"model": served.adapter or self.server.base_name, "prompt": prompt_ids,
@@ -130,14 +115,6 @@ class VllmEngine(Engine):
                 "seed": params.seed, "return_token_ids": True, "skip_special_tokens": False,
                 "stop_token_ids": served.spec.stops}  # fmt: skip
         return VllmGeneration(served, prompt_ids, params, self, body=body)
-
-    def health(self) -> dict:
-        weights = {"bfloat16": "BF16", "float16": "F16"}.get(self.server.dtype, "F32")
-        return {**super().health(), "ok": self.server.alive() and self.server.healthy(),
-                "weights": weights}  # fmt: skip
-
-    def close(self) -> None:
-        self.server.stop()
 
 
 def load_vllm_engine(base: str | None, adapters: list[tuple[str, str]], dtype: str | None = None,
