@@ -36,9 +36,10 @@ demo: $(STAMP)
 	$(VENV)/bin/lorasft train
 
 # A real browser for the report and dashboard tests: Debian's chromium (playwright's Python client
-# drives it; its own browser download is not reachable here).
+# drives it; its own browser download is not reachable here), and a small CJK font so Chinese text
+# in the pages is drawn rather than shown as boxes.
 browser:
-	@command -v chromium >/dev/null || scripts/install_chromium.sh
+	@(command -v chromium >/dev/null && fc-list :lang=zh 2>/dev/null | grep -q .) || scripts/install_chromium.sh
 
 test: $(TEST_STAMP) $(LLAMA_SERVER) browser
 	LORASFT_REQUIRE_LLAMA_SERVER=1 LORASFT_REQUIRE_BROWSER=1 $(VENV)/bin/python -m pytest -q
