@@ -179,6 +179,9 @@ class EvalSection(Section):
     top_k: int = Field(default=50, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1.0)
     compare_base: bool = True
+    # the base's perplexity and answers, kept for the next evaluation of the same base on the
+    # same inputs ($LORASFT_CACHE/eval); false computes them every time
+    cache_base: bool = True
     batch_size: int = Field(default=8, ge=1)
     overfit_patience: int = Field(default=3, ge=1)
     """Eval-loss rises in a row (with train loss falling) that make an overfitting verdict."""

@@ -1,0 +1,63 @@
+"""The evaluation that ends a run, timed three ways on a finished run (default: the demo's 32
+eval records, base and tuned): one sample at a time (batch size 1), batched (eval.batch_size),
+and batched with the base's side taken from the cache a first batched evaluation filled. Prints
+the seconds and whether the greedy answers are equal across the three. Figures only.
+
+    python bench/eval_speed.py [--run bench-out/demo-run] [--batch-size 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+
+def timed_eval(run, cfg, examples, encoded, **changes) -> tuple[float, dict]:
+    from lorasft.eval.run import evaluate
+
+    ev = cfg.eval.model_copy(update=changes)
+    start = time.perf_counter()
+    out = evaluate(run.model, run.tok, examples, encoded, ev)
+    return time.perf_counter() - start, out
+
+
+def answers(out: dict) -> list[tuple[str, str]]:
+    return [(s["tuned"], s.get("base")) for s in out["samples"]]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", default="bench-out/demo-run")
+    ap.add_argument("--batch-size", type=int, default=8)
+    a = ap.parse_args()
+    from lorasft.data.prepare import eval_set
+    from lorasft.model.run import open_run
+
+    run = open_run(a.run)
+    examples, encoded = eval_set(run.cfg.data, run.tok)
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["LORASFT_CACHE"] = cache  # an empty eval cache (the model is already open)
+        one, out1 = timed_eval(run, run.cfg, examples, encoded, batch_size=1, cache_base=False)
+        batched, out8 = timed_eval(run, run.cfg, examples, encoded, batch_size=a.batch_size)
+        cached, outc = timed_eval(run, run.cfg, examples, encoded, batch_size=a.batch_size)
+    assert outc["base_from_cache"] and not out8["base_from_cache"]
+    n = len(out1["samples"])
+    same_8 = sum(x == y for x, y in zip(answers(out1), answers(out8)))
+    same_c = sum(x == y for x, y in zip(answers(out8), answers(outc)))
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine())  # fmt: skip
+    print(f"machine: {cpu}, {os.cpu_count()} CPUs; run {a.run}; {n} samples, base and tuned, "
+          f"max_new_tokens {run.cfg.eval.max_new_tokens}")  # fmt: skip
+    print(f"one at a time (batch 1):       {one:6.1f} s")
+    print(f"batched ({a.batch_size}):                   {batched:6.1f} s  x{one / batched:.2f}")
+    print(f"batched, base from the cache:  {cached:6.1f} s  x{one / cached:.2f}")
+    print(f"answers (tuned, base) equal: batched vs one at a time {same_8}/{n}; "
+          f"cached vs batched {same_c}/{n}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
