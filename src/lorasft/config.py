@@ -109,6 +109,10 @@ class LoraSection(Section):
     modules_to_save: list[str] | None = None
 
 
+GENERATION_METRICS = ("exact_match", "rouge_l", "chrf", "json_valid", "json_fields")
+BEST_METRICS = ("loss", *GENERATION_METRICS)
+
+
 class TrainSection(Section):
     epochs: float = Field(default=3.0, gt=0)
     max_steps: int = Field(default=-1, ge=-1)
@@ -138,6 +142,9 @@ class TrainSection(Section):
     logging_steps: int = Field(default=5, ge=1)
     early_stopping_patience: int | None = Field(default=3, ge=1)
     metric_for_best_model: str = "eval_loss"
+    """What picks the best checkpoint and drives early stopping: the eval loss, or a generation
+    metric computed on eval.num_samples eval records at every evaluation (exact_match, rouge_l,
+    chrf; json_valid and json_fields when the references are JSON objects)."""
     load_best_model_at_end: bool = True
     group_by_length: bool = True
     dataloader_workers: int = Field(default=0, ge=0)
@@ -150,6 +157,14 @@ class TrainSection(Section):
     """Path to a DeepSpeed JSON config (ZeRO stage etc.), passed to TrainingArguments.deepspeed."""
     resume: str | None = None
     """`auto` (latest checkpoint of the latest run with this name) or a run/checkpoint folder."""
+
+    @field_validator("metric_for_best_model")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        name = v.removeprefix("eval_")
+        if name not in BEST_METRICS:
+            raise ValueError(f"unknown metric {v!r}; choose one of {', '.join(BEST_METRICS)}")
+        return f"eval_{name}"
 
     @model_validator(mode="after")
     def _best_model_needs_eval(self) -> TrainSection:

@@ -15,7 +15,7 @@ from datasets import Dataset
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 from transformers.integrations import is_tensorboard_available
 
-from lorasft.config import Config, TrainSection
+from lorasft.config import Config, ConfigError, TrainSection
 from lorasft.data.collate import PadCollator
 from lorasft.data.packing import PackedCollator, check_packing, pack
 from lorasft.data.prepare import Prepared, describe, prepare
@@ -24,7 +24,7 @@ from lorasft.model.plan import choose_micro_batch
 from lorasft.model.s2attn import s2_training
 from lorasft.train.launch import decided_by_rank0, say
 from lorasft.train.progress import ProgressFile, on_terminal, readable_progress
-from lorasft.train.trainer import SupervisedTrainer
+from lorasft.train.trainer import GenerationScores, SupervisedTrainer
 
 TB_VARIABLE = "TENSORBOARD_LOGGING_DIR"
 OPTIMIZERS = {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "sgd": "sgd",
@@ -60,6 +60,7 @@ def fit(cfg: Config, model, tok, run_dir: Path, precision: str,
         "global_step": trainer.state.global_step,
         "best_step": _best_step(trainer.state.best_model_checkpoint),
         "best_metric": trainer.state.best_metric,
+        "best_metric_name": trainer.args.metric_for_best_model,
         "resumed_from": checkpoint,
         "distributed": trainer.accelerator.distributed_type.value,
         "micro_batch": cfg.train.batch_size,
@@ -92,6 +93,23 @@ def train_dataset_and_collator(cfg: Config, model, tok, data: Prepared):
     return ds, PackedCollator(tok.pad_token_id, flatten=flash)
 
 
+def generation_scores(cfg: Config, tok, data: Prepared) -> GenerationScores:
+    """What a generation metric_for_best_model is computed from at each evaluation."""
+    from lorasft.eval.generate import GenSettings
+
+    metric = cfg.train.metric_for_best_model
+    if cfg.train.fsdp or cfg.train.deepspeed:
+        raise ConfigError(f"train.metric_for_best_model={metric} generates at every evaluation, "
+                          "which lorasft does with one process or DDP, not with FSDP or "
+                          "DeepSpeed; use eval_loss there")  # fmt: skip
+    chats = [ex for ex in data.eval_examples if not ex.is_text][: cfg.eval.num_samples]
+    scores = GenerationScores(tok, chats, GenSettings.from_config(cfg.eval))
+    if not scores.refs:
+        raise ConfigError(f"train.metric_for_best_model={metric} needs eval records to generate "
+                          "on (chat or instruction records, and eval.num_samples > 0)")  # fmt: skip
+    return scores
+
+
 def build_trainer(cfg: Config, model, tok, data: Prepared, run_dir: Path,
                   precision: str) -> Trainer:  # fmt: skip
     has_eval = bool(data.eval) and cfg.train.eval_strategy != "no"
@@ -114,6 +132,8 @@ def build_trainer(cfg: Config, model, tok, data: Prepared, run_dir: Path,
             processing_class=tok,
             callbacks=callbacks,
         )
+    if has_eval and cfg.train.metric_for_best_model != "eval_loss":
+        trainer.generation_scores = generation_scores(cfg, tok, data)
     report_sharding(cfg, trainer)
     readable_progress(trainer)
     trainer.add_callback(ProgressFile(run_dir))

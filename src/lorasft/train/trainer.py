@@ -36,8 +36,41 @@ def causal_lm_loss(model, inputs: dict, num_items: torch.Tensor | int | None):
     return loss / denom, outputs
 
 
+class GenerationScores:
+    """Generation metrics of the model being trained, on the first eval records (greedy, the
+    run's template and stop ids): what a generation metric_for_best_model is read from."""
+
+    def __init__(self, tok, examples, gen):
+        from lorasft.data.templates import prompt_messages
+
+        chats = [ex for ex in examples if not ex.is_text]
+        self.tok, self.gen = tok, gen
+        self.prompts = [prompt_messages(ex.messages) for ex in chats]
+        self.refs = [ex.messages[-1]["content"] for ex in chats]
+
+    def __call__(self, model) -> dict[str, float]:
+        from lorasft.eval.generate import generate
+        from lorasft.eval.metrics import aggregate
+
+        training = model.training
+        answers = generate(model, self.tok, self.prompts, self.gen)  # in eval mode
+        model.train(training)
+        return {k: v for k, v in aggregate(answers, self.refs).items() if k != "n"}
+
+
 class SupervisedTrainer(Trainer):
     loss_is_scaled_for_ga = True
+    generation_scores: GenerationScores | None = None
+
+    def evaluation_loop(self, *args, **kwargs):
+        """The eval loss, plus generation metrics when one picks the best checkpoint: added before
+        the Trainer logs them and the callbacks (early stopping) read them."""
+        output = super().evaluation_loop(*args, **kwargs)
+        if self.generation_scores is not None:
+            prefix = kwargs.get("metric_key_prefix", "eval")
+            scores = self.generation_scores(self.accelerator.unwrap_model(self.model))
+            output.metrics.update({f"{prefix}_{k}": v for k, v in scores.items()})
+        return output
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not accepts_logits_to_keep(self.accelerator.unwrap_model(model)):
