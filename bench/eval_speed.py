@@ -3,7 +3,7 @@ eval records, base and tuned): one sample at a time (batch size 1), batched (eva
 and batched with the base's side taken from the cache a first batched evaluation filled. Prints
 the seconds and whether the greedy answers are equal across the three. Figures only.
 
-    python bench/eval_speed.py [--run bench-out/demo-run] [--batch-size 8]
+    python bench/eval_speed.py [--run bench-out/demo-run] [--batch-size 8] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default="bench-out/demo-run")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="open the run in this dtype")
     a = ap.parse_args()
     from lorasft.data.prepare import eval_set
     from lorasft.model.run import open_run
 
-    run = open_run(a.run)
+    run = open_run(a.run, a.dtype)
     examples, encoded = eval_set(run.cfg.data, run.tok)
     with tempfile.TemporaryDirectory() as cache:
         os.environ["LORASFT_CACHE"] = cache  # an empty eval cache (the model is already open)
@@ -50,7 +51,7 @@ def main() -> None:
     same_c = sum(x == y for x, y in zip(answers(out8), answers(outc)))
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.machine())  # fmt: skip
-    print(f"machine: {cpu}, {os.cpu_count()} CPUs; run {a.run}; {n} samples, base and tuned, "
+    print(f"machine: {cpu}, {os.cpu_count()} CPUs; run {a.run} in {run.spec.dtype}; {n} samples, base and tuned, "
           f"max_new_tokens {run.cfg.eval.max_new_tokens}")  # fmt: skip
     print(f"one at a time (batch 1):       {one:6.1f} s")
     print(f"batched ({a.batch_size}):                   {batched:6.1f} s  x{one / batched:.2f}")
