@@ -1,0 +1,128 @@
+"""Small instruction tasks built from real data on this machine, for choosing lorasft's defaults
+by measurement (issue 13): Debian's iso-codes (ISO 3166 countries, ISO 4217 currencies, with the
+zh_CN translations the package ships) and the IANA time-zone database of Python's zoneinfo.
+Nothing here is text written for lorasft; each task has its own train/test split (by a hash of
+the record's key, so it is the same on every machine) and its metric.
+
+    python bench/recipe_tasks.py OUT_DIR      # writes OUT_DIR/<task>/{train,test}.jsonl, prints counts
+
+Tasks (kind, language, metric):
+  country_codes   extraction to JSON, EN prompt           json_fields
+  country_zh      English name -> Chinese name, EN -> ZH   exact_match
+  currency_zh     currency code -> Chinese name, ZH        exact_match
+  utc_offset      time zone + date -> UTC offset, EN       exact_match
+  country_chat    two-turn chat: codes, then the Chinese   exact_match (last turn)
+"""
+
+from __future__ import annotations
+
+import gettext
+import hashlib
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo, available_timezones
+
+ISO = Path("/usr/share/iso-codes/json")
+LOCALE = "/usr/share/locale"
+TEST_SHARE = 0.2
+
+
+def _is_test(key: str) -> bool:
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 2**32 < TEST_SHARE
+
+
+def _iso(name: str, key: str) -> tuple[list[dict], gettext.NullTranslations]:
+    path = ISO / f"iso_{name}.json"
+    if not path.is_file():
+        sys.exit(f"{path}: missing; install Debian's iso-codes (apt-get install iso-codes)")
+    zh = gettext.translation(f"iso_{name}", localedir=LOCALE, languages=["zh_CN"], fallback=True)
+    return json.loads(path.read_text(encoding="utf-8"))[key], zh
+
+
+def country_codes() -> list[tuple[str, dict]]:
+    rows, _ = _iso("3166-1", "3166-1")
+    return [(c["name"], {"instruction": "Give the ISO 3166-1 codes of this country as a JSON "
+                         "object with the keys alpha_2, alpha_3 and numeric.", "input": c["name"],
+                         "output": json.dumps({"alpha_2": c["alpha_2"], "alpha_3": c["alpha_3"],
+                                               "numeric": c["numeric"]})})
+            for c in rows]  # fmt: skip
+
+
+def country_zh() -> list[tuple[str, dict]]:
+    rows, zh = _iso("3166-1", "3166-1")
+    return [(c["name"], {"instruction": "Translate this country name into Chinese. Answer with "
+                         "the name only.", "input": c["name"], "output": zh.gettext(c["name"])})
+            for c in rows if zh.gettext(c["name"]) != c["name"]]  # fmt: skip
+
+
+def currency_zh() -> list[tuple[str, dict]]:
+    rows, zh = _iso("4217", "4217")
+    return [(c["alpha_3"], {"instruction": "货币代码对应的货币中文名称是什么？只回答名称。",
+                            "input": c["alpha_3"], "output": zh.gettext(c["name"])})
+            for c in rows if zh.gettext(c["name"]) != c["name"]]  # fmt: skip
+
+
+def utc_offset() -> list[tuple[str, dict]]:
+    """Canonical Area/City zones on two dates (winter and summer offsets differ in many)."""
+    out = []
+    for name in sorted(z for z in available_timezones() if "/" in z and not z.startswith("Etc/")):
+        for day in ("2024-01-15", "2024-07-15"):
+            offset = (
+                datetime.fromisoformat(f"{day}T12:00").replace(tzinfo=ZoneInfo(name)).strftime("%z")
+            )
+            out.append((name, {  # split by zone: a test zone is unseen on both dates
+                "instruction": "What is the UTC offset of this time zone at noon on this date? "
+                               "Answer like +01:00.",
+                "input": f"{name}, {day}", "output": f"{offset[:3]}:{offset[3:]}"}))  # fmt: skip
+    return out
+
+
+def country_chat() -> list[tuple[str, dict]]:
+    codes, zh = _iso("3166-1", "3166-1")
+    out = []
+    for c in codes:
+        if zh.gettext(c["name"]) == c["name"]:
+            continue
+        out.append((c["name"], {"messages": [
+            {"role": "user", "content": f"What is the two-letter ISO code of {c['name']}?"},
+            {"role": "assistant", "content": c["alpha_2"]},
+            {"role": "user", "content": "And its name in Chinese? Answer with the name only."},
+            {"role": "assistant", "content": zh.gettext(c["name"])}]}))  # fmt: skip
+    return out
+
+
+TASKS = {"country_codes": (country_codes, "json_fields"), "country_zh": (country_zh, "exact_match"),
+         "currency_zh": (currency_zh, "exact_match"), "utc_offset": (utc_offset, "exact_match"),
+         "country_chat": (country_chat, "exact_match")}  # fmt: skip
+
+
+MAX_TRAIN, MAX_TEST = 200, 60  # small tasks: a sweep trains each many times on 2 cores
+
+
+def _hash(key: str) -> str:
+    return hashlib.sha256(f"order|{key}".encode()).hexdigest()
+
+
+def build(task: str) -> tuple[list[dict], list[dict]]:
+    rows = sorted(TASKS[task][0](), key=lambda kr: _hash(kr[0] + json.dumps(kr[1])))
+    train = [r for k, r in rows if not _is_test(k)][:MAX_TRAIN]
+    test = [r for k, r in rows if _is_test(k)][:MAX_TEST]
+    return train, test
+
+
+def write(out: Path) -> None:
+    for task, (_, metric) in TASKS.items():
+        train, test = build(task)
+        folder = out / task
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, rows in (("train", train), ("test", test)):
+            (folder / f"{name}.jsonl").write_text(
+                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+            )
+        print(f"{task:<14} train {len(train):>4}  test {len(test):>3}  metric {metric}")
+
+
+if __name__ == "__main__":
+    write(Path(sys.argv[1] if len(sys.argv) > 1 else "bench-out/tasks"))
