@@ -42,7 +42,12 @@ def run_one(task_dir: Path, metric: str, recipe: str, out: Path, max_steps: int 
     run = out / "runs" / f"{task_dir.name}--{recipe}"
     if not (run / "results.json").is_file():
         n_test = sum(1 for _ in (task_dir / "test.jsonl").open(encoding="utf-8"))
-        args = [sys.executable, "-m", "lorasft", "train", f"data.train_file={task_dir / 'train.jsonl'}",
+        run.parent.mkdir(parents=True, exist_ok=True)
+        # A config file of its own: `lorasft train` without one runs the demo's settings
+        # (all-linear, 1e-3, one epoch), which are not lorasft's defaults.
+        config = run.parent / f"{run.name}.yaml"
+        config.write_text("model:\n  path: default\n", encoding="utf-8")
+        args = [sys.executable, "-m", "lorasft", "train", str(config), f"data.train_file={task_dir / 'train.jsonl'}",
                 f"data.eval_file={task_dir / 'test.jsonl'}", f"eval.num_samples={n_test}",
                 "eval.compare_base=true", "eval.max_new_tokens=48", f"output.run_dir={run}",
                 *RECIPES[recipe]]  # fmt: skip
