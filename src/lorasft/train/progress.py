@@ -19,16 +19,28 @@ def clock(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-class ProgressLines(TrainerCallback):
+class Pace(TrainerCallback):
+    """Time, steps and tokens since this training (re)started, for progress reports."""
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.start, self.first_step = time.perf_counter(), state.global_step
+        self.first_tokens = state.num_input_tokens_seen
+
+    def pace(self, state) -> tuple[float, int, int, float | None]:
+        """(seconds elapsed, steps done, steps left, non-padding tokens per second or None)."""
+        elapsed = time.perf_counter() - self.start
+        tokens = state.num_input_tokens_seen - self.first_tokens
+        speed = tokens / elapsed if tokens and elapsed > 0 else None
+        left = max(state.max_steps - state.global_step, 0)
+        return elapsed, state.global_step - self.first_step, left, speed
+
+
+class ProgressLines(Pace):
     """`[lorasft] step 10/30 loss 0.412 lr 8.0e-04 | 265 tok/s | 0m40s elapsed, ETA 1m20s`, and
     `[lorasft] step 15/30 eval loss 0.118` after each evaluation (rank 0 only)."""
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stdout
-
-    def on_train_begin(self, args, state, control, **kw):
-        self.start, self.first_step = time.perf_counter(), state.global_step
-        self.first_tokens = state.num_input_tokens_seen
 
     def on_log(self, args, state, control, logs=None, **kw):
         if not state.is_world_process_zero or not logs:
@@ -40,11 +52,9 @@ class ProgressLines(TrainerCallback):
             print(f"{step} {self.train_line(state, logs)}", file=self.stream, flush=True)
 
     def train_line(self, state, logs) -> str:
-        elapsed = time.perf_counter() - self.start
-        done = max(state.global_step - self.first_step, 1)
-        eta = elapsed / done * max(state.max_steps - state.global_step, 0)
-        tokens = state.num_input_tokens_seen - self.first_tokens
-        speed = f" | {tokens / elapsed:.0f} tok/s" if tokens and elapsed > 0 else ""
+        elapsed, done, left, tok_s = self.pace(state)
+        eta = elapsed / max(done, 1) * left
+        speed = f" | {tok_s:.0f} tok/s" if tok_s is not None else ""
         lr = logs.get("learning_rate")
         lr = f" lr {float(lr):.1e}" if lr is not None else ""
         return (f"loss {float(logs['loss']):.4f}{lr}{speed} | {clock(elapsed)} elapsed, "
@@ -63,7 +73,7 @@ def readable_progress(trainer: Trainer) -> None:
 PROGRESS_FILE = "progress.json"
 
 
-class ProgressFile(TrainerCallback):
+class ProgressFile(Pace):
     """`progress.json` in the run folder, rewritten (atomically) at every log: what `lorasft
     runs` and `lorasft ui` show while a run trains: step, losses so far, tokens/s, ETA, and the
     process id (a run whose process is gone without results.json has failed)."""
@@ -75,8 +85,7 @@ class ProgressFile(TrainerCallback):
         self.log: list[dict] = []
 
     def on_train_begin(self, args, state, control, **kw):
-        self.start, self.first_step = time.perf_counter(), state.global_step
-        self.first_tokens = state.num_input_tokens_seen
+        super().on_train_begin(args, state, control, **kw)
         self._write(state, "training")
 
     def on_log(self, args, state, control, logs=None, **kw):
@@ -97,14 +106,11 @@ class ProgressFile(TrainerCallback):
         import json
         import os
 
-        elapsed = time.perf_counter() - self.start
-        done = state.global_step - self.first_step
-        tokens = state.num_input_tokens_seen - self.first_tokens
-        left = max(state.max_steps - state.global_step, 0)
+        elapsed, done, left, tok_s = self.pace(state)
         info = {"status": status, "pid": os.getpid(), "step": state.global_step,
                 "max_steps": state.max_steps, "elapsed_s": round(elapsed, 1),
                 "eta_s": round(elapsed / done * left, 1) if done else None,
-                "tokens_per_s": round(tokens / elapsed, 1) if tokens and elapsed > 0 else None,
+                "tokens_per_s": round(tok_s, 1) if tok_s is not None else None,
                 "updated": time.time(), "log": self.log}  # fmt: skip
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(info), encoding="utf-8")
