@@ -17,17 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from lorasft.data.tokenize import Encoded
-from lorasft.model.load import cache_root
+from lorasft.model.load import cache_root, weights_stamp
+from lorasft.model.run import frozen_dtype
 
 FORMAT = 1
-
-
-def _weights_stamp(folder: str) -> list:
-    p = Path(folder)
-    if not p.is_dir():
-        return [folder]
-    return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir()
-                  if f.suffix in (".safetensors", ".bin", ".json"))  # fmt: skip
 
 
 def base_key(model, prompts: list[list[int]], encoded: list[Encoded], gen: dict[str, Any]) -> str:
@@ -41,9 +34,9 @@ def base_key(model, prompts: list[list[int]], encoded: list[Encoded], gen: dict[
     config = base.config.to_dict()
     parts = {
         "format": FORMAT,
-        "weights": _weights_stamp(str(config.get("_name_or_path", ""))),
+        "weights": weights_stamp(str(config.get("_name_or_path", ""))),
         "config": config,
-        "dtype": str(next(p.dtype for n, p in base.named_parameters() if "lora_" not in n)),
+        "dtype": str(frozen_dtype(model)),
         "device": str(base.device),
         "prompts": prompts,
         "encoded": [(e.input_ids, e.labels) for e in encoded],

@@ -9,7 +9,7 @@ from lorasft.config import EvalSection
 from lorasft.data.formats import Example
 from lorasft.data.templates import prompt_messages
 from lorasft.data.tokenize import Encoded
-from lorasft.eval.base_cache import base_key
+from lorasft.eval import base_cache
 from lorasft.eval.generate import GenSettings, encode_prompt, generate
 from lorasft.eval.metrics import aggregate, score
 from lorasft.eval.perplexity import perplexity
@@ -28,9 +28,8 @@ def evaluate(model, tok, eval_examples: list[Example], eval_encoded: list[Encode
     out: dict[str, Any] = {"loss_on": "response tokens only (the tokens in the loss mask)"}
     ppl = lambda: perplexity(model, eval_encoded, tok.pad_token_id, ev.batch_size)
     out["tuned"] = {"perplexity": ppl()}
-    chats = [ex for ex in eval_examples if not ex.is_text][: ev.num_samples]
+    chats, prompts, refs = chat_samples(eval_examples, ev.num_samples)
     gen = GenSettings.from_config(ev)
-    prompts = [prompt_messages(ex.messages) for ex in chats]
     base_answers = None
     if ev.compare_base:
         base = _base_side(model, tok, prompts, eval_encoded, gen, ev.cache_base, ppl)
@@ -38,18 +37,27 @@ def evaluate(model, tok, eval_examples: list[Example], eval_encoded: list[Encode
         out["base_from_cache"] = base["cached"]
         base_answers = base["answers"]
     if chats:
-        out["samples"] = _generation(model, tok, chats, prompts, gen, out, base_answers)
+        out["samples"] = _generation(model, tok, chats, prompts, refs, gen, out, base_answers)
     out["seconds"] = round(time.perf_counter() - start, 2)
     return out
+
+
+def chat_samples(examples: list[Example], limit: int):
+    """`(records, prompts, references)`: the first `limit` chat records that evaluation generates
+    on, each conversation without its final answer, and that answer."""
+    chats = [ex for ex in examples if not ex.is_text][:limit]
+    return (
+        chats,
+        [prompt_messages(ex.messages) for ex in chats],
+        [ex.messages[-1]["content"] for ex in chats],
+    )
 
 
 def _base_side(model, tok, prompts: list[list[dict]], encoded: list[Encoded], gen: GenSettings,
                use_cache: bool, ppl) -> dict[str, Any]:  # fmt: skip
     """The base's perplexity and greedy answers: from the cache when this base was evaluated on
     these very inputs before, else computed (and kept)."""
-    from lorasft.eval import base_cache
-
-    key = base_key(model, [encode_prompt(m, tok) for m in prompts], encoded, vars(gen))
+    key = base_cache.base_key(model, [encode_prompt(m, tok) for m in prompts], encoded, vars(gen))
     found = base_cache.load(key) if use_cache else None
     if found is not None:
         return {**found, "cached": True}
@@ -60,19 +68,18 @@ def _base_side(model, tok, prompts: list[list[dict]], encoded: list[Encoded], ge
     return {**data, "cached": False}
 
 
-def _generation(model, tok, chats: list[Example], prompts: list[list[dict]], gen: GenSettings,
-                out: dict, base: list[str] | None) -> list[dict]:  # fmt: skip
-    refs = [ex.messages[-1]["content"] for ex in chats]
+def _generation(model, tok, chats: list[Example], prompts: list[list[dict]], refs: list[str],
+                gen: GenSettings, out: dict, base: list[str] | None) -> list[dict]:  # fmt: skip
     tuned = generate(model, tok, prompts, gen)
     out["tuned"]["generation"] = aggregate(tuned, refs)
     if base is not None:
         out["base"]["generation"] = aggregate(base, refs)
     out["generation_settings"] = vars(gen)
     rows = []
-    for i, (ex, p, r, t) in enumerate(zip(chats, prompts, refs, tuned)):
+    for ex, p, r, t, b in zip(chats, prompts, refs, tuned, base or [None] * len(refs)):
         row = {"source": ex.source, "prompt": p[-1]["content"], "reference": r, "tuned": t,
                "tuned_scores": score(t, r)}  # fmt: skip
-        if base is not None:
-            row.update(base=base[i], base_scores=score(base[i], r))
+        if b is not None:
+            row.update(base=b, base_scores=score(b, r))
         rows.append(row)
     return rows

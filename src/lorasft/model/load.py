@@ -86,6 +86,16 @@ def check_hf_folder(p: Path) -> None:
             raise ModelError(f"{index} names shards that are missing: {', '.join(missing)}")
 
 
+def weights_stamp(folder: str | Path) -> list:
+    """What identifies a model folder's weights for a cache key without reading them: each
+    weight and config file's name, size and modification time (the path alone, not a folder)."""
+    p = Path(folder)
+    if not p.is_dir():
+        return [str(folder)]
+    return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir()
+                  if f.suffix in (".safetensors", ".bin", ".json"))  # fmt: skip
+
+
 def _gguf_cache_dir(gguf: Path, name: str) -> Path:
     st = gguf.stat()
     # Name, size and mtime rather than the path: every venv holding the same package file shares

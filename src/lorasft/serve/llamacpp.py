@@ -31,7 +31,7 @@ import httpx
 from lorasft.export.gguf import TYPES, check_llama, source_pre_type, write_gguf
 from lorasft.export.gguf_lora import ADAPTER_CONFIG, ADAPTER_FILE, check_lora, write_lora_gguf
 from lorasft.model.context import plan_context, rope_parameters
-from lorasft.model.load import ModelError, cache_root
+from lorasft.model.load import ModelError, cache_root, weights_stamp
 from lorasft.model.run import RunSpec, open_base, read_specs, say, served_context
 from lorasft.serve import DEFAULT_MAX_QUEUE
 from lorasft.serve.engine import Generation, Params, served_names
@@ -39,7 +39,7 @@ from lorasft.serve.process import EngineProcess, RemoteEngine, RemoteGeneration
 from lorasft.serve.textstream import REPLACEMENT, byte_token_ids, bytes_as_tokens
 
 BINARY_ENV = "LORASFT_LLAMA_SERVER"
-GGUF_FORMAT = 1  # bump when what `serving_files` writes changes, so cached files are rewritten
+GGUF_FORMAT = 1  # bump when what base_gguf / lora_gguf write changes, so cached files are rewritten
 # Every llama.cpp sampler but top-p and temperature switched off, as transformers samples
 # (serve's Params: top_k=0); temperature 0 is llama.cpp's greedy argmax.
 NEUTRAL_SAMPLING = {"top_k": 0, "min_p": 0.0, "typical_p": 1.0, "repeat_penalty": 1.0,
@@ -70,16 +70,11 @@ def _digest(*parts: bytes) -> str:
     return h.hexdigest()[:16]
 
 
-def _weights_stamp(folder: Path) -> bytes:
-    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".json", ".bin"))
-    return "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files).encode()
-
-
 def base_gguf(spec: RunSpec, runs: list[RunSpec], qtype: str) -> Path:
     """The base as the runs trained it, in GGUF, cached by its weights, dtype, context and type."""
     context = served_context(runs)
     ctx_json = context.model_dump_json() if context is not None else "none"
-    key = _digest(str(spec.base_path.resolve()).encode(), _weights_stamp(spec.base_path),
+    key = _digest(str(spec.base_path.resolve()).encode(), json.dumps(weights_stamp(spec.base_path)).encode(),
                   str(spec.dtype).encode(), ctx_json.encode(), qtype.encode(),
                   str(GGUF_FORMAT).encode())  # fmt: skip
     out = cache_root() / "serve" / f"{spec.name}-{key}-{qtype}.gguf"

@@ -102,8 +102,8 @@ def generation_scores(cfg: Config, tok, data: Prepared) -> GenerationScores:
         raise ConfigError(f"train.metric_for_best_model={metric} generates at every evaluation, "
                           "which lorasft does with one process or DDP, not with FSDP or "
                           "DeepSpeed; use eval_loss there")  # fmt: skip
-    chats = [ex for ex in data.eval_examples if not ex.is_text][: cfg.eval.num_samples]
-    scores = GenerationScores(tok, chats, GenSettings.from_config(cfg.eval))
+    scores = GenerationScores(tok, data.eval_examples, GenSettings.from_config(cfg.eval),
+                              cfg.eval.num_samples)  # fmt: skip
     if not scores.refs:
         raise ConfigError(f"train.metric_for_best_model={metric} needs eval records to generate "
                           "on (chat or instruction records, and eval.num_samples > 0)")  # fmt: skip

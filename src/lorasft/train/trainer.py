@@ -40,13 +40,11 @@ class GenerationScores:
     """Generation metrics of the model being trained, on the first eval records (greedy, the
     run's template and stop ids): what a generation metric_for_best_model is read from."""
 
-    def __init__(self, tok, examples, gen):
-        from lorasft.data.templates import prompt_messages
+    def __init__(self, tok, examples, gen, limit: int):
+        from lorasft.eval.run import chat_samples
 
-        chats = [ex for ex in examples if not ex.is_text]
         self.tok, self.gen = tok, gen
-        self.prompts = [prompt_messages(ex.messages) for ex in chats]
-        self.refs = [ex.messages[-1]["content"] for ex in chats]
+        _, self.prompts, self.refs = chat_samples(examples, limit)
 
     def __call__(self, model) -> dict[str, float]:
         from lorasft.eval.generate import generate
