@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
-from pathlib import Path
+
+from serve_load import cpu_name  # bench/ is the script's folder
 
 
 def timed_eval(run, cfg, examples, encoded, **changes) -> tuple[float, dict]:
@@ -49,8 +49,7 @@ def main() -> None:
     n = len(out1["samples"])
     same_8 = sum(x == y for x, y in zip(answers(out1), answers(out8)))
     same_c = sum(x == y for x, y in zip(answers(out8), answers(outc)))
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine())  # fmt: skip
+    cpu = cpu_name()
     print(f"machine: {cpu}, {os.cpu_count()} CPUs; run {a.run} in {run.spec.dtype}; {n} samples, base and tuned, "
           f"max_new_tokens {run.cfg.eval.max_new_tokens}")  # fmt: skip
     print(f"one at a time (batch 1):       {one:6.1f} s")

@@ -38,6 +38,15 @@ CLIENTS = (1, 4, 8, 16)
 SERVERS = ("transformers", "llama.cpp", "llama.cpp x2", "bare lora", "bare merged")
 
 
+def cpu_name() -> str:
+    """The CPU model, for the machine line every bench prints."""
+    lines = (
+        Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    )
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
+                platform.machine())  # fmt: skip
+
+
 def prompts() -> list[str]:
     lines = (files("lorasft") / "assets" / "demo_eval.jsonl").read_text("utf-8").splitlines()
     recs = [json.loads(line) for line in lines if line.strip()]
@@ -186,8 +195,7 @@ def main() -> None:
 
 
 def report(rows: list[dict], a) -> None:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine())  # fmt: skip
+    cpu = cpu_name()
     print(f"\nmachine: {cpu}, {os.cpu_count()} CPUs; run "
           f"{a.run}; greedy chat, max_tokens {a.max_tokens}, streamed; {a.seconds:.0f} s per "
           f"phase; {a.slots} slots")  # fmt: skip

@@ -194,7 +194,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          args.llama_server, args.threads)  # fmt: skip
     engine = open_engine(args.base, args.adapter, args.dtype, opts)
     try:
-        key = args.api_key or os.environ.get("LORASFT_API_KEY") or None
+        key = _api_key(args)
         app = create_app(engine, key, args.max_tokens_cap, args.max_request_bytes)
         print(f"[lorasft] serving {', '.join(engine.served)} on http://{args.host}:{args.port}/v1 "
               f"with {engine.name} ({engine.slots} at once, {engine.max_queue} queued)"
@@ -203,6 +203,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         engine.close()
     return 0
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    return args.api_key or os.environ.get("LORASFT_API_KEY") or None
 
 
 def _count(least: int):
@@ -397,7 +401,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     if not Path(args.dir).is_dir():
         raise ModelError(f"{args.dir}: no such folder (runs go to output.dir, default runs/)")
-    key = args.api_key or os.environ.get("LORASFT_API_KEY") or None
+    key = _api_key(args)
     app = create_ui(args.dir, EngineOptions(engine=args.engine), key)
     where = f"http://{args.host}:{args.port}/" + (f"?key={key}" if key else "")
     print(f"[lorasft] dashboard for {Path(args.dir).resolve()} on {where}")

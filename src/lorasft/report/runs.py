@@ -13,10 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lorasft.report.html import flat
+from lorasft.report.html import METRICS, flat
 from lorasft.train.progress import PROGRESS_FILE
-
-METRICS = ("exact_match", "rouge_l", "chrf")
 
 
 def is_run(path: Path) -> bool:

@@ -74,7 +74,8 @@ def base_gguf(spec: RunSpec, runs: list[RunSpec], qtype: str) -> Path:
     """The base as the runs trained it, in GGUF, cached by its weights, dtype, context and type."""
     context = served_context(runs)
     ctx_json = context.model_dump_json() if context is not None else "none"
-    key = _digest(str(spec.base_path.resolve()).encode(), json.dumps(weights_stamp(spec.base_path)).encode(),
+    stamp = json.dumps(weights_stamp(spec.base_path))
+    key = _digest(str(spec.base_path.resolve()).encode(), stamp.encode(),
                   str(spec.dtype).encode(), ctx_json.encode(), qtype.encode(),
                   str(GGUF_FORMAT).encode())  # fmt: skip
     out = cache_root() / "serve" / f"{spec.name}-{key}-{qtype}.gguf"
@@ -115,7 +116,6 @@ class LlamaServer(EngineProcess):
 
     model: Path | None = None
     loras: list[Path] = field(default_factory=list)
-    slots: int = 8
     ctx_per_slot: int = 2048
     threads: int | None = None
     label: str = "llama-server"
@@ -221,7 +221,8 @@ class LlamaCppEngine(RemoteEngine):
         self.byte_ids = {s.name: byte_token_ids(s.tok) for s in served}
 
     def request_body(self, adapter: str | None, prompt_ids: list[int], params: Params) -> dict:
-        body = {"prompt": prompt_ids, "n_predict": params.max_tokens, "return_tokens": True, "cache_prompt": True, **NEUTRAL_SAMPLING,
+        body = {"prompt": prompt_ids, "n_predict": params.max_tokens, "return_tokens": True,
+                "cache_prompt": True, **NEUTRAL_SAMPLING,
                 "temperature": params.temperature, "top_p": params.top_p,
                 "seed": params.seed if params.seed is not None else -1}  # fmt: skip
         if self.lora_ids:  # every adapter named: scale 1 for this one, 0 for the others

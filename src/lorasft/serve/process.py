@@ -53,16 +53,17 @@ class EngineProcess:
     """One engine server process; subclasses give its command line and environment."""
 
     binary: Path
+    slots: int = 8  # requests it generates at once
+    label: str = "engine"
     port: int = field(default_factory=free_port)
     key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     proc: subprocess.Popen | None = None
     log: Path | None = None
+    health_path = "/health"
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    label: str = "engine"
 
     def command(self) -> list[str]:
         raise NotImplementedError
@@ -70,8 +71,6 @@ class EngineProcess:
     def env(self) -> dict[str, str]:
         """Variables added to the engine's environment (its key: never on the command line)."""
         return {}
-
-    health_path = "/health"
 
     def start(self, wait_s: float = 180) -> EngineProcess:
         self.log = cache_root() / "serve" / "logs" / f"{self.label}-{os.getpid()}-{self.port}.log"

@@ -163,5 +163,6 @@ def _sse(chunks: AsyncIterator[dict], job: Generation) -> StreamingResponse:
             yield f"data: {json.dumps(error_body(f'generation failed: {e}', 'server_error'))}\n\n"
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(job.close),
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             background=BackgroundTask(job.close),
                              headers={"Cache-Control": "no-cache"})  # fmt: skip

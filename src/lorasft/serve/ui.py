@@ -16,12 +16,19 @@ import secrets
 import threading
 from pathlib import Path
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from lorasft.model.load import ModelError
-from lorasft.report.html import compare_report, line_chart, page, read_results, run_report
+from lorasft.report.html import (
+    compare_report,
+    line_chart,
+    loss_series,
+    page,
+    read_results,
+    run_report,
+)
 from lorasft.report.runs import is_run, progress_of, runs_table
 from lorasft.serve.engines import EngineOptions, open_engine
 from lorasft.serve.schemas import APIError
@@ -82,19 +89,26 @@ def create_ui(root: str | Path, opts: EngineOptions | None = None,
     app = FastAPI(title="lorasft ui", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)  # fmt: skip
     app.state.board = board
+    app.include_router(router)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(ModelError, _model_error)
+    if api_key:
+        app.middleware("http")(_key_check(api_key))
+    return app
 
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, e: APIError):
-        return JSONResponse({"detail": e.message}, status_code=e.status, headers=e.headers)
 
-    @app.exception_handler(ModelError)
-    async def model_error(request: Request, e: ModelError):  # a run the engine cannot open
-        return JSONResponse({"detail": str(e)}, status_code=400)
+async def _api_error(request: Request, e: APIError):
+    return JSONResponse({"detail": e.message}, status_code=e.status, headers=e.headers)
 
-    @app.middleware("http")
+
+async def _model_error(request: Request, e: ModelError):  # a run the engine cannot open
+    return JSONResponse({"detail": str(e)}, status_code=400)
+
+
+def _key_check(api_key: str):
+    """Every request needs the key: header, `?key=` (which sets a cookie), or that cookie."""
+
     async def require_key(request: Request, call_next):
-        if not api_key:
-            return await call_next(request)
         given = request.headers.get("authorization", "").removeprefix("Bearer ")
         given = given or request.query_params.get("key") or request.cookies.get("lorasft_key", "")
         if not secrets.compare_digest(given.encode(), api_key.encode()):
@@ -105,73 +119,87 @@ def create_ui(root: str | Path, opts: EngineOptions | None = None,
             response.set_cookie("lorasft_key", api_key, httponly=True, samesite="strict")
         return response
 
-    @app.get("/", response_class=HTMLResponse)
-    def index() -> str:
-        return DASHBOARD
+    return require_key
 
-    @app.get("/api/runs")
-    def runs() -> dict:
-        rows, keys = runs_table(board.root)
-        return {"root": str(board.root), "runs": rows, "differing": keys}
 
-    @app.get("/api/runs/{name}/curve", response_class=HTMLResponse)
-    def curve(name: str) -> str:
-        run = board.run_dir(name)
-        prog = progress_of(run)
-        if (run / "results.json").is_file():
-            log = read_results(run).get("log_history", [])
-        else:
-            log = (prog or {}).get("log", [])
-        train = [(r["step"], r["loss"]) for r in log if "loss" in r]
-        evals = [(r["step"], r["eval_loss"]) for r in log if "eval_loss" in r]
-        return line_chart([{"name": "train loss", "points": train},
-                           {"name": "eval loss", "points": evals, "dashed": True}],
-                          chart_id=f"live-{name}")  # fmt: skip
+router = APIRouter()
 
-    @app.get("/runs/{name}/report", response_class=HTMLResponse)
-    def report(name: str) -> str:
-        run = board.run_dir(name)
-        if not (run / "results.json").is_file():
-            return page(name, f"<h1>{name}</h1><p>still training: the report is written when it "
-                        "finishes; the dashboard shows its progress</p>")  # fmt: skip
-        return run_report(read_results(run), name, run)
 
-    @app.get("/compare", response_class=HTMLResponse)
-    def compare(runs: str) -> str:
-        names = [n for n in runs.split(",") if n]
-        if len(names) < 2:
-            raise HTTPException(400, "give two runs or more: /compare?runs=a,b")
-        dirs = [board.run_dir(n) for n in names]
-        missing = [d.name for d in dirs if not (d / "results.json").is_file()]
-        if missing:
-            raise HTTPException(409, f"not finished yet: {', '.join(missing)}")
-        return compare_report([(d.name, read_results(d)) for d in dirs])
+def _board(request: Request) -> Dashboard:
+    return request.app.state.board
 
-    @app.post("/api/chat")
-    async def chat(body: ChatBody) -> dict:
-        from starlette.concurrency import run_in_threadpool
 
-        from lorasft.serve.engine import Params
+@router.get("/", response_class=HTMLResponse)
+def index() -> str:
+    return DASHBOARD
 
-        run = board.run_dir(body.run)
-        if not (run / "results.json").is_file():
-            raise HTTPException(409, f"run {body.run!r} has not finished: chat with it afterwards")
-        engine = await run_in_threadpool(board.engine_for, body.run)
-        messages = [{"role": "user", "content": body.message}]
-        out = {"engine": engine.name}
-        names = [body.run, next(iter(engine.served))] if body.with_base else [body.run]
-        for key, name in zip(("tuned", "base"), names):
-            served = engine.served[name]
-            ids = await run_in_threadpool(engine.encode_chat, served, messages)
-            job = engine.submit(served, ids, Params(max_tokens=body.max_tokens, temperature=0.0))
-            out[key] = await job.atext()
-        return out
 
-    @app.get("/favicon.ico")
-    def favicon() -> Response:
-        return Response(status_code=204)
+@router.get("/api/runs")
+def runs(request: Request) -> dict:
+    board = _board(request)
+    rows, keys = runs_table(board.root)
+    return {"root": str(board.root), "runs": rows, "differing": keys}
 
-    return app
+
+@router.get("/api/runs/{name}/curve", response_class=HTMLResponse)
+def curve(name: str, request: Request) -> str:
+    run = _board(request).run_dir(name)
+    if (run / "results.json").is_file():
+        log = read_results(run).get("log_history", [])
+    else:
+        log = (progress_of(run) or {}).get("log", [])
+    train, evals = loss_series(log)
+    return line_chart([{"name": "train loss", "points": train},
+                       {"name": "eval loss", "points": evals, "dashed": True}],
+                      chart_id=f"live-{name}")  # fmt: skip
+
+
+@router.get("/runs/{name}/report", response_class=HTMLResponse)
+def report(name: str, request: Request) -> str:
+    run = _board(request).run_dir(name)
+    if not (run / "results.json").is_file():
+        return page(name, f"<h1>{name}</h1><p>still training: the report is written when it "
+                    "finishes; the dashboard shows its progress</p>")  # fmt: skip
+    return run_report(read_results(run), name, run)
+
+
+@router.get("/compare", response_class=HTMLResponse)
+def compare(runs: str, request: Request) -> str:
+    names = [n for n in runs.split(",") if n]
+    if len(names) < 2:
+        raise HTTPException(400, "give two runs or more: /compare?runs=a,b")
+    dirs = [_board(request).run_dir(n) for n in names]
+    missing = [d.name for d in dirs if not (d / "results.json").is_file()]
+    if missing:
+        raise HTTPException(409, f"not finished yet: {', '.join(missing)}")
+    return compare_report([(d.name, read_results(d)) for d in dirs])
+
+
+@router.post("/api/chat")
+async def chat(body: ChatBody, request: Request) -> dict:
+    from starlette.concurrency import run_in_threadpool
+
+    from lorasft.serve.engine import Params
+
+    board = _board(request)
+    run = board.run_dir(body.run)
+    if not (run / "results.json").is_file():
+        raise HTTPException(409, f"run {body.run!r} has not finished: chat with it afterwards")
+    engine = await run_in_threadpool(board.engine_for, body.run)
+    messages = [{"role": "user", "content": body.message}]
+    out = {"engine": engine.name}
+    names = [body.run, next(iter(engine.served))] if body.with_base else [body.run]
+    for key, name in zip(("tuned", "base"), names):
+        served = engine.served[name]
+        ids = await run_in_threadpool(engine.encode_chat, served, messages)
+        job = engine.submit(served, ids, Params(max_tokens=body.max_tokens, temperature=0.0))
+        out[key] = await job.atext()
+    return out
+
+
+@router.get("/favicon.ico")
+def favicon() -> Response:
+    return Response(status_code=204)
 
 
 DASHBOARD = """<!doctype html><html lang=en><meta charset=utf-8><title>lorasft runs</title>

@@ -44,7 +44,6 @@ class VllmServer(EngineProcess):
     base: Path | None = None
     base_name: str = "base"
     loras: dict[str, Path] = field(default_factory=dict)
-    slots: int = 8
     window: int = 2048
     dtype: str = "bfloat16"
     max_rank: int = 8
