@@ -1,7 +1,9 @@
 """The evaluation that ends a run, timed three ways on a finished run (default: the demo's 32
 eval records, base and tuned): one sample at a time (batch size 1), batched (eval.batch_size),
 and batched with the base's side taken from the cache a first batched evaluation filled. Prints
-the seconds and whether the greedy answers are equal across the three. Figures only.
+the seconds and whether the greedy answers are equal across the three; then, batching without
+the near-tie check, which answers part from the one-at-a-time ones and the closest call on each
+row's path (the evidence for `NEAR_TIE_EPS`). Figures only.
 
     python bench/eval_speed.py [--run bench-out/demo-run] [--batch-size 8] [--dtype float32]
 """
@@ -56,7 +58,38 @@ def main() -> None:
     print(f"batched ({a.batch_size}):                   {batched:6.1f} s  x{one / batched:.2f}")
     print(f"batched, base from the cache:  {cached:6.1f} s  x{one / cached:.2f}")
     print(f"answers (tuned, base) equal: batched vs one at a time {same_8}/{n}; "
-          f"cached vs batched {same_c}/{n}")  # fmt: skip
+          f"cached vs batched {same_c}/{n}; rows generated again alone (near ties): "
+          f"{out8['generation_redone_alone']} of {2 * n}")  # fmt: skip
+    near_tie_study(run, examples, out1, a.batch_size)
+
+
+def near_tie_study(run, examples, out1: dict, batch_size: int) -> None:
+    """Batched answers without the near-tie check against the one-at-a-time ones."""
+    from lorasft.eval import generate as gen_mod
+    from lorasft.eval.run import chat_samples
+
+    _, prompts, _ = chat_samples(examples, run.cfg.eval.num_samples)
+    gen = gen_mod.GenSettings.from_config(
+        run.cfg.eval.model_copy(update={"batch_size": batch_size})
+    )
+    keep, gen_mod.NEAR_TIE_EPS = gen_mod.NEAR_TIE_EPS, 0.0  # plain batching, margins recorded
+    try:
+        for side, base in (("tuned", False), ("base", True)):
+            stats: dict = {}
+            plain = gen_mod.generate(run.model, run.tok, prompts, gen, base=base, stats=stats)
+            ref = [s[side] for s in out1["samples"]]
+            parted = [i for i, (x, y) in enumerate(zip(plain, ref)) if x != y]
+            margins = stats["margins"]
+            print(
+                f"{side}: plain batching parts from one at a time on {len(parted)}/{len(ref)}; "
+                f"their closest calls (eps units): {[round(margins[i], 2) for i in parted]}"
+            )
+            print(
+                f"  rows whose closest call is below k units, k = 1/2/4/8/16: "
+                f"{[sum(m < k for m in margins) for k in (1, 2, 4, 8, 16)]} of {len(ref)}"
+            )
+    finally:
+        gen_mod.NEAR_TIE_EPS = keep
 
 
 if __name__ == "__main__":

@@ -8,7 +8,13 @@ from dataclasses import dataclass, replace
 from threading import Thread
 
 import torch
-from transformers import TextIteratorStreamer
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 
 from lorasft.data.templates import build_prompt
 from lorasft.data.tokenize import stop_ids
@@ -63,31 +69,130 @@ def encode_prompt(messages: list[dict], tok) -> list[int]:
     return tok(build_prompt(messages, tok), add_special_tokens=False).input_ids
 
 
+# A greedy step whose best and second-best logits are closer than this many units of the logits'
+# dtype (its eps times the best logit's size, at least 1) may go either way when the same row is
+# computed in a batch instead of alone: batching changes kernels and the order of sums, so every
+# layer rounds differently. In bf16 one unit is one to two steps of the grid the logits lie on.
+# Measured on the demo run (bench/eval_speed.py): batched without this check, bf16 answers parted
+# from one-at-a-time ones at gaps of no more than one grid step (0 or 0.57-0.63 units); fp32 ones
+# never parted. 2 units covers gaps of two grid steps.
+NEAR_TIE_EPS = 2.0
+
+
 @torch.no_grad()
-def generate(model, tok, conversations: list[list[dict]], gen: GenSettings,
-             base: bool = False) -> list[str]:  # fmt: skip
-    """Responses in input order; `base=True` runs with the LoRA adapter disabled."""
+def generate(model, tok, conversations: list[list[dict]], gen: GenSettings, base: bool = False,
+             stats: dict | None = None) -> list[str]:  # fmt: skip
+    """Responses in input order; `base=True` runs with the LoRA adapter disabled.
+
+    Greedy answers equal those generated one at a time: prompts are batched (left padding, by
+    length), and a row whose path passed a near tie (`NEAR_TIE_EPS`) is generated again alone.
+    `stats`, when given, gets `redone_alone` (how many) and `margins` (per conversation, its
+    batched path's closest call in `_Margins` units; None where not watched)."""
     model.eval()
     prompts = [encode_prompt(m, tok) for m in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
+    closest: list[float | None] = [None] * len(prompts)
+    redone = 0
     ctx = model.disable_adapter() if base else nullcontext()
     with ctx:
         for s in range(0, len(order), gen.batch_size):
             idx = order[s : s + gen.batch_size]
-            for i, text in zip(idx, _generate_batch(model, tok, [prompts[i] for i in idx], gen)):
-                out[i] = text
+            for i, answer in zip(idx, _generate_batch(model, tok, [prompts[i] for i in idx], gen)):
+                last = answer.last_near_tie()
+                if last is not None:
+                    answer.text = _alone(model, tok, prompts[i], gen, answer, last)
+                    redone += 1
+                out[i], closest[i] = answer.text, min(answer.margins, default=None)
+    if stats is not None:
+        stats["redone_alone"] = stats.get("redone_alone", 0) + redone
+        stats["margins"] = closest
     return out
 
 
-def _generate_batch(model, tok, prompts: list[list[int]], gen: GenSettings) -> list[str]:
+@dataclass
+class _Answer:
+    text: str
+    ids: list[int]
+    """The answer's tokens through its first stop token."""
+    margins: list[float]
+    """Each of those steps' margin in `_Margins` units (empty when not watched)."""
+
+    def last_near_tie(self) -> int | None:
+        near = [n for n, m in enumerate(self.margins) if m < NEAR_TIE_EPS]
+        return near[-1] if near else None
+
+
+def _alone(model, tok, prompt: list[int], gen: GenSettings, batched: _Answer, last: int) -> str:
+    """The answer as generated alone. It stops early once it agrees with the batched answer
+    through that answer's last near tie: past it the batched path had no near tie, so alone it
+    goes on the same way and the batched text stands."""
+    agreed = _Agreed(len(prompt), batched.ids[: last + 1])
+    alone = _generate_batch(model, tok, [prompt], gen, StoppingCriteriaList([agreed]))[0]
+    return batched.text if alone.ids[: last + 1] == agreed.prefix else alone.text
+
+
+class _Agreed(StoppingCriteria):
+    """True once a single row's new tokens start with `prefix`."""
+
+    def __init__(self, start: int, prefix: list[int]):
+        self.start, self.prefix = start, prefix
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        new = input_ids[0, self.start : self.start + len(self.prefix)].tolist()
+        return torch.full((input_ids.shape[0],), new == self.prefix, device=input_ids.device)
+
+
+class _Margins(LogitsProcessor):
+    """Records, per greedy step and row, the gap between the best and the second-best score in
+    units of the dtype's eps times the best score's size (at least 1); leaves the scores as
+    they are."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.eps, self.steps = torch.finfo(dtype).eps, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        top = scores.float().topk(2, dim=-1).values
+        self.steps.append((top[:, 0] - top[:, 1]) / (self.eps * top[:, 0].abs().clamp(min=1.0)))
+        return scores
+
+
+def _generate_batch(model, tok, prompts: list[list[int]], gen: GenSettings,
+                    stopping: StoppingCriteriaList | None = None) -> list[_Answer]:  # fmt: skip
+    """One `generate` call over left-padded prompts; each answer's margins are recorded when
+    there is something to compare with (a batch of several, greedy)."""
     width = max(len(p) for p in prompts)
     ids = [[tok.pad_token_id] * (width - len(p)) + p for p in prompts]  # left padding
     mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
     input_ids = torch.tensor(ids, device=model.device)
     attention_mask = torch.tensor(mask, device=model.device)
-    seqs = model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen.kwargs(tok))
-    return [tok.decode(s[width:], skip_special_tokens=True).strip() for s in seqs]
+    kwargs = gen.kwargs(tok)
+    margins = _Margins(_logits_dtype(model))
+    if len(prompts) > 1 and not gen.do_sample:
+        kwargs["logits_processor"] = LogitsProcessorList([margins])
+    if stopping is not None:
+        kwargs["stopping_criteria"] = stopping
+    new = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[:, width:]
+    units = torch.stack(margins.steps, dim=1).tolist() if margins.steps else None
+    answers = []
+    for r, row in enumerate(new.tolist()):
+        n = _answer_steps(row, kwargs["eos_token_id"])
+        answers.append(_Answer(tok.decode(row, skip_special_tokens=True).strip(), row[:n],
+                               units[r][:n] if units else []))  # fmt: skip
+    return answers
+
+
+def _answer_steps(new: list[int], stops: list[int] | None) -> int:
+    """Steps that chose the answer's tokens: through its first stop token, else all of them."""
+    for n, t in enumerate(new):
+        if stops and t in stops:
+            return n + 1
+    return len(new)
+
+
+def _logits_dtype(model) -> torch.dtype:
+    head = model.get_output_embeddings()
+    return head.weight.dtype if head is not None else next(model.parameters()).dtype
 
 
 def stream(model, tok, messages: list[dict], gen: GenSettings) -> Iterator[str]:

@@ -30,14 +30,18 @@ def evaluate(model, tok, eval_examples: list[Example], eval_encoded: list[Encode
     out["tuned"] = {"perplexity": ppl()}
     chats, prompts, refs = chat_samples(eval_examples, ev.num_samples)
     gen = GenSettings.from_config(ev)
+    stats = {"redone_alone": 0}  # batched greedy rows generated again alone (near ties)
     base_answers = None
     if ev.compare_base:
-        base = _base_side(model, tok, prompts, eval_encoded, gen, ev.cache_base, ppl)
+        base = _base_side(model, tok, prompts, eval_encoded, gen, ev.cache_base, ppl, stats)
         out["base"] = {"perplexity": base["perplexity"]}
         out["base_from_cache"] = base["cached"]
         base_answers = base["answers"]
     if chats:
-        out["samples"] = _generation(model, tok, chats, prompts, refs, gen, out, base_answers)
+        out["samples"] = _generation(
+            model, tok, chats, prompts, refs, gen, out, base_answers, stats
+        )
+        out["generation_redone_alone"] = stats["redone_alone"]
     out["seconds"] = round(time.perf_counter() - start, 2)
     return out
 
@@ -54,7 +58,7 @@ def chat_samples(examples: list[Example], limit: int):
 
 
 def _base_side(model, tok, prompts: list[list[dict]], encoded: list[Encoded], gen: GenSettings,
-               use_cache: bool, ppl) -> dict[str, Any]:  # fmt: skip
+               use_cache: bool, ppl, stats: dict) -> dict[str, Any]:  # fmt: skip
     """The base's perplexity and greedy answers: from the cache when this base was evaluated on
     these very inputs before, else computed (and kept)."""
     key = base_cache.base_key(model, [encode_prompt(m, tok) for m in prompts], encoded, vars(gen))
@@ -62,15 +66,16 @@ def _base_side(model, tok, prompts: list[list[dict]], encoded: list[Encoded], ge
     if found is not None:
         return {**found, "cached": True}
     data = {"perplexity": _with_adapter(model, False, ppl),
-            "answers": generate(model, tok, prompts, gen, base=True) if prompts else []}  # fmt: skip
+            "answers": generate(model, tok, prompts, gen, base=True, stats=stats) if prompts else []}  # fmt: skip
     if use_cache:
         base_cache.save(key, data)
     return {**data, "cached": False}
 
 
 def _generation(model, tok, chats: list[Example], prompts: list[list[dict]], refs: list[str],
-                gen: GenSettings, out: dict, base: list[str] | None) -> list[dict]:  # fmt: skip
-    tuned = generate(model, tok, prompts, gen)
+                gen: GenSettings, out: dict, base: list[str] | None,
+                stats: dict) -> list[dict]:  # fmt: skip
+    tuned = generate(model, tok, prompts, gen, stats=stats)
     out["tuned"]["generation"] = aggregate(tuned, refs)
     if base is not None:
         out["base"]["generation"] = aggregate(base, refs)

@@ -34,4 +34,7 @@ def print_summary(ev: dict[str, Any], verdict: dict[str, Any], run_dir: str) -> 
         console.print(
             f"best step {verdict['best_step']} (eval loss {verdict['best_eval_loss']:.4f})"
         )
+    if "seconds" in ev:
+        cached = " (base answers from the cache)" if ev.get("base_from_cache") else ""
+        console.print(f"evaluation: {ev['seconds']:.1f} s{cached}")
     console.print(f"run folder: {run_dir}")

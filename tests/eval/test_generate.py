@@ -1,0 +1,125 @@
+"""Batched greedy generation answers exactly as one-at-a-time generation, in fp32 and in bf16.
+
+Batching changes the kernels and the order of sums, so in bf16 a step whose two best logits are
+nearly tied can go the other way in a batch; `generate` generates such rows again alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorasft.data.prepare import demo_files
+from lorasft.eval import generate as gen_mod
+from lorasft.eval.generate import GenSettings, generate
+
+
+def _conversations(n: int) -> list[list[dict]]:
+    records = [json.loads(line) for line in Path(demo_files()[0]).read_text().splitlines()]
+    return [[{"role": "user", "content": f"{r['instruction']}\n{r['input']}"}] for r in records[:n]]
+
+
+def _model(model_dir, dtype):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_greedy_equals_one_at_a_time(tiny_llama_dir, tiny_tokenizer, dtype):
+    model, convs = _model(tiny_llama_dir, dtype), _conversations(32)
+    alone = generate(model, tiny_tokenizer, convs, GenSettings(max_new_tokens=24, batch_size=1))
+    stats: dict = {}
+    batched = generate(model, tiny_tokenizer, convs, GenSettings(max_new_tokens=24, batch_size=8),
+                       stats=stats)  # fmt: skip
+    assert batched == alone
+    assert len(set(alone)) > 4  # different prompts, different answers: a real comparison
+    if dtype == torch.float32:  # left-padded batches answer alike by themselves in fp32
+        assert stats["redone_alone"] == 0
+    # In bf16 a random tiny model's two best logits are always within a few eps of each other
+    # somewhere in 24 steps, so its rows are redone alone; a real model's mostly are not
+    # (bench/eval_speed.py: NEAR_TIE_EPS).
+    assert len(stats["margins"]) == len(convs)
+
+
+def test_tied_logits_send_every_row_to_be_generated_alone(tiny_llama_dir, tiny_tokenizer):
+    """Two output rows made equal: every greedy step is a tie, so every row is redone alone, and
+    the answers still equal the one-at-a-time ones."""
+    model = _model(tiny_llama_dir, torch.bfloat16)
+    head = model.get_output_embeddings().weight
+    with torch.no_grad():
+        top = model(torch.tensor([[1, 2, 3]])).logits[0, -1].float().argmax().item()
+        other = (top + 1) % head.shape[0]
+        head[other] = head[top]
+    convs = _conversations(10)
+    stats: dict = {}
+    batched = generate(model, tiny_tokenizer, convs, GenSettings(max_new_tokens=6, batch_size=5),
+                       stats=stats)  # fmt: skip
+    alone = generate(model, tiny_tokenizer, convs, GenSettings(max_new_tokens=6, batch_size=1))
+    assert batched == alone
+    assert stats["redone_alone"] > 0
+
+
+def test_margins_are_gaps_in_units_of_the_dtype_eps_times_the_size():
+    m = gen_mod._Margins(torch.bfloat16)  # eps 2**-7
+    scores = torch.tensor(
+        [[20.0, 20.0, 1.0], [20.0, 19.875, 1.0], [20.0, 19.0, 1.0], [0.5, 0.49, 0.0]]
+    )
+    assert torch.equal(m(None, scores), scores)  # scores pass through unchanged
+    units = m.steps[0].tolist()
+    # a tie; one bf16 grid step (0.125) and 1.0 apart at size 20; 0.01 apart at a size below 1
+    # (counted as 1)
+    assert units == pytest.approx(
+        [0.0, 0.125 / (20 * 2**-7), 1.0 / (20 * 2**-7), 0.01 / 2**-7], rel=1e-4
+    )
+    assert [u < gen_mod.NEAR_TIE_EPS for u in units] == [True, True, False, True]
+
+
+def test_answer_steps_end_at_the_first_stop_token():
+    assert gen_mod._answer_steps([5, 6, 2, 2, 2], [2]) == 3
+    assert gen_mod._answer_steps([5, 6, 7], [2]) == 3
+    assert gen_mod._answer_steps([5, 6, 7], None) == 3
+
+
+def test_a_row_redone_alone_keeps_its_batched_text_only_if_it_agrees(
+    tiny_llama_dir, tiny_tokenizer
+):
+    """Alone, a near-tie row stops as soon as it agrees with its batched answer through the last
+    near tie (the batched text stands); where it parts, the alone answer is taken whole."""
+    model = _model(tiny_llama_dir, torch.float32)
+    gen = GenSettings(max_new_tokens=8)
+    prompts = [gen_mod.encode_prompt(c, tiny_tokenizer) for c in _conversations(2)]
+    batched = gen_mod._generate_batch(model, tiny_tokenizer, prompts, gen)[0]
+    alone = gen_mod._generate_batch(model, tiny_tokenizer, prompts[:1], gen)[0]
+    assert (
+        batched.ids == alone.ids
+        and len(batched.ids) >= 3
+        and len(batched.margins) == len(batched.ids)
+    )
+    agreeing = gen_mod._Answer("kept", batched.ids, batched.margins)
+    assert gen_mod._alone(model, tiny_tokenizer, prompts[0], gen, agreeing, last=2) == "kept"
+    other = (batched.ids[2] + 1) % len(tiny_tokenizer)
+    parting = gen_mod._Answer("not kept", [*batched.ids[:2], other], batched.margins[:3])
+    assert gen_mod._alone(model, tiny_tokenizer, prompts[0], gen, parting, last=2) == alone.text
+
+
+def test_agreed_stops_once_the_prefix_is_matched():
+    stop = gen_mod._Agreed(start=2, prefix=[7, 8])
+    assert not stop(torch.tensor([[1, 2, 7]]), None).item()
+    assert stop(torch.tensor([[1, 2, 7, 8]]), None).item()
+    assert not stop(torch.tensor([[1, 2, 7, 9, 8]]), None).item()
+
+
+def test_sampling_and_single_rows_are_not_watched(tiny_llama_dir, tiny_tokenizer):
+    model = _model(tiny_llama_dir, torch.bfloat16)
+    prompts = [[1, 2, 3], [4, 5]]
+    (one,) = gen_mod._generate_batch(
+        model, tiny_tokenizer, prompts[:1], GenSettings(max_new_tokens=3)
+    )
+    assert one.margins == [] and one.last_near_tie() is None and len(one.ids) >= 1
+    torch.manual_seed(0)
+    sample = GenSettings(max_new_tokens=3, do_sample=True, temperature=1.0)
+    answers = gen_mod._generate_batch(model, tiny_tokenizer, prompts, sample)
+    assert [a.margins for a in answers] == [[], []]
