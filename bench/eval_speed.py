@@ -72,24 +72,25 @@ def near_tie_study(run, examples, out1: dict, batch_size: int) -> None:
     gen = gen_mod.GenSettings.from_config(
         run.cfg.eval.model_copy(update={"batch_size": batch_size})
     )
-    keep, gen_mod.NEAR_TIE_EPS = gen_mod.NEAR_TIE_EPS, 0.0  # plain batching, margins recorded
+    keep = gen_mod.NEAR_TIE_EPS, gen_mod.NEAR_TIE_FLOOR
+    gen_mod.NEAR_TIE_EPS, gen_mod.NEAR_TIE_FLOOR = 0.0, 0.0  # plain batching, margins recorded
     try:
         for side, base in (("tuned", False), ("base", True)):
             stats: dict = {}
             plain = gen_mod.generate(run.model, run.tok, prompts, gen, base=base, stats=stats)
             ref = [s[side] for s in out1["samples"]]
             parted = [i for i, (x, y) in enumerate(zip(plain, ref)) if x != y]
-            margins = stats["margins"]
+            margins = [m for m in stats["margins"] if m is not None]  # None: a batch of one
             print(
                 f"{side}: plain batching parts from one at a time on {len(parted)}/{len(ref)}; "
-                f"their closest calls (eps units): {[round(margins[i], 2) for i in parted]}"
+                f"their closest calls (eps units): {[stats['margins'][i] for i in parted]}"
             )
             print(
                 f"  rows whose closest call is below k units, k = 1/2/4/8/16: "
-                f"{[sum(m < k for m in margins) for k in (1, 2, 4, 8, 16)]} of {len(ref)}"
+                f"{[sum(m < k for m in margins) for k in (1, 2, 4, 8, 16)]} of {len(margins)}"
             )
     finally:
-        gen_mod.NEAR_TIE_EPS = keep
+        gen_mod.NEAR_TIE_EPS, gen_mod.NEAR_TIE_FLOOR = keep
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from recipe_tasks import TASKS, write  # bench/ is the script's folder
+from recipe_tasks import SWEPT, TASKS, write  # bench/ is the script's folder
 
 # Each recipe: lorasft settings on top of a config holding only the model, every setting the
 # sweep varies spelled out, so a recipe keeps its meaning when lorasft's defaults change.
@@ -92,7 +92,7 @@ def run_one(task_dir: Path, metric: str, recipe: str, out: Path, max_steps: int 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench-out/sweep")
-    ap.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
+    ap.add_argument("--tasks", nargs="*", default=SWEPT, choices=list(TASKS))
     ap.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES))
     ap.add_argument("--max-steps", type=int, help="cap every run (a quick check of the sweep)")
     ap.add_argument("--parallel", type=int, default=1,
@@ -122,14 +122,14 @@ def report(rows: list[dict]) -> None:
     for r in rows:
         if r.get("tuned") is not None:
             best[r["task"]] = max(best.get(r["task"], 0.0), r["tuned"])
-    print(f"\n{'task':<14} {'recipe':<32} {'metric':<12} {'base':>6} {'tuned':>6} {'of best':>7} "
+    print(f"\n{'task':<16} {'recipe':<32} {'metric':<12} {'base':>6} {'tuned':>6} {'of best':>7} "
           f"{'steps':>5} {'wall s':>7}")  # fmt: skip
     for r in rows:
         if "error" in r:
-            print(f"{r['task']:<14} {r['recipe']:<32} FAILED: {r['error'][-120:]!r}")
+            print(f"{r['task']:<16} {r['recipe']:<32} FAILED: {r['error'][-120:]!r}")
             continue
         share = r["tuned"] / best[r["task"]] if best.get(r["task"]) else float("nan")
-        print(f"{r['task']:<14} {r['recipe']:<32} {r['metric']:<12} {r['base']:>6.1f} {r['tuned']:>6.1f} "
+        print(f"{r['task']:<16} {r['recipe']:<32} {r['metric']:<12} {r['base']:>6.1f} {r['tuned']:>6.1f} "
               f"{share:>7.0%} {r['steps']:>5} {r['wall_s']:>7.0f}")  # fmt: skip
 
 

@@ -1,5 +1,5 @@
 """Small instruction tasks built from real data on this machine, for choosing lorasft's defaults
-by measurement (issue 13): Debian's iso-codes (ISO 3166 countries, ISO 4217 currencies, with the
+by measurement (issue 13): Debian's iso-codes (ISO 3166 countries, ISO 639-3 languages, with the
 zh_CN translations the package ships) and the IANA time-zone database of Python's zoneinfo.
 Nothing here is text written for lorasft; each task has its own train/test split (by a hash of
 the record's key, so it is the same on every machine) and its metric.
@@ -7,14 +7,14 @@ the record's key, so it is the same on every machine) and its metric.
     python bench/recipe_tasks.py OUT_DIR      # writes OUT_DIR/<task>/{train,test}.jsonl, prints counts
 
 Tasks (kind, language, metric):
-  country_codes   extraction to JSON, EN prompt           json_fields
-  language_names  inverted name -> natural order, EN       exact_match
-  currency_zh     currency code -> Chinese name, ZH        chrf
-  utc_offset      time zone + date -> UTC offset, EN       exact_match
-  country_chat    two-turn chat: codes, then the Chinese   chrf (last turn)
+  country_codes     extraction to JSON, EN                           json_fields
+  language_names    inverted name -> natural order, EN               exact_match
+  country_short_zh  official name -> short name, ZH                  exact_match
+  country_chat      two turns: 2-letter code (EN), then the 3-letter
+                    one asked in Chinese                              exact_match (last turn)
+  utc_offset        time zone + date -> UTC offset, EN               exact_match
 
-Answers in Chinese are scored by chrF: a 135M model rarely gets a whole Chinese name right, and
-character n-grams tell a near miss from a wrong answer (exact match is reported alongside).
+The sweep chooses on the first four (`SWEPT`); utc_offset is held out to check the choice.
 """
 
 from __future__ import annotations
@@ -63,11 +63,17 @@ def language_names() -> list[tuple[str, dict]]:
             for c in rows if c.get("inverted_name", c["name"]) != c["name"]]  # fmt: skip
 
 
-def currency_zh() -> list[tuple[str, dict]]:
-    rows, zh = _iso("4217", "4217")
-    return [(c["alpha_3"], {"instruction": "货币代码对应的货币中文名称是什么？只回答名称。",
-                            "input": c["alpha_3"], "output": zh.gettext(c["name"])})
-            for c in rows if zh.gettext(c["name"]) != c["name"]]  # fmt: skip
+def country_short_zh() -> list[tuple[str, dict]]:
+    """A country's full official name in Chinese rewritten as its short name (阿富汗伊斯兰共和国
+    -> 阿富汗), both from the zh_CN translations iso-codes ships."""
+    rows, zh = _iso("3166-1", "3166-1")
+    out = []
+    for c in rows:
+        full, short = zh.gettext(c.get("official_name", c["name"])), zh.gettext(c["name"])
+        if full not in (short, c.get("official_name")) and short != c["name"]:
+            out.append((c["alpha_3"], {"instruction": "把这个国家的正式全称改写为简称，只回答简称。",
+                                       "input": full, "output": short}))  # fmt: skip
+    return out
 
 
 def utc_offset() -> list[tuple[str, dict]]:
@@ -86,23 +92,24 @@ def utc_offset() -> list[tuple[str, dict]]:
 
 
 def country_chat() -> list[tuple[str, dict]]:
-    codes, zh = _iso("3166-1", "3166-1")
-    out = []
-    for c in codes:
-        if zh.gettext(c["name"]) == c["name"]:
-            continue
-        out.append((c["name"], {"messages": [
-            {"role": "user", "content": f"What is the two-letter ISO code of {c['name']}?"},
-            {"role": "assistant", "content": c["alpha_2"]},
-            {"role": "user", "content": "And its name in Chinese? Answer with the name only."},
-            {"role": "assistant", "content": zh.gettext(c["name"])}]}))  # fmt: skip
-    return out
+    """Two turns: a country's two-letter code, then (asked in Chinese) its three-letter one,
+    which needs the first turn's country."""
+    codes, _ = _iso("3166-1", "3166-1")
+    return [(c["name"], {"messages": [
+        {"role": "user", "content": f"What is the two-letter ISO code of {c['name']}?"},
+        {"role": "assistant", "content": c["alpha_2"]},
+        {"role": "user", "content": "它的三字母代码呢？只回答代码。"},
+        {"role": "assistant", "content": c["alpha_3"]}]}) for c in codes]  # fmt: skip
 
 
 TASKS = {"country_codes": (country_codes, "json_fields"),
          "language_names": (language_names, "exact_match"),
-         "currency_zh": (currency_zh, "chrf"), "utc_offset": (utc_offset, "exact_match"),
-         "country_chat": (country_chat, "chrf")}  # fmt: skip
+         "country_short_zh": (country_short_zh, "exact_match"),
+         "country_chat": (country_chat, "exact_match"),
+         "utc_offset": (utc_offset, "exact_match")}  # fmt: skip
+SWEPT = ["country_codes", "language_names", "country_short_zh", "country_chat"]
+"""The tasks the defaults are chosen on; utc_offset is kept out, to check the choice on a task
+that did not make it."""
 
 
 MAX_TRAIN, MAX_TEST = 200, 60  # small tasks: a sweep trains each many times on 2 cores
@@ -128,7 +135,7 @@ def write(out: Path) -> None:
             (folder / f"{name}.jsonl").write_text(
                 "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
             )
-        print(f"{task:<14} train {len(train):>4}  test {len(test):>3}  metric {metric}")
+        print(f"{task:<16} train {len(train):>4}  test {len(test):>3}  metric {metric}")
 
 
 if __name__ == "__main__":

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from lorasft.data.tokenize import Encoded
+from lorasft.eval import generate
 from lorasft.model.load import cache_root, weights_stamp
 from lorasft.model.run import frozen_dtype
 
-FORMAT = 1
+FORMAT = 2  # 2: greedy answers as generated one at a time (eval.generate's near-tie check)
 
 
 def base_key(model, prompts: list[list[int]], encoded: list[Encoded], gen: dict[str, Any]) -> str:
@@ -41,6 +42,7 @@ def base_key(model, prompts: list[list[int]], encoded: list[Encoded], gen: dict[
         "prompts": prompts,
         "encoded": [(e.input_ids, e.labels) for e in encoded],
         "gen": gen,
+        "near_tie": [generate.NEAR_TIE_EPS, generate.NEAR_TIE_FLOOR],
         "versions": [torch.__version__, transformers.__version__, version("lorasft")],
     }
     blob = json.dumps(parts, sort_keys=True, default=str).encode()

@@ -18,6 +18,7 @@ from transformers import (
 
 from lorasft.data.templates import build_prompt
 from lorasft.data.tokenize import stop_ids
+from lorasft.model.run import frozen_dtype
 
 
 @dataclass
@@ -69,14 +70,22 @@ def encode_prompt(messages: list[dict], tok) -> list[int]:
     return tok(build_prompt(messages, tok), add_special_tokens=False).input_ids
 
 
-# A greedy step whose best and second-best logits are closer than this many units of the logits'
-# dtype (its eps times the best logit's size, at least 1) may go either way when the same row is
-# computed in a batch instead of alone: batching changes kernels and the order of sums, so every
-# layer rounds differently. In bf16 one unit is one to two steps of the grid the logits lie on.
-# Measured on the demo run (bench/eval_speed.py): batched without this check, bf16 answers parted
-# from one-at-a-time ones at gaps of no more than one grid step (0 or 0.57-0.63 units); fp32 ones
-# never parted. 2 units covers gaps of two grid steps.
+# A greedy step whose best and second-best logits are closer than this may go either way when the
+# same row is computed in a batch instead of alone: batching changes kernels and the order of
+# sums, so every layer rounds differently. Measured in units of the base's dtype eps times the
+# best logit's size (at least 1); in bf16 one unit is one to two steps of the grid the logits lie
+# on. On the demo run (bench/eval_speed.py), batched without this check, bf16 answers parted from
+# one-at-a-time ones only at gaps of at most one grid step (0 or 0.57-0.63 units): 2 units covers
+# two. fp32 answers never parted; its floor, a relative gap of 1e-5 (84 fp32 units), is kept for
+# the rounding fp32 piles up over the layers. An empirical bound, not a proof.
 NEAR_TIE_EPS = 2.0
+NEAR_TIE_FLOOR = 1e-5
+
+
+def near_tie_limit(dtype: torch.dtype) -> float:
+    """The near-tie bound in `_Margins` units for a base held in `dtype`."""
+    eps = torch.finfo(dtype).eps
+    return max(NEAR_TIE_EPS, NEAR_TIE_FLOOR / eps)
 
 
 @torch.no_grad()
@@ -86,27 +95,27 @@ def generate(model, tok, conversations: list[list[dict]], gen: GenSettings, base
 
     Greedy answers equal those generated one at a time: prompts are batched (left padding, by
     length), and a row whose path passed a near tie (`NEAR_TIE_EPS`) is generated again alone.
-    `stats`, when given, gets `redone_alone` (how many) and `margins` (per conversation, its
-    batched path's closest call in `_Margins` units; None where not watched)."""
+    `stats`, when given, adds up `redone_alone` (how many) and extends `margins` (per
+    conversation, its batched path's closest call in `_Margins` units; None where not watched)."""
     model.eval()
     prompts = [encode_prompt(m, tok) for m in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     closest: list[float | None] = [None] * len(prompts)
-    redone = 0
+    redone, limit = 0, near_tie_limit(frozen_dtype(model))
     ctx = model.disable_adapter() if base else nullcontext()
     with ctx:
         for s in range(0, len(order), gen.batch_size):
             idx = order[s : s + gen.batch_size]
             for i, answer in zip(idx, _generate_batch(model, tok, [prompts[i] for i in idx], gen)):
-                last = answer.last_near_tie()
+                last = answer.last_near_tie(limit)
                 if last is not None:
                     answer.text = _alone(model, tok, prompts[i], gen, answer, last)
                     redone += 1
                 out[i], closest[i] = answer.text, min(answer.margins, default=None)
     if stats is not None:
         stats["redone_alone"] = stats.get("redone_alone", 0) + redone
-        stats["margins"] = closest
+        stats.setdefault("margins", []).extend(closest)
     return out
 
 
@@ -118,8 +127,8 @@ class _Answer:
     margins: list[float]
     """Each of those steps' margin in `_Margins` units (empty when not watched)."""
 
-    def last_near_tie(self) -> int | None:
-        near = [n for n, m in enumerate(self.margins) if m < NEAR_TIE_EPS]
+    def last_near_tie(self, limit: float) -> int | None:
+        near = [n for n, m in enumerate(self.margins) if m < limit]
         return near[-1] if near else None
 
 
@@ -167,7 +176,7 @@ def _generate_batch(model, tok, prompts: list[list[int]], gen: GenSettings,
     input_ids = torch.tensor(ids, device=model.device)
     attention_mask = torch.tensor(mask, device=model.device)
     kwargs = gen.kwargs(tok)
-    margins = _Margins(_logits_dtype(model))
+    margins = _Margins(frozen_dtype(model))
     if len(prompts) > 1 and not gen.do_sample:
         kwargs["logits_processor"] = LogitsProcessorList([margins])
     if stopping is not None:
@@ -188,11 +197,6 @@ def _answer_steps(new: list[int], stops: list[int] | None) -> int:
         if stops and t in stops:
             return n + 1
     return len(new)
-
-
-def _logits_dtype(model) -> torch.dtype:
-    head = model.get_output_embeddings()
-    return head.weight.dtype if head is not None else next(model.parameters()).dtype
 
 
 def stream(model, tok, messages: list[dict], gen: GenSettings) -> Iterator[str]:
