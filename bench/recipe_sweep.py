@@ -61,10 +61,13 @@ def run_one(task_dir: Path, metric: str, recipe: str, out: Path, max_steps: int 
         config = run.parent / f"{run.name}.yaml"
         config.write_text("model:\n  path: default\n", encoding="utf-8")
         # Trained as a user would: the validation share lorasft holds out of the training file
-        # picks the checkpoint and stops early; the test split is seen only by `lorasft eval`.
+        # picks the checkpoint and stops early; the test split is seen only by `lorasft eval`,
+        # with batched answers as they come (eval.exact_greedy=false: scoring an unsure model
+        # exactly as one at a time would cost up to twice the time; near ties are noise here).
         train = [sys.executable, "-m", "lorasft", "train", str(config),
                  f"data.train_file={task_dir / 'train.jsonl'}", "eval.num_samples=0",
-                 "eval.compare_base=true", "eval.max_new_tokens=48", f"output.run_dir={run}",
+                 "eval.compare_base=true", "eval.max_new_tokens=48", "eval.exact_greedy=false",
+                 f"output.run_dir={run}",
                  *RECIPES[recipe], *([f"train.max_steps={max_steps}"] if max_steps else [])]  # fmt: skip
         score = [sys.executable, "-m", "lorasft", "eval", str(run), "--data", str(test),
                  "--num-samples", str(n_test)]  # fmt: skip

@@ -198,6 +198,11 @@ class EvalSection(Section):
     # same inputs ($LORASFT_CACHE/eval); false computes them every time
     cache_base: bool = True
     batch_size: int = Field(default=8, ge=1)
+    exact_greedy: bool = True
+    """Batched greedy answers equal one-at-a-time ones: a row whose batched path passed a near tie
+    (where batching's rounding can flip the choice, mostly in bf16) is generated again alone. On
+    an unsure model most rows are, and evaluation takes up to one-at-a-time time plus the batched
+    one; false keeps the batched answers (faster, can differ at near ties)."""
     overfit_patience: int = Field(default=3, ge=1)
     """Eval-loss rises in a row (with train loss falling) that make an overfitting verdict."""
     long: bool = True

@@ -33,12 +33,13 @@ class GenSettings:
     top_k: int = 50
     top_p: float = 1.0
     batch_size: int = 8
+    exact: bool = True
+    """Greedy batched answers as generated one at a time (`generate`'s near-tie check)."""
 
     @classmethod
     def from_config(cls, ev) -> GenSettings:
-        return cls(
-            ev.max_new_tokens, ev.do_sample, ev.temperature, ev.top_k, ev.top_p, ev.batch_size
-        )
+        return cls(ev.max_new_tokens, ev.do_sample, ev.temperature, ev.top_k, ev.top_p,
+                   ev.batch_size, ev.exact_greedy)  # fmt: skip
 
     @classmethod
     def greedy(cls, max_new_tokens: int) -> GenSettings:
@@ -94,7 +95,8 @@ def generate(model, tok, conversations: list[list[dict]], gen: GenSettings, base
     """Responses in input order; `base=True` runs with the LoRA adapter disabled.
 
     Greedy answers equal those generated one at a time: prompts are batched (left padding, by
-    length), and a row whose path passed a near tie (`NEAR_TIE_EPS`) is generated again alone.
+    length), and a row whose path passed a near tie (`NEAR_TIE_EPS`) is generated again alone
+    (unless `gen.exact` is false).
     `stats`, when given, adds up `redone_alone` (how many) and extends `margins` (per
     conversation, its batched path's closest call in `_Margins` units; None where not watched)."""
     model.eval()
@@ -109,7 +111,7 @@ def generate(model, tok, conversations: list[list[dict]], gen: GenSettings, base
             idx = order[s : s + gen.batch_size]
             for i, answer in zip(idx, _generate_batch(model, tok, [prompts[i] for i in idx], gen)):
                 last = answer.last_near_tie(limit)
-                if last is not None:
+                if last is not None and gen.exact:
                     answer.text = _alone(model, tok, prompts[i], gen, answer, last)
                     redone += 1
                 out[i], closest[i] = answer.text, min(answer.margins, default=None)
