@@ -2,7 +2,8 @@
 by measurement (issue 13): Debian's iso-codes (ISO 3166 countries, ISO 639-3 languages, with the
 zh_CN translations the package ships) and the IANA time-zone database of Python's zoneinfo.
 Nothing here is text written for lorasft; each task has its own train/test split (by a hash of
-the record's key, so it is the same on every machine) and its metric.
+the record's key, so it is the same wherever the same iso-codes and tzdata versions are
+installed: Debian 12's iso-codes 4.15.0 and tzdata 2025b here) and its metric.
 
     python bench/recipe_tasks.py OUT_DIR      # writes OUT_DIR/<task>/{train,test}.jsonl, prints counts
 
@@ -25,7 +26,7 @@ import json
 import sys
 from datetime import datetime
 from pathlib import Path
-from zoneinfo import ZoneInfo, available_timezones
+from zoneinfo import TZPATH, ZoneInfo, available_timezones
 
 ISO = Path("/usr/share/iso-codes/json")
 LOCALE = "/usr/share/locale"
@@ -76,15 +77,24 @@ def country_short_zh() -> list[tuple[str, dict]]:
     return out
 
 
+def _zone_key(name: str) -> str:
+    """Zones that are links to one another (US/Mountain, America/Denver) share their TZif data,
+    and so a split key: a link cannot sit on the other side of its target."""
+    for root in TZPATH:
+        if (path := Path(root) / name).is_file():
+            return hashlib.sha256(path.read_bytes()).hexdigest()
+    return name
+
+
 def utc_offset() -> list[tuple[str, dict]]:
-    """Canonical Area/City zones on two dates (winter and summer offsets differ in many)."""
+    """Area/City zones on two dates (winter and summer offsets differ in many)."""
     out = []
     for name in sorted(z for z in available_timezones() if "/" in z and not z.startswith("Etc/")):
         for day in ("2024-01-15", "2024-07-15"):
             offset = (
                 datetime.fromisoformat(f"{day}T12:00").replace(tzinfo=ZoneInfo(name)).strftime("%z")
             )
-            out.append((name, {  # split by zone: a test zone is unseen on both dates
+            out.append((_zone_key(name), {  # by zone data: a test zone is unseen on both dates
                 "instruction": "What is the UTC offset of this time zone at noon on this date? "
                                "Answer like +01:00.",
                 "input": f"{name}, {day}", "output": f"{offset[:3]}:{offset[3:]}"}))  # fmt: skip

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from lorasft.config import ConfigError, load_config
@@ -142,3 +144,27 @@ def test_stages_with_sharding_are_refused(tmp_path):
     f.write_text("train: {fsdp: full_shard}\nstages:\n  - {name: a}\n")
     with pytest.raises(ConfigError, match="train.fsdp with `stages` is not supported"):
         load_config(f)
+
+
+def _bench_module(name: str):
+    import importlib
+    import sys
+
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    sys.path.insert(0, bench)  # bench scripts import their neighbours
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(bench)
+
+
+def test_defaults_are_the_recipe_the_sweep_chose():
+    """lorasft's LoRA and training defaults are the recipe bench/recipe_sweep.py chose, the one the
+    README's sweep table marks: its settings, applied over the defaults, change nothing."""
+    sweep = _bench_module("recipe_sweep")
+    assert sweep.CHOSEN in sweep.RECIPES
+    assert load_config(None, sweep.RECIPES[sweep.CHOSEN]) == load_config(None)
+    others = [r for name, r in sweep.RECIPES.items() if name != sweep.CHOSEN]
+    assert all(load_config(None, r) != load_config(None) for r in others)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert f"| `{sweep.CHOSEN}` (chosen) |" in readme
