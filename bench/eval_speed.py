@@ -1,9 +1,9 @@
-"""The evaluation that ends a run, timed three ways on a finished run (default: the demo's 32
+"""The evaluation that ends a run, timed four ways on a finished run (default: the demo's 32
 eval records, base and tuned): one sample at a time (batch size 1), batched (eval.batch_size),
-and batched with the base's side taken from the cache a first batched evaluation filled. Prints
-the seconds and whether the greedy answers are equal across the three; then, batching without
-the near-tie check, which answers part from the one-at-a-time ones and the closest call on each
-row's path (the evidence for `NEAR_TIE_EPS`). Figures only.
+batched with the base's side taken from the cache a first batched evaluation filled, and batched
+without the near-tie check (eval.exact_greedy=false). Prints the seconds and how many greedy
+answers are equal to the one-at-a-time ones; then which answers plain batching changes and the
+closest call on each row's path (the evidence for `NEAR_TIE_EPS`). Figures only.
 
     python bench/eval_speed.py [--run bench-out/demo-run] [--batch-size 8] [--dtype float32]
 """
@@ -47,16 +47,21 @@ def main() -> None:
         one, out1 = timed_eval(run, run.cfg, examples, encoded, batch_size=1, cache_base=False)
         batched, out8 = timed_eval(run, run.cfg, examples, encoded, batch_size=a.batch_size)
         cached, outc = timed_eval(run, run.cfg, examples, encoded, batch_size=a.batch_size)
+        plain, outp = timed_eval(run, run.cfg, examples, encoded, batch_size=a.batch_size,
+                                 exact_greedy=False, cache_base=False)  # fmt: skip
     assert outc["base_from_cache"] and not out8["base_from_cache"]
     n = len(out1["samples"])
     same_8 = sum(x == y for x, y in zip(answers(out1), answers(out8)))
     same_c = sum(x == y for x, y in zip(answers(out8), answers(outc)))
+    same_p = sum(x == y for x, y in zip(answers(out1), answers(outp)))
     cpu = cpu_name()
     print(f"machine: {cpu}, {os.cpu_count()} CPUs; run {a.run} in {run.spec.dtype}; {n} samples, base and tuned, "
           f"max_new_tokens {run.cfg.eval.max_new_tokens}")  # fmt: skip
     print(f"one at a time (batch 1):       {one:6.1f} s")
     print(f"batched ({a.batch_size}):                   {batched:6.1f} s  x{one / batched:.2f}")
     print(f"batched, base from the cache:  {cached:6.1f} s  x{one / cached:.2f}")
+    print(f"batched, exact_greedy=false:   {plain:6.1f} s  x{one / plain:.2f}  "
+          f"(answers equal to one at a time: {same_p}/{n})")  # fmt: skip
     print(f"answers (tuned, base) equal: batched vs one at a time {same_8}/{n}; "
           f"cached vs batched {same_c}/{n}; rows generated again alone (near ties): "
           f"{out8['generation_redone_alone']} of {2 * n}")  # fmt: skip
@@ -64,33 +69,30 @@ def main() -> None:
 
 
 def near_tie_study(run, examples, out1: dict, batch_size: int) -> None:
-    """Batched answers without the near-tie check against the one-at-a-time ones."""
+    """Batched answers without the near-tie check against the one-at-a-time ones, and the
+    closest call on each row's batched path (`eval.generate._Margins` units)."""
     from lorasft.eval import generate as gen_mod
     from lorasft.eval.run import chat_samples
 
     _, prompts, _ = chat_samples(examples, run.cfg.eval.num_samples)
     gen = gen_mod.GenSettings.from_config(
-        run.cfg.eval.model_copy(update={"batch_size": batch_size})
+        run.cfg.eval.model_copy(update={"batch_size": batch_size, "exact_greedy": False})
     )
-    keep = gen_mod.NEAR_TIE_EPS, gen_mod.NEAR_TIE_FLOOR
-    gen_mod.NEAR_TIE_EPS, gen_mod.NEAR_TIE_FLOOR = 0.0, 0.0  # plain batching, margins recorded
-    try:
-        for side, base in (("tuned", False), ("base", True)):
-            stats: dict = {}
-            plain = gen_mod.generate(run.model, run.tok, prompts, gen, base=base, stats=stats)
-            ref = [s[side] for s in out1["samples"]]
-            parted = [i for i, (x, y) in enumerate(zip(plain, ref)) if x != y]
-            margins = [m for m in stats["margins"] if m is not None]  # None: a batch of one
-            print(
-                f"{side}: plain batching parts from one at a time on {len(parted)}/{len(ref)}; "
-                f"their closest calls (eps units): {[stats['margins'][i] for i in parted]}"
-            )
-            print(
-                f"  rows whose closest call is below k units, k = 1/2/4/8/16: "
-                f"{[sum(m < k for m in margins) for k in (1, 2, 4, 8, 16)]} of {len(margins)}"
-            )
-    finally:
-        gen_mod.NEAR_TIE_EPS, gen_mod.NEAR_TIE_FLOOR = keep
+    # margins are recorded with the check off too
+    for side, base in (("tuned", False), ("base", True)):
+        stats: dict = {}
+        plain = gen_mod.generate(run.model, run.tok, prompts, gen, base=base, stats=stats)
+        ref = [s[side] for s in out1["samples"]]
+        parted = [i for i, (x, y) in enumerate(zip(plain, ref)) if x != y]
+        margins = [m for m in stats["margins"] if m is not None]  # None: a batch of one
+        print(
+            f"{side}: plain batching parts from one at a time on {len(parted)}/{len(ref)}; "
+            f"their closest calls (eps units): {[stats['margins'][i] for i in parted]}"
+        )
+        print(
+            f"  rows whose closest call is below k units, k = 1/2/4/8/16: "
+            f"{[sum(m < k for m in margins) for k in (1, 2, 4, 8, 16)]} of {len(margins)}"
+        )
 
 
 if __name__ == "__main__":
