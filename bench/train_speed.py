@@ -122,7 +122,8 @@ def lorasft_trainer(steps: int, extra: list[str]):
 
     demo = str(files("lorasft") / "assets" / "demo.yaml")
     cfg = load_config(demo, [f"train.max_steps={steps}", "train.batch_size=8", "lora.r=8", f"train.learning_rate={LR}",
-                             "lora.target_modules=[q_proj,v_proj]", "train.eval_strategy=no",
+                             "lora.target_modules=[q_proj,v_proj]", "lora.alpha=16",
+                             "data.augment.neftune_noise_alpha=null", "train.eval_strategy=no",
                              "train.early_stopping_patience=null", "train.save_steps=100000",
                              "output.run_dir=/tmp/lorasft-bench", *extra])  # fmt: skip
     _, precision, tok, model = prepare_model_and_tokenizer(cfg)

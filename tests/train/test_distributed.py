@@ -25,7 +25,7 @@ def args(model_dir, run_dir, batch_size, precision="fp32"):
     # No LoRA dropout and no length grouping: the only difference left is how the batch is split.
     return ["train", f"model.path={model_dir}", f"data.train_file={train}", "data.val_ratio=0",
             "train.max_steps=4", f"train.batch_size={batch_size}", "train.group_by_length=false",
-            "train.eval_strategy=no", "train.early_stopping_patience=null", "lora.dropout=0",
+            "train.eval_strategy=no", "train.early_stopping_patience=null", "lora.dropout=0", "data.augment.neftune_noise_alpha=null",
             "lora.target_modules=[q_proj,v_proj]", "train.learning_rate=1e-2",
             "eval.num_samples=1", "eval.compare_base=false", "eval.max_new_tokens=4",
             f"train.precision={precision}", f"output.run_dir={run_dir}"]  # fmt: skip

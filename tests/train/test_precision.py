@@ -11,7 +11,7 @@ from lorasft.train.run import train
 from tests.conftest import tiny_args
 
 QUICK = ["eval.num_samples=0", "eval.compare_base=false", "train.eval_strategy=no",
-         "train.early_stopping_patience=null", "train.max_steps=20", "lora.dropout=0",
+         "train.early_stopping_patience=null", "train.max_steps=20", "lora.dropout=0", "data.augment.neftune_noise_alpha=null",
          "train.learning_rate=2e-2", "lora.target_modules=all-linear"]  # fmt: skip
 
 
