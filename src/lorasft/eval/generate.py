@@ -76,7 +76,7 @@ def encode_prompt(messages: list[dict], tok) -> list[int]:
 # sums, so every layer rounds differently. Measured in units of the base's dtype eps times the
 # best logit's size (at least 1); in bf16 one unit is one to two steps of the grid the logits lie
 # on. On the demo run (bench/eval_speed.py), batched without this check, bf16 answers parted from
-# one-at-a-time ones only at gaps of at most one grid step (0 or 0.57-0.63 units): 2 units covers
+# one-at-a-time ones only at gaps of at most one grid step (0 or 0.57-0.72 units): 2 units covers
 # two. fp32 answers never parted; its floor, a relative gap of 1e-5 (84 fp32 units), is kept for
 # the rounding fp32 piles up over the layers. An empirical bound, not a proof.
 NEAR_TIE_EPS = 2.0
