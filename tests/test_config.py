@@ -168,3 +168,21 @@ def test_defaults_are_the_recipe_the_sweep_chose():
     assert all(load_config(None, r) != load_config(None) for r in others)
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     assert f"| `{sweep.CHOSEN}` (chosen) |" in readme
+
+
+def test_sweep_seed_default_is_lorasfts_and_cells_are_seed_means(capsys):
+    """A sweep run named without a seed used lorasft's default train.seed; with several seeds a
+    cell is their mean, and shares and the worst share are taken of the means."""
+    sweep = _bench_module("recipe_sweep")
+    assert load_config(None, [f"train.seed={sweep.DEFAULT_SEED}"]) == load_config(None)
+
+    def row(recipe, task, tuned, seed):
+        return {"task": task, "recipe": recipe, "seed": seed, "metric": "exact_match", "n": 10,
+                "tuned": tuned, "base": 0.0, "train_s": 60.0}  # fmt: skip
+
+    sweep.report([row("a", "t1", 10.0, 1), row("a", "t1", 30.0, 2), row("a", "t2", 50.0, 1),
+                  row("b", "t1", 25.0, 1), row("b", "t2", 40.0, 1)])  # fmt: skip
+    lines = {ln.split(" | ")[0]: ln for ln in capsys.readouterr().out.splitlines() if "`" in ln}
+    # t1: a's mean 20 against b's 25 (the best); t2: a's 50 is the best, b has 80% of it
+    assert lines["| `a`"].startswith("| `a` | 20.0 (80%; 10.0/30.0) | 50.0 (100%) | 80% | 90% |")
+    assert lines["| `b`"].startswith("| `b` | 25.0 (100%) | 40.0 (80%) | 80% | 90% |")

@@ -2,17 +2,55 @@
 
 from __future__ import annotations
 
+import re
+
 from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from lorasft.config import ConfigError, LoraSection
 
+_ATTENTION = re.compile("attn|attention", re.IGNORECASE)
 
-def lora_config(cfg: LoraSection) -> LoraConfig:
+
+def peft_targets(model: nn.Module, targets: list[str] | str) -> list[str] | str:
+    """PEFT's `target_modules` for `lora.target_modules`. "attention" names the linear layers
+    inside the model's attention blocks (modules whose name holds "attn" or "attention"): by
+    their own names where no layer outside attention shares one (q_proj, k_proj, v_proj, o_proj
+    on Llama-like models), else by a pattern on block and layer (GPT-2 has c_proj in attn and in
+    mlp). Other values pass through."""
+    if targets != "attention":
+        return targets
+    inside: set[tuple[str, str]] = set()
+    outside: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, Conv1D)):
+            parent, _, leaf = name.rpartition(".")
+            block = parent.rpartition(".")[2]
+            if _ATTENTION.search(block):
+                inside.add((block, leaf))
+            else:
+                outside.add(leaf)
+    if not inside:
+        raise ConfigError(
+            "lora.target_modules=attention: this model has no linear layer inside a module named "
+            "like attn or attention; give the layers' names as a list, or use all-linear. Linear "
+            f"layers in this model: {', '.join(sorted(outside)[:40])}"
+        )
+    leaves = sorted({leaf for _, leaf in inside})
+    if not set(leaves) & outside:
+        return leaves
+    blocks = sorted({block for block, _ in inside})
+    return rf".*\.({'|'.join(map(re.escape, blocks))})\.({'|'.join(map(re.escape, leaves))})"
+
+
+def lora_config(cfg: LoraSection, target_modules: list[str] | str | None = None) -> LoraConfig:
+    """PEFT's config; `target_modules`: `peft_targets` of the model (default: as configured)."""
     return LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules,
+        target_modules=cfg.target_modules if target_modules is None else target_modules,
         bias=cfg.bias,
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
@@ -22,9 +60,10 @@ def lora_config(cfg: LoraSection) -> LoraConfig:
 
 
 def apply_lora(model, cfg: LoraSection) -> PeftModel:
+    targets = peft_targets(model, cfg.target_modules)
     try:
         # autocast_adapter_dtype keeps LoRA weights in fp32 when the base is bf16/fp16.
-        return get_peft_model(model, lora_config(cfg), autocast_adapter_dtype=True)
+        return get_peft_model(model, lora_config(cfg, targets), autocast_adapter_dtype=True)
     except ValueError as e:
         names = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n})
         raise ConfigError(

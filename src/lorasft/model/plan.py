@@ -35,6 +35,7 @@ was about a sixth of a step.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,7 @@ from lorasft.model.context import (
     length_ladder,
     plan_context,
 )
+from lorasft.model.lora import peft_targets
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -133,11 +135,12 @@ def count_parameters(config, cfg: Config) -> tuple[int, int]:
     if plan is not None and plan.kind == "table":
         base += (plan.target - plan.original) * config.hidden_size
     saved = [*(cfg.lora.modules_to_save or []), *context_modules_to_save(model, cfg.context)]
+    targets = peft_targets(model, cfg.lora.target_modules)
     trainable = 0
     for name, module in model.named_modules():
         if name and any(name.endswith(s) for s in saved):
             trainable += sum(p.numel() for p in module.parameters())
-        elif _is_lora_target(name, module, cfg.lora.target_modules):
+        elif _is_lora_target(name, module, targets):
             weight = module.weight
             trainable += cfg.lora.r * (weight.shape[0] + weight.shape[1])
     return base, trainable
@@ -150,6 +153,8 @@ def _is_lora_target(name: str, module: nn.Module, targets) -> bool:
         return False
     if targets == "all-linear":
         return True
+    if isinstance(targets, str):  # a pattern (peft_targets), matched as PEFT does
+        return re.fullmatch(targets, name) is not None
     return any(name.endswith(t) for t in targets)
 
 
