@@ -116,6 +116,7 @@ def run_one(task_dir: Path, metric: str, recipe: str, out: Path, max_steps: int 
             return {
                 "task": task_dir.name,
                 "recipe": recipe,
+                "seed": seed,
                 "error": f"{step}: {done.stderr[-500:]}",
             }
         timings[step].write_text(f"{time.perf_counter() - start:.1f}\n")
@@ -140,7 +141,7 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=1,
                     help="runs at once, the CPU's cores shared out as OMP threads")  # fmt: skip
     ap.add_argument("--report-only", action="store_true",
-                    help="run nothing: the table of the runs among these that finished")  # fmt: skip
+                    help="train and score nothing: the table of the runs among these that finished")  # fmt: skip
     a = ap.parse_args()
     out = Path(a.out)
     write(out / "tasks")

@@ -58,7 +58,7 @@ def test_attention_without_attention_blocks_is_a_clear_error():
             self.mixer = nn.Linear(4, 4)
 
     with pytest.raises(
-        ConfigError, match="target_modules=attention: .*Linear layers in this model: mixer"
+        ConfigError, match="target_modules=attention: .*Module names in this model: mixer"
     ):
         peft_targets(NoAttention(), "attention")
     assert peft_targets(NoAttention(), ["mixer"]) == ["mixer"]
@@ -70,3 +70,24 @@ def test_the_error_of_attention_is_not_wrapped_twice():
     with pytest.raises(ConfigError) as e:
         apply_lora(nn.Sequential(nn.Linear(4, 4)), LoraSection())
     assert str(e.value).count("lora.target_modules") == 1
+
+
+def test_attention_names_no_layer_outside_attention():
+    """A name an attention layer shares with any other module (here a conv, which PEFT would also
+    wrap by name) or an attention block at the top level: the pattern, on exactly those layers."""
+    from torch import nn
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.ModuleDict({"proj": nn.Linear(4, 4)})  # a block at the top level
+            self.patch = nn.ModuleDict({"proj": nn.Conv2d(1, 1, 1)})
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = Model()
+    targets = peft_targets(model, "attention")
+    assert isinstance(targets, str)
+    assert _lora_layers(
+        inject_adapter_in_model(LoraConfig(r=2, target_modules=targets), model)
+    ) == {"attn.proj"}

@@ -22,35 +22,34 @@ def peft_targets(model: nn.Module, targets: list[str] | str) -> list[str] | str:
     if targets != "attention":
         return targets
     inside: set[tuple[str, str]] = set()
-    outside: set[str] = set()
+    outside: set[str] = set()  # every other module's own name (PEFT matches names of any type)
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, Conv1D)):
-            parent, _, leaf = name.rpartition(".")
-            block = parent.rpartition(".")[2]
-            if _ATTENTION.search(block):
-                inside.add((block, leaf))
-            else:
-                outside.add(leaf)
+        parent, _, leaf = name.rpartition(".")
+        block = parent.rpartition(".")[2]
+        if isinstance(module, (nn.Linear, Conv1D)) and _ATTENTION.search(block):
+            inside.add((block, leaf))
+        elif name:
+            outside.add(leaf)
     if not inside:
         raise ConfigError(
             "lora.target_modules=attention: this model has no linear layer inside a module named "
-            "like attn or attention; give the layers' names as a list, or use all-linear. Linear "
-            f"layers in this model: {', '.join(sorted(outside)[:40])}"
+            "like attn or attention; give the layers' names as a list, or use all-linear. Module "
+            f"names in this model: {', '.join(sorted(outside)[:40])}"
         )
     leaves = sorted({leaf for _, leaf in inside})
     if not set(leaves) & outside:
         return leaves
     blocks = sorted({block for block, _ in inside})
-    return rf".*\.({'|'.join(map(re.escape, blocks))})\.({'|'.join(map(re.escape, leaves))})"
+    return rf"(.*\.)?({'|'.join(map(re.escape, blocks))})\.({'|'.join(map(re.escape, leaves))})"
 
 
-def lora_config(cfg: LoraSection, target_modules: list[str] | str | None = None) -> LoraConfig:
-    """PEFT's config; `target_modules`: `peft_targets` of the model (default: as configured)."""
+def lora_config(cfg: LoraSection, target_modules: list[str] | str) -> LoraConfig:
+    """PEFT's config; `target_modules`: `peft_targets` of the model."""
     return LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules if target_modules is None else target_modules,
+        target_modules=target_modules,
         bias=cfg.bias,
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
