@@ -63,6 +63,7 @@ RECIPES: dict[str, list[str]] = {  # in the order they run: the likeliest to mat
     "all-r16-lr1e-3-2ep": recipe(ALL, 16, "1e-3", epochs=2),
     "all-r8-lr1e-3": recipe(ALL, 8, "1e-3"),
     "attn-r8-lr1e-3": recipe(ATTN, 8, "1e-3"),
+    "attn-r16-lr1e-3": recipe(ATTN, 16, "1e-3"),  # after the choice: between the finalists
     "qv-r8-lr1e-3": recipe(QV, 8, "1e-3"),
     "all-r16-lr1e-3-nodrop": recipe(ALL, 16, "1e-3", dropout=0.0),
     "all-r16-lr1e-3-neftune5": recipe(ALL, 16, "1e-3", neftune=5.0),
