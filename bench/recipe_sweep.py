@@ -196,7 +196,8 @@ def report(rows: list[dict]) -> None:
     print(f"| base model | {base} | | | |")
     for rec in recipes:
         shares = [mean[rec, t] / best[t] if (rec, t) in mean and best[t] else None for t in tasks]
-        cells = " | ".join(_cell(runs.get((rec, t), []), sh) for t, sh in zip(tasks, shares))
+        cells = " | ".join(_cell(runs.get((rec, t), []), mean.get((rec, t)), sh)
+                           for t, sh in zip(tasks, shares))  # fmt: skip
         complete = all(sh is not None for sh in shares)
         worst = f"{min(shares):.0%}" if complete else "incomplete"
         avg = f"{sum(shares) / len(shares):.0%}" if complete else ""
@@ -206,13 +207,12 @@ def report(rows: list[dict]) -> None:
         print(f"| `{rec}`{mark} | {cells} | {worst} | {avg} | {train:.0f} |")
 
 
-def _cell(runs: list[dict], share: float | None) -> str:
+def _cell(runs: list[dict], mean: float | None, share: float | None) -> str:
     """`mean (share)`, and with several seeds their scores: `13.9 (95%; 13.5/15.4/12.8)`."""
-    if not runs or share is None:
+    if mean is None or share is None:
         return "-"
-    m = sum(r["tuned"] for r in runs) / len(runs)
     seeds = "; " + "/".join(f"{r['tuned']:.1f}" for r in runs) if len(runs) > 1 else ""
-    return f"{m:.1f} ({share:.0%}{seeds})"
+    return f"{mean:.1f} ({share:.0%}{seeds})"
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 on Llama-like models (by name) and on GPT-2 (whose c_proj is in attn and in mlp: by pattern)."""
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from lorasft.config import ConfigError, LoraSection, load_config
@@ -24,16 +25,18 @@ def _gpt2() -> GPT2Config:
     return GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32)
 
 
-def test_attention_on_llama_is_q_k_v_o_by_name():
-    model = AutoModelForCausalLM.from_config(_llama())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_on_llama_is_q_k_v_o_by_name(dtype):
+    model = AutoModelForCausalLM.from_config(_llama(), dtype=dtype)
     assert peft_targets(model, "attention") == ["k_proj", "o_proj", "q_proj", "v_proj"]
     lora = apply_lora(model, LoraSection(target_modules="attention", r=2))
     assert _lora_layers(lora) == {f"model.layers.{i}.self_attn.{p}_proj"
                                   for i in range(2) for p in "qkvo"}  # fmt: skip
 
 
-def test_attention_on_gpt2_leaves_the_mlp_alone():
-    model = AutoModelForCausalLM.from_config(_gpt2())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_on_gpt2_leaves_the_mlp_alone(dtype):
+    model = AutoModelForCausalLM.from_config(_gpt2(), dtype=dtype)
     assert isinstance(peft_targets(model, "attention"), str)  # c_proj is in mlp too
     lora = apply_lora(model, LoraSection(target_modules="attention", r=2))
     assert _lora_layers(lora) == {f"transformer.h.{i}.attn.{p}"
@@ -58,7 +61,7 @@ def test_attention_without_attention_blocks_is_a_clear_error():
             self.mixer = nn.Linear(4, 4)
 
     with pytest.raises(
-        ConfigError, match="target_modules=attention: .*Module names in this model: mixer"
+        ConfigError, match="target_modules=attention: .*Module names in this model include: mixer"
     ):
         peft_targets(NoAttention(), "attention")
     assert peft_targets(NoAttention(), ["mixer"]) == ["mixer"]

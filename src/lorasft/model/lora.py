@@ -34,7 +34,7 @@ def peft_targets(model: nn.Module, targets: list[str] | str) -> list[str] | str:
         raise ConfigError(
             "lora.target_modules=attention: this model has no linear layer inside a module named "
             "like attn or attention; give the layers' names as a list, or use all-linear. Module "
-            f"names in this model: {', '.join(sorted(outside)[:40])}"
+            f"names in this model include: {_module_names(model)}"
         )
     leaves = sorted({leaf for _, leaf in inside})
     if not set(leaves) & outside:
@@ -64,11 +64,16 @@ def apply_lora(model, cfg: LoraSection) -> PeftModel:
         # autocast_adapter_dtype keeps LoRA weights in fp32 when the base is bf16/fp16.
         return get_peft_model(model, lora_config(cfg, targets), autocast_adapter_dtype=True)
     except ValueError as e:
-        names = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n})
         raise ConfigError(
             f"lora.target_modules={cfg.target_modules!r}: {e}. Module names in this model "
-            f"include: {', '.join(names[:40])}"
+            f"include: {_module_names(model)}"
         ) from e
+
+
+def _module_names(model: nn.Module, limit: int = 40) -> str:
+    """The model's module names (the last part, as `target_modules` takes them), for errors."""
+    names = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n})
+    return ", ".join(names[:limit])
 
 
 def trainable_summary(model) -> dict[str, int | float]:
