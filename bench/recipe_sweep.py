@@ -53,7 +53,7 @@ def recipe(modules: str, r: int, lr: str, epochs: int = 3, neftune: float | None
             f"lora.dropout={dropout}", *HELD]  # fmt: skip
 
 
-CHOSEN = "attn-r8-lr1e-3"
+CHOSEN = "attn-r16-lr1e-3"
 """lorasft's defaults since the sweep (tests/test_config.py pins them; README: Choosing the defaults)."""
 
 RECIPES: dict[str, list[str]] = {  # in the order they run: the likeliest to matter first
@@ -63,7 +63,8 @@ RECIPES: dict[str, list[str]] = {  # in the order they run: the likeliest to mat
     "all-r16-lr1e-3-2ep": recipe(ALL, 16, "1e-3", epochs=2),
     "all-r8-lr1e-3": recipe(ALL, 8, "1e-3"),
     "attn-r8-lr1e-3": recipe(ATTN, 8, "1e-3"),
-    "attn-r16-lr1e-3": recipe(ATTN, 16, "1e-3"),  # after the choice: between the finalists
+    "attn-r16-lr1e-3": recipe(ATTN, 16, "1e-3"),  # after the first pass: between its finalists
+    "attn-r16-lr1e-3-neftune5": recipe(ATTN, 16, "1e-3", neftune=5.0),  # and with NEFTune
     "qv-r8-lr1e-3": recipe(QV, 8, "1e-3"),
     "all-r16-lr1e-3-nodrop": recipe(ALL, 16, "1e-3", dropout=0.0),
     "all-r16-lr1e-3-neftune5": recipe(ALL, 16, "1e-3", neftune=5.0),
