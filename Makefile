@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml
 # time (about 5 minutes on 2 cores), then installed from pip's wheel cache in seconds.
 $(TEST_STAMP): $(STAMP)
 	$(VENV)/bin/pip install --quiet -e '.[test,tensorboard,llamacpp]'
+	# DeepSpeed's CPU communication op, which it compiles the first time a ZeRO run starts.
+	$(VENV)/bin/python scripts/build_deepspeed_ops.py
 	touch $(TEST_STAMP)
 
 # llama.cpp's server, the engine of `lorasft serve` on CPUs: built with cmake from the llama.cpp
@@ -41,8 +43,12 @@ demo: $(STAMP)
 browser:
 	@(command -v chromium >/dev/null && fc-list :lang=zh 2>/dev/null | grep -q .) || scripts/install_chromium.sh
 
+# Two pytest workers (pytest-xdist), one test file each at a time, one CPU thread each: most
+# tests are small models and subprocesses that keep one core busy at most, so two files at once
+# use both cores. `pytest` alone runs the same tests one at a time.
 test: $(TEST_STAMP) $(LLAMA_SERVER) browser
-	LORASFT_REQUIRE_LLAMA_SERVER=1 LORASFT_REQUIRE_BROWSER=1 $(VENV)/bin/python -m pytest -q
+	LORASFT_REQUIRE_LLAMA_SERVER=1 LORASFT_REQUIRE_BROWSER=1 OMP_NUM_THREADS=1 \
+		$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/train_speed.py
