@@ -20,10 +20,14 @@ $(STAMP): pyproject.toml
 
 # The tests also run exported files in llama.cpp: its Python binding is compiled by pip the first
 # time (about 5 minutes on 2 cores), then installed from pip's wheel cache in seconds.
-$(TEST_STAMP): $(STAMP)
+# DeepSpeed compiles its CPU communication op the first time a ZeRO run starts, into
+# TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions, shared by every venv, so a build for
+# another venv's torch would be redone): the tests keep it in the venv, built while setting up.
+TORCH_EXT := TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions
+
+$(TEST_STAMP): $(STAMP) scripts/build_deepspeed_ops.py
 	$(VENV)/bin/pip install --quiet -e '.[test,tensorboard,llamacpp]'
-	# DeepSpeed's CPU communication op, which it compiles the first time a ZeRO run starts.
-	$(VENV)/bin/python scripts/build_deepspeed_ops.py
+	$(TORCH_EXT) $(VENV)/bin/python scripts/build_deepspeed_ops.py
 	touch $(TEST_STAMP)
 
 # llama.cpp's server, the engine of `lorasft serve` on CPUs: built with cmake from the llama.cpp
@@ -47,7 +51,7 @@ browser:
 # tests are small models and subprocesses that keep one core busy at most, so two files at once
 # use both cores. `pytest` alone runs the same tests one at a time.
 test: $(TEST_STAMP) $(LLAMA_SERVER) browser
-	LORASFT_REQUIRE_LLAMA_SERVER=1 LORASFT_REQUIRE_BROWSER=1 OMP_NUM_THREADS=1 \
+	LORASFT_REQUIRE_LLAMA_SERVER=1 LORASFT_REQUIRE_BROWSER=1 OMP_NUM_THREADS=1 $(TORCH_EXT) \
 		$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)

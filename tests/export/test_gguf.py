@@ -1,5 +1,7 @@
 """`lorasft export --format gguf`: transformers' GGUF loader reads back the same model."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -137,6 +139,34 @@ def test_a_gguf_file_is_a_model_source(tiny_run, tmp_path, monkeypatch, capsys):
     broken.write_bytes(b"not a gguf file")
     with pytest.raises(ModelError, match="broken.gguf: cannot be read as GGUF"):
         resolve_model_path(str(broken))
+
+
+def test_a_gguf_conversion_appears_in_the_cache_only_whole(tiny_run, tmp_path, monkeypatch):
+    """Runs or test workers that convert the same GGUF at once must never read a folder another
+    one is still writing: every file is written elsewhere and the folder renamed into place, and
+    a folder left half written (by a conversion killed before the change) is replaced."""
+    from transformers import PreTrainedModel
+
+    from lorasft.model import load as load_mod
+
+    monkeypatch.setenv("LORASFT_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    assert main(["export", str(tiny_run), "--format", "gguf", "--out", str(gguf)]) == 0
+    out = load_mod._gguf_cache_dir(gguf, "m")
+    out.mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"cut short")  # no mark: a dead conversion's
+    saved, save = [], PreTrainedModel.save_pretrained
+
+    def spy(self, folder, *args, **kwargs):
+        saved.append((Path(folder), (out / "model.safetensors").read_bytes() == b"cut short"))
+        return save(self, folder, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", spy)
+    assert load_mod.resolve_model_path(str(gguf)) == out
+    assert len(saved) == 1 and saved[0][0] != out and saved[0][0].parent == out.parent
+    assert saved[0][1]  # the half-written folder stood untouched while the new one was written
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no temporary left
+    assert load_mod.load_model(out).config.vocab_size > 0  # whole and loadable
 
 
 def _field(reader, key):

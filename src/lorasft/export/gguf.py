@@ -16,7 +16,7 @@ import torch
 
 from lorasft.data.templates import adds_bos
 from lorasft.model.context import context_window
-from lorasft.model.load import ModelError
+from lorasft.model.load import CONVERTED_MARK, ModelError
 
 TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}  # fmt: skip
@@ -181,7 +181,7 @@ def _token_types(tok, n: int) -> list[int]:
 def source_pre_type(base_path: Path | None) -> str | None:
     """The pre-tokenizer name of the GGUF a base was converted from: transformers' GGUF loader
     turns e.g. `smollm` into a plain byte-level pre-tokenizer, which would read back as `gpt-2`."""
-    marker = base_path / "lorasft_converted.json" if base_path else None
+    marker = base_path / CONVERTED_MARK if base_path else None
     if marker is None or not marker.is_file():
         return None
     source = Path(json.loads(marker.read_text())["source"])

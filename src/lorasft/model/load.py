@@ -12,7 +12,9 @@ import importlib.util
 import inspect
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -104,9 +106,20 @@ def _gguf_cache_dir(gguf: Path, name: str) -> Path:
     return cache_root() / "models" / f"{name}-{key[:12]}"
 
 
+CONVERTED_MARK = "lorasft_converted.json"
+"""Written last into a converted folder: the folder is whole."""
+
+
+def _converted(folder: Path) -> bool:
+    return (folder / "model.safetensors").is_file() and (folder / CONVERTED_MARK).is_file()
+
+
 def convert_gguf(gguf: Path, name: str) -> Path:
+    """The cached plain folder of a GGUF file, converted the first time. The folder is written
+    under a temporary name and renamed into place whole, so processes that convert the same file
+    at once (runs started side by side, parallel tests) never read one half written."""
     out = _gguf_cache_dir(gguf, name)
-    if (out / "model.safetensors").is_file() and (out / "lorasft_converted.json").is_file():
+    if _converted(out):
         return out
     print(
         f"[lorasft] converting {gguf.name} to a safetensors folder (once): {out}", file=sys.stderr
@@ -126,11 +139,27 @@ def convert_gguf(gguf: Path, name: str) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    (out / "lorasft_converted.json").write_text(json.dumps({"source": str(gguf)}))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / CONVERTED_MARK).write_text(json.dumps({"source": str(gguf)}))
+        _move_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename `tmp` to `out`; another process that got there first wins (same conversion)."""
+    if out.exists() and not _converted(out):  # left half written by a conversion that died
+        shutil.rmtree(out, ignore_errors=True)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if not _converted(out):
+            raise
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
