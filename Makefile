@@ -49,10 +49,13 @@ browser:
 
 # Two pytest workers (pytest-xdist), one test file each at a time, one CPU thread each: most
 # tests are small models and subprocesses that keep one core busy at most, so two files at once
-# use both cores. `pytest` alone runs the same tests one at a time.
+# use both cores. Then, alone, the few tests that assert how soon something happens (marked
+# `timing`). `pytest` alone runs every test one at a time.
+TEST_ENV := LORASFT_REQUIRE_LLAMA_SERVER=1 LORASFT_REQUIRE_BROWSER=1 $(TORCH_EXT)
+
 test: $(TEST_STAMP) $(LLAMA_SERVER) browser
-	LORASFT_REQUIRE_LLAMA_SERVER=1 LORASFT_REQUIRE_BROWSER=1 OMP_NUM_THREADS=1 $(TORCH_EXT) \
-		$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
+	$(TEST_ENV) OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m "not timing"
+	$(TEST_ENV) $(VENV)/bin/python -m pytest -q -m timing
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/train_speed.py

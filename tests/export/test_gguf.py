@@ -166,6 +166,7 @@ def test_a_gguf_conversion_appears_in_the_cache_only_whole(tiny_run, tmp_path, m
     assert len(saved) == 1 and saved[0][0] != out and saved[0][0].parent == out.parent
     assert saved[0][1]  # the half-written folder stood untouched while the new one was written
     assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no temporary left
+    assert out.stat().st_mode & 0o777 == 0o755
     assert load_mod.load_model(out).config.vocab_size > 0  # whole and loadable
 
 

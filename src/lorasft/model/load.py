@@ -141,6 +141,7 @@ def convert_gguf(gguf: Path, name: str) -> Path:
     model.generation_config = quantized.generation_config
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the cache from the machine's other users
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
