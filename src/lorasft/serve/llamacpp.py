@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,18 +152,21 @@ class LlamaGeneration(RemoteGeneration):
     async def _tokens(self) -> AsyncIterator[int]:
         server: LlamaServer = self.engine.server
         body = {**self.body, "stream": not self.whole}
+        # aclosing: when the client leaves, the request to llama-server is closed at once (its
+        # slot stops), not when the abandoned generator is collected.
         try:
-            async for msg in _post(self.engine, body):
-                if self.whole:
-                    for token in msg.get("tokens") or []:
-                        yield token
-                else:
-                    for token in self._streamed(msg):
-                        yield token
-                if msg.get("stop"):
-                    self.ended_at_stop = msg.get("stop_type") in ("eos", "word")
-                    self.engine_count = msg.get("tokens_predicted", self.engine_count)
-                    return
+            async with aclosing(_post(self.engine, body)) as messages:
+                async for msg in messages:
+                    if self.whole:
+                        for token in msg.get("tokens") or []:
+                            yield token
+                    else:
+                        for token in self._streamed(msg):
+                            yield token
+                    if msg.get("stop"):
+                        self.ended_at_stop = msg.get("stop_type") in ("eos", "word")
+                        self.engine_count = msg.get("tokens_predicted", self.engine_count)
+                        return
         except httpx.TransportError as e:
             alive = "" if server.alive() else f" (it exited: {server.log_tail(4)})"
             raise self.engine.error(f"cannot reach llama-server: {e!r}{alive}") from e
