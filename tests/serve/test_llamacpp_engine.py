@@ -185,19 +185,14 @@ def test_stream_and_whole_answers_are_the_same_text(lc_live):
 
 @pytest.fixture(scope="module")
 def long_base(tiny_llama_dir, tmp_path_factory):
-    """The tiny base with an 8192-token window: generations long enough to leave in the middle."""
+    """The tiny base with a 4096-token window: generations long enough to leave in the middle."""
     import shutil
 
     out = tmp_path_factory.mktemp("long") / "base"
     shutil.copytree(tiny_llama_dir, out)
     cfg = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 8192}))
+    (out / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 4096}))
     return out
-
-
-LONG = 8000
-"""Tokens of the longest answers: llama.cpp writes them from the tiny base at about 2000 a
-second here, so a client's leaving has seconds to reach it even with another test beside."""
 
 
 @pytest.fixture
@@ -206,7 +201,7 @@ def one_slot(long_base):
     from lorasft.serve.llamacpp import load_llamacpp_engine
 
     engine = load_llamacpp_engine(str(long_base), [], slots=1, max_queue=1)
-    with LiveServer(_app(engine, max_tokens_cap=LONG)) as server:
+    with LiveServer(_app(engine, max_tokens_cap=4000)) as server:
         server.engine = engine
         yield server
 
@@ -249,11 +244,10 @@ def _predicted_total(engine) -> int:
 
 @pytest.mark.timing  # a busy CPU beside it delays the server's reaction
 def test_a_client_leaving_mid_stream_frees_its_slot(one_slot):
-    """'hello' runs the tiny base to the full LONG tokens (several seconds) when nobody leaves;
-    a client that leaves after a few stops it within half of them, however busy the CPU."""
+    """'hello' runs the tiny base to the full 4000 tokens (about 2 s) when nobody leaves."""
     engine = one_slot.engine
     with httpx.Client(base_url=one_slot.url, headers=HEADERS, timeout=30) as http:
-        with http.stream("POST", "/v1/chat/completions", json=_body(LONG, True, "hello")) as r:
+        with http.stream("POST", "/v1/chat/completions", json=_body(4000, True, "hello")) as r:
             assert r.status_code == 200
             lines = r.iter_lines()
             chunks = [next(lines) for _ in range(6)]  # a few tokens in, then the client leaves
@@ -262,9 +256,9 @@ def test_a_client_leaving_mid_stream_frees_its_slot(one_slot):
         r = http.post("/v1/chat/completions", json=_body(8, False))  # the slot serves again
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
         left_at = _predicted_total(engine) - 8
-        assert 0 < left_at < LONG // 2  # stopped soon after the client left, not run to the end
-        full = http.post("/v1/chat/completions", json=_body(LONG, False, "hello")).json()
-        assert full["usage"]["completion_tokens"] == LONG  # what staying would have cost
+        assert 0 < left_at < 2000  # stopped soon after the client left, not run to the end
+        full = http.post("/v1/chat/completions", json=_body(4000, False, "hello")).json()
+        assert full["usage"]["completion_tokens"] == 4000  # what staying would have cost
 
 
 @pytest.mark.timing  # a busy CPU beside it delays the server's reaction
