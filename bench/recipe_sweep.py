@@ -65,6 +65,7 @@ RECIPES: dict[str, list[str]] = {  # in the order they run: the likeliest to mat
     "attn-r8-lr1e-3": recipe(ATTN, 8, "1e-3"),
     "attn-r16-lr1e-3": recipe(ATTN, 16, "1e-3"),  # after the first pass: between its finalists
     "attn-r16-lr1e-3-neftune5": recipe(ATTN, 16, "1e-3", neftune=5.0),  # and with NEFTune
+    "attn-r16-lr1e-3-5ep": recipe(ATTN, 16, "1e-3", epochs=5),  # more epochs for small data?
     "qv-r8-lr1e-3": recipe(QV, 8, "1e-3"),
     "all-r16-lr1e-3-nodrop": recipe(ALL, 16, "1e-3", dropout=0.0),
     "all-r16-lr1e-3-neftune5": recipe(ALL, 16, "1e-3", neftune=5.0),

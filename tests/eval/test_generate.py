@@ -41,6 +41,49 @@ def test_batched_greedy_equals_one_at_a_time(tiny_llama_dir, tiny_tokenizer, dty
     assert len(stats["margins"]) == len(convs)
 
 
+def _scores(model, tok, prompts: list[list[int]], gen: GenSettings) -> torch.Tensor:
+    """Each step's scores of a left-padded batch, generated as `generate` generates it."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with gen_mod._padding_free_attention(model, gen):
+        out = model.generate(input_ids=ids, attention_mask=mask, output_scores=True,
+                             return_dict_in_generate=True, min_new_tokens=gen.max_new_tokens,
+                             **gen.kwargs(tok))  # fmt: skip
+    return torch.stack(out.scores, dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_padded_row_computes_as_it_does_without_padding(tiny_model_dir, tiny_tokenizer, dtype):
+    """In an exact greedy batch a row's padding takes no part in its attention: its scores at
+    every step equal, bit for bit, the same prompt's in a batch of as many rows without padding
+    (a pair of copies: the matmuls' kernels depend on the number of rows). With plain SDPA the
+    padded row's sums run over its padding too and round differently (checked on this machine
+    by turning the row-wise attention off)."""
+    model = _model(tiny_model_dir, dtype)  # Llama, GPT-2 and OPT
+    convs = _conversations(16)
+    prompts = sorted((gen_mod.encode_prompt(c, tiny_tokenizer) for c in convs), key=len)
+    short, long = prompts[0], prompts[-1]
+    assert len(long) - len(short) >= 10  # real padding
+    gen = GenSettings(max_new_tokens=12)
+    batch = _scores(model, tiny_tokenizer, [short, long], gen)
+    assert torch.equal(batch[0], _scores(model, tiny_tokenizer, [short, short], gen)[0])
+    assert torch.equal(batch[1], _scores(model, tiny_tokenizer, [long, long], gen)[0])
+    assert model.config._attn_implementation == "sdpa"  # as it was
+
+
+def test_row_wise_attention_only_where_it_reproduces_the_model(tiny_llama_dir):
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(tiny_llama_dir)
+    cfg._attn_implementation = "sdpa"
+    assert gen_mod._full_causal_sdpa(cfg)
+    cfg.sliding_window = 16  # a window also hides a row's first keys
+    assert not gen_mod._full_causal_sdpa(cfg)
+    cfg.sliding_window, cfg._attn_implementation = None, "eager"
+    assert not gen_mod._full_causal_sdpa(cfg)
+
+
 @pytest.mark.parametrize(("dtype", "nudge"), [(torch.bfloat16, 2**-7), (torch.float32, 1e-6)])
 def test_a_near_tie_that_batching_flips_is_decided_as_alone(
     tiny_llama_dir, tiny_tokenizer, dtype, nudge

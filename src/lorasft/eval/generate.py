@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from threading import Thread
 
 import torch
 from transformers import (
+    AttentionInterface,
     LogitsProcessor,
     LogitsProcessorList,
     StoppingCriteria,
     StoppingCriteriaList,
     TextIteratorStreamer,
 )
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from lorasft.data.templates import build_prompt
 from lorasft.data.tokenize import stop_ids
@@ -72,14 +75,16 @@ def encode_prompt(messages: list[dict], tok) -> list[int]:
 
 
 # A greedy step whose best and second-best logits are closer than this may go either way when the
-# same row is computed in a batch instead of alone: batching changes kernels and the order of
-# sums, so every layer rounds differently. Measured in units of the base's dtype eps times the
-# best logit's size (at least 1); in bf16 one unit is one to two steps of the grid the logits lie
-# on. On the demo run (bench/eval_speed.py), batched without this check, bf16 answers parted from
-# one-at-a-time ones only at gaps of at most one grid step (0 or 0.57-0.72 units): 2 units covers
-# two. fp32 answers never parted; its floor, a relative gap of 1e-5 (84 fp32 units), is kept for
-# the rounding fp32 piles up over the layers. An empirical bound, not a proof.
-NEAR_TIE_EPS = 2.0
+# same row is computed in a batch instead of alone: a batch's matmuls run other kernels than one
+# row's, so every layer rounds differently. (Padding no longer does: `_rowwise_sdpa`.) Measured in
+# units of the base's dtype eps times the best logit's size (at least 1); in bf16 one unit is one
+# to two steps of the grid the logits lie on. On the demo run (bench/eval_speed.py, 2026-12-02),
+# exact batching's path without this check parted from one-at-a-time answers on 7 of 64 rows,
+# the same 7 in batches of 8 and of 32, at closest calls of 0 (5 rows), 0.70 and 1.95 units:
+# the bound is twice the largest. (With plain SDPA in batches of 32 one row had parted at 2.39.)
+# fp32 answers never parted; its floor, a relative gap of 1e-5 (84 fp32 units), is kept for the
+# rounding fp32 piles up over the layers. An empirical bound, not a proof.
+NEAR_TIE_EPS = 4.0
 NEAR_TIE_FLOOR = 1e-5
 
 
@@ -89,14 +94,69 @@ def near_tie_limit(dtype: torch.dtype) -> float:
     return max(NEAR_TIE_EPS, NEAR_TIE_FLOOR / eps)
 
 
+ROWWISE = "lorasft_rowwise_sdpa"
+"""The attention `generate` runs exact greedy batches with (`_rowwise_sdpa`), registered through
+transformers' AttentionInterface under this name."""
+
+
+def _rowwise_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention called once per row, on that row's own keys (its left padding
+    cut off) and without a mask: the call SDPA gets for that prompt alone. SDPA's sums run over every key given,
+    padding included, so a padded row rounded differently from the same row unpadded (bf16
+    answers of a batch of 32 prompts of 56-98 tokens parted from alone ones past the near-tie
+    bound), and in fp32 a row's result also depended on the rows called with it. Row by row, a
+    row's scores equal its own in any batch of as many rows (tests/eval/test_generate.py)."""
+    if attention_mask is None:  # no padding in this batch
+        pads = [0] * query.shape[0]
+    else:
+        last = attention_mask[:, 0, -1, :]  # what each row's last query sees: all but padding
+        seen = last if last.dtype == torch.bool else last == 0  # a boolean or an additive mask
+        pads = (~seen).sum(dim=-1).tolist()
+    out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+    for b, pad in enumerate(pads):
+        first = max(0, query.shape[2] - (key.shape[2] - pad))  # the row's first real query
+        row, _ = sdpa_attention_forward(module, query[b : b + 1, :, first:],
+                                        key[b : b + 1, :, pad:], value[b : b + 1, :, pad:],
+                                        None, **kwargs)  # fmt: skip
+        out[b, first:] = row[0]
+    return out, None
+
+
+AttentionInterface.register(ROWWISE, _rowwise_sdpa)
+AttentionMaskInterface.register(ROWWISE, sdpa_mask)
+
+
+def _full_causal_sdpa(config) -> bool:
+    """SDPA over every earlier token in every layer: the attention `_rowwise_sdpa` reproduces
+    (a sliding window also hides a row's first keys, which it would take for padding)."""
+    cfg = config.get_text_config()
+    layers = getattr(cfg, "layer_types", None) or ["full_attention"]
+    return (cfg._attn_implementation == "sdpa" and getattr(cfg, "sliding_window", None) is None
+            and set(layers) == {"full_attention"})  # fmt: skip
+
+
+@contextmanager
+def _padding_free_attention(model, gen: GenSettings):
+    """Exact greedy batches run `_rowwise_sdpa` where the model runs plain SDPA; as it was after."""
+    if gen.do_sample or not gen.exact or not _full_causal_sdpa(model.config):
+        yield
+        return
+    model.set_attn_implementation(ROWWISE)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
 @torch.no_grad()
 def generate(model, tok, conversations: list[list[dict]], gen: GenSettings, base: bool = False,
              stats: dict | None = None) -> list[str]:  # fmt: skip
     """Responses in input order; `base=True` runs with the LoRA adapter disabled.
 
     Greedy answers equal those generated one at a time: prompts are batched (left padding, by
-    length), and a row whose path passed a near tie (`NEAR_TIE_EPS`) is generated again alone
-    (unless `gen.exact` is false).
+    length; on SDPA models each row's attention skips its padding, `_rowwise_sdpa`), and a row
+    whose path passed a near tie (`NEAR_TIE_EPS`) is generated again alone (unless `gen.exact`
+    is false).
     `stats`, when given, adds up `redone_alone` (how many) and extends `margins` (per
     conversation, its batched path's closest call in `_Margins` units; None where not watched)."""
     model.eval()
@@ -106,7 +166,7 @@ def generate(model, tok, conversations: list[list[dict]], gen: GenSettings, base
     closest: list[float | None] = [None] * len(prompts)
     redone, limit = 0, near_tie_limit(frozen_dtype(model))
     ctx = model.disable_adapter() if base else nullcontext()
-    with ctx:
+    with ctx, _padding_free_attention(model, gen):
         for s in range(0, len(order), gen.batch_size):
             idx = order[s : s + gen.batch_size]
             for i, answer in zip(idx, _generate_batch(model, tok, [prompts[i] for i in idx], gen)):
