@@ -4,9 +4,9 @@ batched with the base's side taken from the cache a first batched evaluation fil
 without the near-tie check nor row-wise attention (eval.exact_greedy=false). Prints the seconds
 and how many greedy answers are equal to the one-at-a-time ones; then which answers exact
 batching's path changes before the near-tie check and the closest call on each row's path (the
-evidence for `NEAR_TIE_EPS`), and the best case of exact batching: its batches (row-wise attention) without the near-tie check plus generating
-alone only the answers they really change (as if a detector knew them without generating them
-alone). Figures only.
+evidence for `NEAR_TIE_EPS`), and the best case of exact batching: its batches (row-wise
+attention) without the near-tie check plus generating alone only the answers they really change
+(as if a detector knew them without generating them alone). Figures only.
 
     python bench/eval_speed.py [--run bench-out/demo-run] [--batch-size 8] [--dtype float32]
 """

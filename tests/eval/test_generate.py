@@ -73,15 +73,23 @@ def test_a_padded_row_computes_as_it_does_without_padding(tiny_model_dir, tiny_t
 
 
 def test_row_wise_attention_only_where_it_reproduces_the_model(tiny_llama_dir):
-    from transformers import AutoConfig
+    model = _model(tiny_llama_dir, torch.float32)
+    assert gen_mod._full_causal_sdpa(model)
+    model.config.sliding_window = 16  # a window also hides a row's first keys
+    assert not gen_mod._full_causal_sdpa(model)
+    model.config.sliding_window, model.config._attn_implementation = None, "eager"
+    assert not gen_mod._full_causal_sdpa(model)
 
-    cfg = AutoConfig.from_pretrained(tiny_llama_dir)
-    cfg._attn_implementation = "sdpa"
-    assert gen_mod._full_causal_sdpa(cfg)
-    cfg.sliding_window = 16  # a window also hides a row's first keys
-    assert not gen_mod._full_causal_sdpa(cfg)
-    cfg.sliding_window, cfg._attn_implementation = None, "eager"
-    assert not gen_mod._full_causal_sdpa(cfg)
+
+def test_row_wise_attention_takes_only_left_padding_for_padding():
+    t, f = True, False
+    mask = torch.tensor([[f, f, t, t], [t, t, t, t], [f, f, f, f]]).view(3, 1, 1, 4)
+    assert gen_mod._own_keys(mask, 3, 4) == [(2, 2), (0, 4), (4, 0)]
+    assert gen_mod._own_keys(None, 2, 4) == [(0, 4), (0, 4)]
+    additive = torch.where(mask, 0.0, float("-inf"))
+    assert gen_mod._own_keys(additive, 3, 4) == [(2, 2), (0, 4), (4, 0)]
+    static = torch.tensor([[f, t, t, f]]).view(1, 1, 1, 4)  # a static cache's empty last slot
+    assert gen_mod._own_keys(static, 1, 4) is None
 
 
 @pytest.mark.parametrize(("dtype", "nudge"), [(torch.bfloat16, 2**-7), (torch.float32, 1e-6)])

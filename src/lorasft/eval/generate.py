@@ -100,21 +100,23 @@ transformers' AttentionInterface under this name."""
 
 
 def _rowwise_sdpa(module, query, key, value, attention_mask, **kwargs):
-    """transformers' SDPA attention called once per row, on that row's own keys (its left padding
-    cut off) and without a mask: the call SDPA gets for that prompt alone. SDPA's sums run over every key given,
-    padding included, so a padded row rounded differently from the same row unpadded (bf16
-    answers of a batch of 32 prompts of 56-98 tokens parted from alone ones past the near-tie
-    bound), and in fp32 a row's result also depended on the rows called with it. Row by row, a
-    row's scores equal its own in any batch of as many rows (tests/eval/test_generate.py)."""
-    if attention_mask is None:  # no padding in this batch
-        pads = [0] * query.shape[0]
-    else:
-        last = attention_mask[:, 0, -1, :]  # what each row's last query sees: all but padding
-        seen = last if last.dtype == torch.bool else last == 0  # a boolean or an additive mask
-        pads = (~seen).sum(dim=-1).tolist()
-    out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
-    for b, pad in enumerate(pads):
-        first = max(0, query.shape[2] - (key.shape[2] - pad))  # the row's first real query
+    """transformers' SDPA attention called once per row, on that row's own keys (its left
+    padding cut off) and without a mask: the call SDPA gets for that prompt alone. SDPA's sums
+    run over every key given, padding included, so a padded row rounded differently from the
+    same row unpadded (bf16 answers of a batch of 32 prompts of 56-98 tokens parted from alone
+    ones past the near-tie bound), and in fp32 a row's result also depended on the rows called
+    with it. Row by row, a row's scores equal its own in any batch of as many rows
+    (tests/eval/test_generate.py). Anything but left padding before a row's keys, or several
+    queries after earlier keys, gets the plain call."""
+    rows, queries, keys = query.shape[0], query.shape[2], key.shape[2]
+    spans = _own_keys(attention_mask, rows, keys)
+    if spans is None or 1 < queries != keys:  # a window, a static cache; chunked prefill
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    out = query.new_zeros(rows, queries, query.shape[1], value.shape[-1])
+    for b, (pad, n) in enumerate(spans):
+        if n == 0:  # a row of padding only: nothing to attend to
+            continue
+        first = queries - min(queries, n)  # the row's first real query
         row, _ = sdpa_attention_forward(module, query[b : b + 1, :, first:],
                                         key[b : b + 1, :, pad:], value[b : b + 1, :, pad:],
                                         None, **kwargs)  # fmt: skip
@@ -122,23 +124,41 @@ def _rowwise_sdpa(module, query, key, value, attention_mask, **kwargs):
     return out, None
 
 
+def _own_keys(attention_mask, rows: int, keys: int) -> list[tuple[int, int]] | None:
+    """Per row, (padding, real keys) when the keys its last query sees are all the keys after
+    its left padding; None otherwise (a static cache's empty slots, a window)."""
+    if attention_mask is None:
+        return [(0, keys)] * rows
+    last = attention_mask[:, 0, -1, :]
+    seen = last if last.dtype == torch.bool else last == 0  # a boolean or an additive mask
+    counts = seen.sum(dim=-1).tolist()
+    spans = [(keys - n, n) for n in counts]
+    suffix = all(bool(seen[b, pad:].all()) for b, (pad, _) in enumerate(spans))
+    return spans if suffix else None
+
+
 AttentionInterface.register(ROWWISE, _rowwise_sdpa)
 AttentionMaskInterface.register(ROWWISE, sdpa_mask)
 
 
-def _full_causal_sdpa(config) -> bool:
-    """SDPA over every earlier token in every layer: the attention `_rowwise_sdpa` reproduces
-    (a sliding window also hides a row's first keys, which it would take for padding)."""
-    cfg = config.get_text_config()
+def _full_causal_sdpa(model) -> bool:
+    """SDPA over every earlier token in every layer of a text-only model that takes its
+    attention from transformers' AttentionInterface: what `_rowwise_sdpa` reproduces (a sliding
+    window also hides a row's first keys; a composite model's other parts keep theirs)."""
+    cfg = model.config
+    if cfg.get_text_config() is not cfg or cfg._attn_implementation != "sdpa":
+        return False
+    can_switch = getattr(model, "_can_set_attn_implementation", None)  # Falcon, remote code: no
     layers = getattr(cfg, "layer_types", None) or ["full_attention"]
-    return (cfg._attn_implementation == "sdpa" and getattr(cfg, "sliding_window", None) is None
+    return (callable(can_switch) and can_switch() and getattr(cfg, "sliding_window", None) is None
             and set(layers) == {"full_attention"})  # fmt: skip
 
 
 @contextmanager
 def _padding_free_attention(model, gen: GenSettings):
-    """Exact greedy batches run `_rowwise_sdpa` where the model runs plain SDPA; as it was after."""
-    if gen.do_sample or not gen.exact or not _full_causal_sdpa(model.config):
+    """Exact greedy batches run `_rowwise_sdpa` where the model runs plain SDPA; as it was after.
+    It sets the model's attention for the time being: no other thread may use the model then."""
+    if gen.do_sample or not gen.exact or not _full_causal_sdpa(model):
         yield
         return
     model.set_attn_implementation(ROWWISE)
