@@ -197,10 +197,12 @@ def long_base(tiny_llama_dir, tmp_path_factory):
 
 @pytest.fixture
 def one_slot(long_base):
-    """One slot and one place in the queue."""
+    """One slot and one place in the queue; llama-server on one thread, so the other core is left
+    to the test's client and lorasft's server, whose reactions these tests time (with both cores
+    generating, the 503 of a fresh clone's `make test` once took 4.2 s)."""
     from lorasft.serve.llamacpp import load_llamacpp_engine
 
-    engine = load_llamacpp_engine(str(long_base), [], slots=1, max_queue=1)
+    engine = load_llamacpp_engine(str(long_base), [], slots=1, max_queue=1, threads=1)
     with LiveServer(_app(engine, max_tokens_cap=4000)) as server:
         server.engine = engine
         yield server
@@ -244,7 +246,7 @@ def _predicted_total(engine) -> int:
 
 @pytest.mark.timing  # a busy CPU beside it delays the server's reaction
 def test_a_client_leaving_mid_stream_frees_its_slot(one_slot):
-    """'hello' runs the tiny base to the full 4000 tokens (about 2 s) when nobody leaves."""
+    """'hello' runs the tiny base to the full 4000 tokens (a few seconds) when nobody leaves."""
     engine = one_slot.engine
     with httpx.Client(base_url=one_slot.url, headers=HEADERS, timeout=30) as http:
         with http.stream("POST", "/v1/chat/completions", json=_body(4000, True, "hello")) as r:
@@ -265,7 +267,7 @@ def test_a_client_leaving_mid_stream_frees_its_slot(one_slot):
 def test_past_the_queue_the_answer_is_503_with_retry_after(one_slot):
     engine = one_slot.engine
     with httpx.Client(base_url=one_slot.url, headers=HEADERS, timeout=30) as http:
-        long = _body(4000, True, "hello")  # about 2 s of generating, longer while unread
+        long = _body(4000, True, "hello")  # seconds of generating, longer while unread
         with http.stream("POST", "/v1/chat/completions", json=long) as first:
             held = first.iter_lines()  # kept: dropping the iterator closes the connection
             next(held)  # generating: the slot is taken
