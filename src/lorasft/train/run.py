@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import set_seed
-
 from lorasft.config import Config, ConfigError, dump_config
 from lorasft.model.lora import trainable_summary
 from lorasft.model.precision import base_dtype
@@ -36,7 +34,6 @@ def train(cfg: Config) -> TrainOutcome:
     run_dir, checkpoint = decided_by_rank0(lambda: run_dir_and_checkpoint(cfg))  # one folder
     if state.is_main_process:
         open_run_folder(run_dir, cfg, checkpoint)
-    set_seed(cfg.train.seed)  # LoRA init draws from the RNG before Trainer seeds it
     with state.main_process_first():  # rank 0 converts a GGUF once; the others read the cache
         model_path, precision, tok, model = prepare_model_and_tokenizer(cfg)
     if state.is_main_process:

@@ -9,6 +9,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+from transformers import set_seed
 
 from lorasft.config import Config, ConfigError, TrainSection
 from lorasft.data.templates import attach_template
@@ -77,7 +78,10 @@ def tokenizer_for(cfg: Config, model_path: Path):
 def prepare_model_and_tokenizer(cfg: Config):
     """`(base path, precision, tokenizer, LoRA model)`: the base in the precision's dtype, its
     context extended, checkpointing on when asked, LoRA applied."""
-    model_path = resolve_model_path(cfg.model.path)
+    model_path = resolve_model_path(cfg.model.path)  # may convert a GGUF, drawing from the RNG
+    # LoRA's init (and a context's new weights) draw from the RNG before Trainer seeds it: seeded
+    # here, after any conversion, a run that converts trains as one that finds the cached folder
+    set_seed(cfg.train.seed)
     precision = resolve_precision(cfg.train.precision)
     tok = tokenizer_for(cfg, model_path)
     return model_path, precision, tok, build_model(cfg, model_path, precision)
