@@ -43,9 +43,7 @@ def test_batched_greedy_equals_one_at_a_time(tiny_llama_dir, tiny_tokenizer, dty
 
 def _scores(model, tok, prompts: list[list[int]], gen: GenSettings) -> torch.Tensor:
     """Each step's scores of a left-padded batch, generated as `generate` generates it."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids, mask = gen_mod.left_padded(prompts, tok.pad_token_id)
     with gen_mod._padding_free_attention(model, gen):
         out = model.generate(input_ids=ids, attention_mask=mask, output_scores=True,
                              return_dict_in_generate=True, min_new_tokens=gen.max_new_tokens,

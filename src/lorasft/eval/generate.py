@@ -131,10 +131,9 @@ def _own_keys(attention_mask, rows: int, keys: int) -> list[tuple[int, int]] | N
         return [(0, keys)] * rows
     last = attention_mask[:, 0, -1, :]
     seen = last if last.dtype == torch.bool else last == 0  # a boolean or an additive mask
-    counts = seen.sum(dim=-1).tolist()
-    spans = [(keys - n, n) for n in counts]
-    suffix = all(bool(seen[b, pad:].all()) for b, (pad, _) in enumerate(spans))
-    return spans if suffix else None
+    if not bool((seen[:, 1:] >= seen[:, :-1]).all()):  # a hidden key after a seen one
+        return None
+    return [(keys - n, n) for n in seen.sum(dim=-1).tolist()]
 
 
 AttentionInterface.register(ROWWISE, _rowwise_sdpa)
@@ -248,15 +247,22 @@ class _Margins(LogitsProcessor):
         return scores
 
 
+def left_padded(
+    prompts: list[list[int]], pad_id: int, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(input_ids, attention_mask)` of prompts padded on the left to the longest."""
+    width = max(len(p) for p in prompts)
+    ids = [[pad_id] * (width - len(p)) + p for p in prompts]
+    mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+
 def _generate_batch(model, tok, prompts: list[list[int]], gen: GenSettings,
                     stopping: StoppingCriteriaList | None = None) -> list[_Answer]:  # fmt: skip
     """One `generate` call over left-padded prompts; each answer's margins are recorded when
     there is something to compare with (a batch of several, greedy)."""
-    width = max(len(p) for p in prompts)
-    ids = [[tok.pad_token_id] * (width - len(p)) + p for p in prompts]  # left padding
-    mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
-    input_ids = torch.tensor(ids, device=model.device)
-    attention_mask = torch.tensor(mask, device=model.device)
+    input_ids, attention_mask = left_padded(prompts, tok.pad_token_id, model.device)
+    width = input_ids.shape[1]
     kwargs = gen.kwargs(tok)
     margins = _Margins(frozen_dtype(model))
     if len(prompts) > 1 and not gen.do_sample:
