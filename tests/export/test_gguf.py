@@ -141,6 +141,27 @@ def test_a_gguf_file_is_a_model_source(tiny_run, tmp_path, monkeypatch, capsys):
         resolve_model_path(str(broken))
 
 
+def test_a_gguf_is_cached_by_its_contents(tmp_path, monkeypatch):
+    """pip stamps an installed file with the install's time: the default model's GGUF in a new
+    venv is the same file with another mtime and must find the folder converted from it, while
+    another file of the same name, size and time must not."""
+    import os
+
+    from lorasft.model import load as load_mod
+
+    monkeypatch.setenv("LORASFT_CACHE", str(tmp_path / "cache"))
+    first, second, other = (tmp_path / d / "m.gguf" for d in ("venv1", "venv2", "other"))
+    for f, data in ((first, b"GGUF" + bytes(64)), (second, b"GGUF" + bytes(64)),
+                    (other, b"GGUF" + bytes(63) + b"x")):  # fmt: skip
+        f.parent.mkdir()
+        f.write_bytes(data)
+    os.utime(first, (1_000_000, 1_000_000))
+    os.utime(second, (2_000_000, 2_000_000))
+    os.utime(other, (1_000_000, 1_000_000))
+    assert load_mod._gguf_cache_dir(first, "m") == load_mod._gguf_cache_dir(second, "m")
+    assert load_mod._gguf_cache_dir(other, "m") != load_mod._gguf_cache_dir(first, "m")
+
+
 def test_a_gguf_conversion_appears_in_the_cache_only_whole(tiny_run, tmp_path, monkeypatch):
     """Runs or test workers that convert the same GGUF at once must never read a folder another
     one is still writing: every file is written elsewhere and the folder renamed into place, and

@@ -5,16 +5,17 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from lorasft.data.collate import PadCollator
-from lorasft.data.tokenize import IGNORE, Encoded
+from lorasft.data.tokenize import Encoded
+from lorasft.train.trainer import supervised_nll
 
 
 @torch.no_grad()
 def perplexity(model, encoded: list[Encoded], pad_token_id: int, batch_size: int = 8) -> dict:
     """Sum of token NLLs / number of supervised tokens. (Trainer's eval_loss averages batch means,
-    which weighs a short batch like a long one.)"""
+    which weighs a short batch like a long one.) The output head runs only where a supervised token
+    is predicted (`supervised_nll`, the training loss's own computation)."""
     if not encoded:
         return {"loss": None, "perplexity": None, "tokens": 0}
     model.eval()
@@ -23,16 +24,8 @@ def perplexity(model, encoded: list[Encoded], pad_token_id: int, batch_size: int
     total, count = 0.0, 0
     for start in range(0, len(order), batch_size):
         batch = collate([vars(encoded[i]) for i in order[start : start + batch_size]])
-        batch = {k: v.to(model.device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        nll = F.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.size(-1)),
-            labels.reshape(-1),
-            ignore_index=IGNORE,
-            reduction="sum",
-        )
+        nll, n, _ = supervised_nll(model, {k: v.to(model.device) for k, v in batch.items()})
         total += nll.item()
-        count += int((labels != IGNORE).sum())
+        count += n
     loss = total / count if count else float("nan")
     return {"loss": round(loss, 5), "perplexity": round(math.exp(loss), 4), "tokens": count}

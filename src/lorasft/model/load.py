@@ -99,10 +99,11 @@ def weights_stamp(folder: str | Path) -> list:
 
 
 def _gguf_cache_dir(gguf: Path, name: str) -> Path:
-    st = gguf.stat()
-    # Name, size and mtime rather than the path: every venv holding the same package file shares
-    # one converted copy.
-    key = hashlib.sha256(f"{gguf.name}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()
+    # The file's contents rather than its path or modification time: pip stamps the files it
+    # installs with the time of the install, so every new venv holding the same package file
+    # reconverted it (about a minute for the default model); hashing it takes under a second.
+    with gguf.open("rb") as f:
+        key = hashlib.file_digest(f, "sha256").hexdigest()
     return cache_root() / "models" / f"{name}-{key[:12]}"
 
 

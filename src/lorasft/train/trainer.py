@@ -22,18 +22,28 @@ def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def causal_lm_loss(model, inputs: dict, num_items: torch.Tensor | int | None):
-    """Sum of token NLL over supervised positions / num_items (the tokens of the whole
-    accumulated batch, so gradient accumulation weighs every token alike)."""
+def supervised_nll(model, inputs: dict) -> tuple[torch.Tensor, int, object]:
+    """`(summed NLL, count, outputs)` over the supervised tokens (labels other than IGNORE), each
+    predicted from the tokens before it; the output head runs only at the positions that predict
+    one when the model takes `logits_to_keep`, else on all of them."""
     labels = inputs["labels"]
     keep = supervised_positions(labels)
     fwd = {k: v for k, v in inputs.items() if k != "labels"}
-    outputs = model(**fwd, logits_to_keep=keep, use_cache=False)
+    if accepts_logits_to_keep(model):
+        outputs = model(**fwd, logits_to_keep=keep, use_cache=False)
+        logits = outputs.logits.reshape(-1, outputs.logits.size(-1))
+    else:
+        outputs = model(**fwd, use_cache=False)
+        logits = outputs.logits[keep]
     targets = labels[:, 1:][keep[:, :-1]]
-    logits = outputs.logits.reshape(-1, outputs.logits.size(-1))
-    loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-    denom = num_items if num_items is not None else max(targets.numel(), 1)
-    return loss / denom, outputs
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), targets.numel(), outputs
+
+
+def causal_lm_loss(model, inputs: dict, num_items: torch.Tensor | int | None):
+    """Sum of token NLL over supervised positions / num_items (the tokens of the whole
+    accumulated batch, so gradient accumulation weighs every token alike)."""
+    nll, count, outputs = supervised_nll(model, inputs)
+    return nll / (num_items if num_items is not None else max(count, 1)), outputs
 
 
 class GenerationScores:
