@@ -9,6 +9,11 @@ attention) without the near-tie check plus generating alone only the answers the
 (as if a detector knew them without generating them alone). Figures only.
 
     python bench/eval_speed.py [--run bench-out/demo-run] [--batch-size 8] [--dtype float32]
+    python bench/eval_speed.py --sizes 8 16 32 [--rounds 2] [--run ...] [--dtype ...]
+
+`--sizes` instead times the whole evaluation (perplexity and answers, base computed) one at a time
+once, then at each batch size in turn, `--rounds` times over (interleaved, so a change in the
+machine's speed touches every size alike): what eval.batch_size's default was chosen by.
 """
 
 from __future__ import annotations
@@ -40,12 +45,16 @@ def main() -> None:
     ap.add_argument("--run", default="bench-out/demo-run")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="open the run in this dtype")
+    ap.add_argument("--sizes", type=int, nargs="+", help="compare these eval batch sizes")
+    ap.add_argument("--rounds", type=int, default=2, help="with --sizes: times over each size")
     a = ap.parse_args()
     from lorasft.data.prepare import eval_set
     from lorasft.model.run import open_run
 
     run = open_run(a.run, a.dtype)
     examples, encoded = eval_set(run.cfg.data, run.tok)
+    if a.sizes:
+        return compare_sizes(run, examples, encoded, a.sizes, a.rounds)
     with tempfile.TemporaryDirectory() as cache:
         os.environ["LORASFT_CACHE"] = cache  # an empty eval cache (the model is already open)
         one, out1 = timed_eval(run, run.cfg, examples, encoded, batch_size=1, cache_base=False)
@@ -74,6 +83,20 @@ def main() -> None:
     print(f"best case of exact batching: its batches without the near-tie check + only the "
           f"answers they change generated alone: {batched_only:.1f} + {alone:.1f} = {floor:.1f} s  "
           f"x{one / floor:.2f}")  # fmt: skip
+
+
+def compare_sizes(run, examples, encoded, sizes: list[int], rounds: int) -> None:
+    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs; run {run.spec.dtype}; whole evaluation "
+          f"(perplexity and answers, base and tuned, base computed)")  # fmt: skip
+    one, ref = timed_eval(run, run.cfg, examples, encoded, batch_size=1, cache_base=False)
+    print(f"one at a time: {one:6.1f} s")
+    for r in range(rounds):
+        for size in sizes:
+            s, out = timed_eval(run, run.cfg, examples, encoded, batch_size=size, cache_base=False)
+            same = sum(x == y for x, y in zip(answers(ref), answers(out)))
+            print(f"round {r + 1}, batches of {size:2d}: {s:6.1f} s  x{one / s:.2f}  answers equal "
+                  f"to one at a time {same}/{len(out['samples'])}, redone alone "
+                  f"{out['generation_redone_alone']}", flush=True)  # fmt: skip
 
 
 def near_tie_study(run, examples, out1: dict, batch_size: int) -> tuple[float, float]:

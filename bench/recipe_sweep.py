@@ -104,6 +104,7 @@ def run_one(task_dir: Path, metric: str, recipe: str, out: Path, max_steps: int 
         "train": [sys.executable, "-m", "lorasft", "train", str(config),
                   f"data.train_file={task_dir / 'train.jsonl'}", "eval.num_samples=0",
                   "eval.compare_base=true", "eval.max_new_tokens=48", "eval.exact_greedy=false",
+                  "eval.batch_size=8",  # as the table's runs had it (batches change near ties)
                   f"output.run_dir={run}", *RECIPES[recipe], f"train.seed={seed}",
                   *([f"train.max_steps={max_steps}"] if max_steps else [])],
         "eval": [sys.executable, "-m", "lorasft", "eval", str(run), "--data", str(test),

@@ -203,7 +203,11 @@ class EvalSection(Section):
     # the base's perplexity and answers, kept for the next evaluation of the same base on the
     # same inputs ($LORASFT_CACHE/eval); false computes them every time
     cache_base: bool = True
-    batch_size: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    """Records per batch for perplexity and generation. 16 rather than 8: the demo's evaluation
+    (32 records, base and tuned, fp32 on a 2-core AVX2 CPU; `bench/eval_speed.py --sizes`) took
+    97-99 s against 123-129 s in batches of 8 (32: 91-95 s, for twice the memory) and 353 s one
+    at a time, with the same answers (README: Evaluation time)."""
     exact_greedy: bool = True
     """Batched greedy answers equal one-at-a-time ones: a row whose batched path passed a near tie
     (where batching's rounding can flip the choice, mostly in bf16) is generated again alone. On
