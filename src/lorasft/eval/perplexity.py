@@ -8,6 +8,7 @@ import torch
 
 from lorasft.data.collate import PadCollator
 from lorasft.data.tokenize import Encoded
+from lorasft.model.load import accepts_logits_to_keep
 from lorasft.train.trainer import supervised_nll
 
 
@@ -21,10 +22,11 @@ def perplexity(model, encoded: list[Encoded], pad_token_id: int, batch_size: int
     model.eval()
     collate = PadCollator(pad_token_id)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    total, count = 0.0, 0
+    total, count, head_only = 0.0, 0, accepts_logits_to_keep(model)
     for start in range(0, len(order), batch_size):
         batch = collate([vars(encoded[i]) for i in order[start : start + batch_size]])
-        nll, n, _ = supervised_nll(model, {k: v.to(model.device) for k, v in batch.items()})
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        nll, n, _ = supervised_nll(model, batch, head_only)
         total += nll.item()
         count += n
     loss = total / count if count else float("nan")

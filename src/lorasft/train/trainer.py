@@ -22,14 +22,15 @@ def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def supervised_nll(model, inputs: dict) -> tuple[torch.Tensor, int, object]:
+def supervised_nll(model, inputs: dict, head_only: bool = True) -> tuple[torch.Tensor, int, object]:
     """`(summed NLL, count, outputs)` over the supervised tokens (labels other than IGNORE), each
-    predicted from the tokens before it; the output head runs only at the positions that predict
-    one when the model takes `logits_to_keep`, else on all of them."""
+    predicted from the tokens before it. `head_only`: the output head runs only at the positions
+    that predict one (the model must take `logits_to_keep`: `accepts_logits_to_keep` of the model
+    unwrapped, since a DDP or DeepSpeed wrapper's forward hides it), else on all of them."""
     labels = inputs["labels"]
     keep = supervised_positions(labels)
     fwd = {k: v for k, v in inputs.items() if k != "labels"}
-    if accepts_logits_to_keep(model):
+    if head_only:
         outputs = model(**fwd, logits_to_keep=keep, use_cache=False)
         logits = outputs.logits.reshape(-1, outputs.logits.size(-1))
     else:
