@@ -40,6 +40,11 @@ def answers(out: dict) -> list[tuple[str, str]]:
     return [(s["tuned"], s.get("base")) for s in out["samples"]]
 
 
+def equal(a: dict, b: dict) -> int:
+    """How many samples two evaluations answered alike (tuned and base)."""
+    return sum(x == y for x, y in zip(answers(a), answers(b)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default="bench-out/demo-run")
@@ -64,9 +69,9 @@ def main() -> None:
                                  exact_greedy=False, cache_base=False)  # fmt: skip
     assert outc["base_from_cache"] and not out8["base_from_cache"]
     n = len(out1["samples"])
-    same_8 = sum(x == y for x, y in zip(answers(out1), answers(out8)))
-    same_c = sum(x == y for x, y in zip(answers(out8), answers(outc)))
-    same_p = sum(x == y for x, y in zip(answers(out1), answers(outp)))
+    same_8 = equal(out1, out8)
+    same_c = equal(out8, outc)
+    same_p = equal(out1, outp)
     cpu = cpu_name()
     print(f"machine: {cpu}, {os.cpu_count()} CPUs; run {a.run} in {run.spec.dtype}; {n} samples, base and tuned, "
           f"max_new_tokens {run.cfg.eval.max_new_tokens}")  # fmt: skip
@@ -93,7 +98,7 @@ def compare_sizes(run, examples, encoded, sizes: list[int], rounds: int) -> None
     for r in range(rounds):
         for size in sizes:
             s, out = timed_eval(run, run.cfg, examples, encoded, batch_size=size, cache_base=False)
-            same = sum(x == y for x, y in zip(answers(ref), answers(out)))
+            same = equal(ref, out)
             print(f"round {r + 1}, batches of {size:2d}: {s:6.1f} s  x{one / s:.2f}  answers equal "
                   f"to one at a time {same}/{len(out['samples'])}, redone alone "
                   f"{out['generation_redone_alone']}", flush=True)  # fmt: skip
