@@ -9,10 +9,14 @@ Resumable: a step (train, eval) whose timing file exists is not run again.
     python bench/recipe_sweep.py [--out bench-out/sweep] [--tasks utc_offset ...]
                                  [--recipes qv-r8-lr2e-4 ...] [--parallel 2] [--max-steps N]
                                  [--seeds 42 1 2] [--report-only]
+    python bench/recipe_sweep.py --rows bench/results/sweep-*.json [--tasks ...] [--recipes ...]
 
 With several `--seeds` (train.seed: LoRA's initial weights, the order of the batches, dropout
 and NEFTune's noise; the validation share stays the same) each cell is the mean over its seeds,
-and the seeds' scores are listed beside it.
+and the seeds' scores are listed beside it. Every run's row (score, precision, checkpoint step,
+times) goes to OUT/sweep.json; the rows behind the README's tables are kept in `bench/results/`,
+and `--rows` prints the table of saved rows (only those of the tasks, recipes and seeds named, when
+named), so a sweep continued on another day or machine can be reported with the runs before it.
 """
 
 from __future__ import annotations
@@ -129,7 +133,8 @@ def run_one(task_dir: Path, metric: str, recipe: str, out: Path, max_steps: int 
     return {"task": task_dir.name, "recipe": recipe, "seed": seed, "metric": metric,
             "n": ev["tuned"]["generation"]["n"],
             "tuned": ev["tuned"]["generation"].get(metric), "base": ev["base"]["generation"].get(metric),
-            "steps": res["train"]["global_step"], "train_s": res["train"]["train_seconds"],
+            "steps": res["train"]["global_step"], "best_step": res["train"]["best_step"],
+            "precision": res["train"]["precision"], "train_s": res["train"]["train_seconds"],
             "eval_s": ev["seconds"],
             "wall_s": sum(float(t.read_text()) for t in timings.values())}  # fmt: skip
 
@@ -137,16 +142,23 @@ def run_one(task_dir: Path, metric: str, recipe: str, out: Path, max_steps: int 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench-out/sweep")
-    ap.add_argument("--tasks", nargs="*", default=SWEPT, choices=list(TASKS))
-    ap.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES))
+    ap.add_argument("--tasks", nargs="*", choices=list(TASKS), help=f"default: {' '.join(SWEPT)}")
+    ap.add_argument("--recipes", nargs="*", choices=list(RECIPES), help="default: all")
     ap.add_argument("--max-steps", type=int, help="cap every run (a quick check of the sweep)")
-    ap.add_argument("--seeds", nargs="*", type=int, default=[DEFAULT_SEED],
-                    help="train.seed values; each cell is the mean over them")  # fmt: skip
+    ap.add_argument("--seeds", nargs="*", type=int,
+                    help=f"train.seed values, default {DEFAULT_SEED}; a cell is their mean")  # fmt: skip
     ap.add_argument("--parallel", type=int, default=1,
                     help="runs at once, the CPU's cores shared out as OMP threads")  # fmt: skip
     ap.add_argument("--report-only", action="store_true",
                     help="train and score nothing: the table of the runs among these that finished")  # fmt: skip
+    ap.add_argument("--rows", nargs="+", type=Path, metavar="FILE",
+                    help="run nothing: the table of the rows saved in these sweep.json files")  # fmt: skip
     a = ap.parse_args()
+    if a.rows:
+        report(saved_rows(a.rows, a.tasks, a.recipes, a.seeds))
+        return
+    a.tasks, a.recipes = a.tasks or SWEPT, a.recipes or list(RECIPES)
+    a.seeds = a.seeds or [DEFAULT_SEED]
     out = Path(a.out)
     write(out / "tasks")
     threads = max(1, len(os.sched_getaffinity(0)) // a.parallel)
@@ -169,9 +181,16 @@ def main() -> None:
 
     with ThreadPoolExecutor(a.parallel) as pool:
         rows = list(pool.map(one, jobs))
-    if not a.report_only:
-        (out / "sweep.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    (out / "sweep.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
     report(rows)
+
+
+def saved_rows(files: list[Path], tasks: list[str] | None, recipes: list[str] | None,
+               seeds: list[int] | None) -> list[dict]:  # fmt: skip
+    """The rows of saved sweeps, those of the tasks, recipes and seeds named (all when not)."""
+    rows = [r for f in files for r in json.loads(f.read_text(encoding="utf-8"))]
+    return [r for r in rows if (not tasks or r["task"] in tasks)
+            and (not recipes or r["recipe"] in recipes) and (not seeds or r["seed"] in seeds)]  # fmt: skip
 
 
 def report(rows: list[dict]) -> None:
@@ -192,10 +211,11 @@ def report(rows: list[dict]) -> None:
     mean = {k: sum(r["tuned"] for r in v) / len(v) for k, v in runs.items()}
     best = {t: max(m for (_, task), m in mean.items() if task == t) for t in tasks}
     metric = {r["task"]: f"{r['metric']}, n={r.get('n', '?')}" for r in ok}
+    print("precision of the runs:", ", ".join(sorted({r.get("precision") or "?" for r in ok})))
     head = " | ".join(f"{t} ({metric[t]})" for t in tasks)
     print(f"\n| recipe | {head} | worst share | mean share | train min |")
     print("|---" * (len(tasks) + 4) + "|")
-    base = " | ".join(f"{next(r['base'] for r in ok if r['task'] == t):.1f}" for t in tasks)
+    base = " | ".join(_num(next(r.get("base") for r in ok if r["task"] == t)) for t in tasks)
     print(f"| base model | {base} | | | |")
     for rec in recipes:
         shares = [mean[rec, t] / best[t] if (rec, t) in mean and best[t] else None for t in tasks]
@@ -204,10 +224,16 @@ def report(rows: list[dict]) -> None:
         complete = all(sh is not None for sh in shares)
         worst = f"{min(shares):.0%}" if complete else "incomplete"
         avg = f"{sum(shares) / len(shares):.0%}" if complete else ""
-        train = sum(sum(r["train_s"] for r in v) / len(v)
-                    for (x, _), v in runs.items() if x == rec) / 60  # fmt: skip
+        mine = [v for (x, _), v in runs.items() if x == rec]
+        times = [[r.get("train_s") for r in v] for v in mine]  # None: a row without its time
+        known = all(None not in t for t in times)
+        train = sum(sum(t) / len(t) for t in times) / 60 if known else None
         mark = " (chosen)" if rec == CHOSEN else ""
-        print(f"| `{rec}`{mark} | {cells} | {worst} | {avg} | {train:.0f} |")
+        print(f"| `{rec}`{mark} | {cells} | {worst} | {avg} | {_num(train, 0)} |")
+
+
+def _num(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def _cell(runs: list[dict], mean: float | None, share: float | None) -> str:

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -186,3 +187,29 @@ def test_sweep_seed_default_is_lorasfts_and_cells_are_seed_means(capsys):
     # t1: a's mean 20 against b's 25 (the best); t2: a's 50 is the best, b has 80% of it
     assert lines["| `a`"].startswith("| `a` | 20.0 (80%; 10.0/30.0) | 50.0 (100%) | 80% | 90% |")
     assert lines["| `b`"].startswith("| `b` | 25.0 (100%) | 40.0 (80%) | 80% | 90% |")
+    assert lines["| `a`"].endswith("| 2 |")  # minutes: 60 s per seed's mean, on two tasks
+
+
+def test_saved_sweep_rows_are_reported_by_task_recipe_and_seed(tmp_path, capsys):
+    """`recipe_sweep.py --rows`: the table of saved rows, only those of the tasks, recipes and
+    seeds named; a row kept without its training time (transcribed) leaves that column open."""
+    sweep = _bench_module("recipe_sweep")
+
+    def row(recipe, task, tuned, seed, train_s=60.0):
+        return {"task": task, "recipe": recipe, "seed": seed, "metric": "exact_match", "n": 10,
+                "tuned": tuned, "base": None, "precision": "bf16", "train_s": train_s}  # fmt: skip
+
+    (tmp_path / "a.json").write_text(json.dumps([row("a", "t1", 10.0, 1), row("a", "t1", 90.0, 2),
+                                                 row("b", "t1", 20.0, 1, None)]))  # fmt: skip
+    (tmp_path / "b.json").write_text(json.dumps([row("a", "t2", 50.0, 1)]))
+    files = [tmp_path / "a.json", tmp_path / "b.json"]
+    rows = sweep.saved_rows(files, None, None, [1])
+    assert sorted((r["recipe"], r["task"]) for r in rows) == [("a", "t1"), ("a", "t2"), ("b", "t1")]
+    assert sweep.saved_rows(files, ["t2"], None, None) == [row("a", "t2", 50.0, 1)]
+    assert sweep.saved_rows(files, None, ["b"], None) == [row("b", "t1", 20.0, 1, None)]
+    sweep.report(sweep.saved_rows(files, ["t1"], None, [1]))
+    out = capsys.readouterr().out
+    assert "precision of the runs: bf16" in out
+    assert "| base model | - | | | |" in out
+    assert "| `a` | 10.0 (50%) | 50% | 50% | 1 |" in out  # seed 2's 90.0 left out
+    assert "| `b` | 20.0 (100%) | 100% | 100% | - |" in out
