@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -230,6 +231,35 @@ def report(rows: list[dict]) -> None:
         train = sum(sum(t) / len(t) for t in times) / 60 if known else None
         mark = " (chosen)" if rec == CHOSEN else ""
         print(f"| `{rec}`{mark} | {cells} | {worst} | {avg} | {_num(train, 0)} |")
+    spread(runs, tasks)
+
+
+SE_TARGET = 0.025
+"""A share's standard error at which 95% and 90% are two errors apart."""
+
+
+def spread(runs: dict[tuple[str, str], list[dict]], tasks: list[str]) -> None:
+    """Where the chosen recipe is not a task's best and both have several seeds: how far the
+    seeds' scores spread (sample standard deviation), and how many seeds each recipe would need
+    for the chosen's share of the best to have a standard error of SE_TARGET (delta method:
+    var(share) = (var_chosen + share^2 var_best) / (seeds * best^2))."""
+    lines = []
+    for t in tasks:
+        scores = {rec: [r["tuned"] for r in v] for (rec, task), v in runs.items() if task == t}
+        top = max(scores, key=lambda rec: statistics.fmean(scores[rec]))
+        mine, best = scores.get(CHOSEN, []), scores[top]
+        if top == CHOSEN or len(mine) < 2 or len(best) < 2:
+            continue
+        share = statistics.fmean(mine) / statistics.fmean(best)
+        sd_c, sd_b = statistics.stdev(mine), statistics.stdev(best)
+        need = (sd_c**2 + share**2 * sd_b**2) / (statistics.fmean(best) * SE_TARGET) ** 2
+        lines.append(f"| {t} | `{top}` | {share:.1%} | {sd_c:.1f} ({len(mine)}) | "
+                     f"{sd_b:.1f} ({len(best)}) | {need:.0f} |")  # fmt: skip
+    if lines:
+        print(f"\n| task | best | `{CHOSEN}`'s share | its seeds' sd (seeds) | the best's sd "
+              f"(seeds) | seeds each for a share's error of {SE_TARGET:.1%} |")  # fmt: skip
+        print("|---" * 6 + "|")
+        print("\n".join(lines))
 
 
 def _num(x: float | None, digits: int = 1) -> str:

@@ -213,3 +213,20 @@ def test_saved_sweep_rows_are_reported_by_task_recipe_and_seed(tmp_path, capsys)
     assert "| base model | - | | | |" in out
     assert "| `a` | 10.0 (50%) | 50% | 50% | 1 |" in out  # seed 2's 90.0 left out
     assert "| `b` | 20.0 (100%) | 100% | 100% | - |" in out
+
+
+def test_sweep_spread_counts_the_seeds_a_share_would_need(capsys):
+    """Where the chosen recipe trails a task's best: the seeds' spread and the seeds each recipe
+    would need for its share to have a standard error of 2.5 points."""
+    sweep = _bench_module("recipe_sweep")
+
+    def row(recipe, tuned, seed):
+        return {"task": "t", "recipe": recipe, "seed": seed, "metric": "exact_match", "n": 10,
+                "tuned": tuned, "base": 0.0, "train_s": 1.0}  # fmt: skip
+
+    sweep.report([row(sweep.CHOSEN, 8.0, 1), row(sweep.CHOSEN, 12.0, 2),
+                  row("b", 18.0, 1), row("b", 22.0, 2)])  # fmt: skip
+    # share 10/20; sd 2.83 each: (8 + 0.5^2 * 8) / (20 * 0.025)^2 = 40 seeds
+    assert "| t | `b` | 50.0% | 2.8 (2) | 2.8 (2) | 40 |" in capsys.readouterr().out
+    sweep.report([row(sweep.CHOSEN, 30.0, 1), row(sweep.CHOSEN, 32.0, 2), row("b", 20.0, 1)])
+    assert "seeds each" not in capsys.readouterr().out  # the chosen is the best: nothing to say
