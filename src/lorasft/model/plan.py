@@ -35,10 +35,11 @@ was about a sixth of a step.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
+from peft import LoraConfig
+from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -136,26 +137,26 @@ def count_parameters(config, cfg: Config) -> tuple[int, int]:
         base += (plan.target - plan.original) * config.hidden_size
     saved = [*(cfg.lora.modules_to_save or []), *context_modules_to_save(model, cfg.context)]
     targets = peft_targets(model, cfg.lora.target_modules)
+    match = None if targets == "all-linear" else LoraConfig(target_modules=targets)
     trainable = 0
     for name, module in model.named_modules():
         if name and any(name.endswith(s) for s in saved):
             trainable += sum(p.numel() for p in module.parameters())
-        elif _is_lora_target(name, module, targets):
+        elif _is_lora_target(name, module, match):
             weight = module.weight
             trainable += cfg.lora.r * (weight.shape[0] + weight.shape[1])
     return base, trainable
 
 
-def _is_lora_target(name: str, module: nn.Module, targets) -> bool:
+def _is_lora_target(name: str, module: nn.Module, targets: LoraConfig | None) -> bool:
+    """Whether PEFT puts LoRA on this module: a 2-D weight, not an embedding or the output head,
+    and (`targets` None: all-linear) a name PEFT's own matching takes for `targets`' modules (a
+    list's names match the name's last parts, a string the whole name)."""
     if not hasattr(module, "weight") or module.weight is None or module.weight.dim() != 2:
         return False
     if isinstance(module, nn.Embedding) or "lm_head" in name:
         return False
-    if targets == "all-linear":
-        return True
-    if isinstance(targets, str):  # a pattern (peft_targets), matched as PEFT does
-        return re.fullmatch(targets, name) is not None
-    return any(name.endswith(t) for t in targets)
+    return targets is None or bool(check_target_module_exists(targets, name))
 
 
 def memory_table(
