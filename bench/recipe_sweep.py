@@ -231,28 +231,29 @@ def report(rows: list[dict]) -> None:
         train = sum(sum(t) / len(t) for t in times) / 60 if known else None
         mark = " (chosen)" if rec == CHOSEN else ""
         print(f"| `{rec}`{mark} | {cells} | {worst} | {avg} | {_num(train, 0)} |")
-    spread(runs, tasks)
+    spread(runs, mean, tasks)
 
 
 SE_TARGET = 0.025
 """A share's standard error at which 95% and 90% are two errors apart."""
 
 
-def spread(runs: dict[tuple[str, str], list[dict]], tasks: list[str]) -> None:
+def spread(runs: dict[tuple[str, str], list[dict]], mean: dict[tuple[str, str], float],
+           tasks: list[str]) -> None:  # fmt: skip
     """Where the chosen recipe is not a task's best and both have several seeds: how far the
     seeds' scores spread (sample standard deviation), and how many seeds each recipe would need
     for the chosen's share of the best to have a standard error of SE_TARGET (delta method:
-    var(share) = (var_chosen + share^2 var_best) / (seeds * best^2))."""
+    var(share) = (var_chosen + share^2 var_best) / (seeds * best^2)). `mean`: report's cells."""
     lines = []
     for t in tasks:
-        scores = {rec: [r["tuned"] for r in v] for (rec, task), v in runs.items() if task == t}
-        top = max(scores, key=lambda rec: statistics.fmean(scores[rec]))
-        mine, best = scores.get(CHOSEN, []), scores[top]
+        top = max((rec for rec, task in mean if task == t), key=lambda rec: mean[rec, t])
+        mine = [r["tuned"] for r in runs.get((CHOSEN, t), [])]
+        best = [r["tuned"] for r in runs[top, t]]
         if top == CHOSEN or len(mine) < 2 or len(best) < 2:
             continue
-        share = statistics.fmean(mine) / statistics.fmean(best)
+        share = mean[CHOSEN, t] / mean[top, t]
         sd_c, sd_b = statistics.stdev(mine), statistics.stdev(best)
-        need = (sd_c**2 + share**2 * sd_b**2) / (statistics.fmean(best) * SE_TARGET) ** 2
+        need = (sd_c**2 + share**2 * sd_b**2) / (mean[top, t] * SE_TARGET) ** 2
         lines.append(f"| {t} | `{top}` | {share:.1%} | {sd_c:.1f} ({len(mine)}) | "
                      f"{sd_b:.1f} ({len(best)}) | {need:.0f} |")  # fmt: skip
     if lines:

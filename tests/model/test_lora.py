@@ -52,11 +52,12 @@ def test_plan_counts_the_attention_layers_lora_gets(config):
     assert count_parameters(config(), cfg)[1] == trainable > 0
 
 
-def test_plan_matches_listed_names_as_peft_does():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plan_matches_listed_names_as_peft_does(dtype):
     """A listed name is a module's whole last part, as PEFT matches it: "proj" is not q_proj
     (the plan once counted every name ending in the string)."""
     cfg = load_config(None, ["lora.target_modules=[o_proj,proj]", "lora.r=2"])
-    lora = apply_lora(AutoModelForCausalLM.from_config(_llama()), cfg.lora)
+    lora = apply_lora(AutoModelForCausalLM.from_config(_llama(), dtype=dtype), cfg.lora)
     assert _lora_layers(lora) == {f"model.layers.{i}.self_attn.o_proj" for i in range(2)}
     trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     assert count_parameters(_llama(), cfg)[1] == trainable == 2 * 2 * (16 + 16)
