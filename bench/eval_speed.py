@@ -2,11 +2,12 @@
 eval records, base and tuned): one sample at a time (batch size 1), batched (eval.batch_size),
 batched with the base's side taken from the cache a first batched evaluation filled, and batched
 without the near-tie check nor row-wise attention (eval.exact_greedy=false). Prints the seconds
-and how many greedy answers are equal to the one-at-a-time ones; then which answers exact
-batching's path changes before the near-tie check and the closest call on each row's path (the
-evidence for `NEAR_TIE_EPS`), and the best case of exact batching: its batches (row-wise
-attention) without the near-tie check plus generating alone only the answers they really change
-(as if a detector knew them without generating them alone). Figures only.
+and how many greedy answers are equal to the one-at-a-time ones, and in how many exact batches
+the first decoding step computed as alone (then no row is generated again); then, for batches
+that also read the prompts together (row-wise attention; what exact batches did before they read
+each prompt alone), which answers that changes before the near-tie check and the closest call
+on each row's path (the evidence for `NEAR_TIE_EPS`), and that path's best case: its batches
+plus generating alone only the answers they really change. Figures only.
 
     python bench/eval_speed.py [--run bench-out/demo-run] [--batch-size 8] [--dtype float32]
     python bench/eval_speed.py --sizes 8 16 32 [--rounds 2] [--run ...] [--dtype ...]
@@ -82,10 +83,11 @@ def main() -> None:
           f"(answers equal to one at a time: {same_p}/{n})")  # fmt: skip
     print(f"answers (tuned, base) equal: batched vs one at a time {same_8}/{n}; "
           f"cached vs batched {same_c}/{n}; rows generated again alone (near ties): "
-          f"{out8['generation_redone_alone']} of {2 * n}")  # fmt: skip
+          f"{out8['generation_redone_alone']} of {2 * n}; batches whose decoding computed as "
+          f"alone: {out8['generation_batches_as_alone']}")  # fmt: skip
     batched_only, alone = near_tie_study(run, examples, out1, a.batch_size)
     floor = batched_only + alone
-    print(f"best case of exact batching: its batches without the near-tie check + only the "
+    print(f"best case of batches reading the prompts together: no near-tie check + only the "
           f"answers they change generated alone: {batched_only:.1f} + {alone:.1f} = {floor:.1f} s  "
           f"x{one / floor:.2f}")  # fmt: skip
 
@@ -105,10 +107,11 @@ def compare_sizes(run, examples, encoded, sizes: list[int], rounds: int) -> None
 
 
 def near_tie_study(run, examples, out1: dict, batch_size: int) -> tuple[float, float]:
-    """Batched answers as exact batching computes them (row-wise attention) but without the
-    near-tie check, against the one-at-a-time ones, and the closest call on each row's batched
-    path (`eval.generate._Margins` units). Returns the seconds of those batches and the seconds
-    it takes to generate alone the answers that changed."""
+    """Batched answers as exact batching computed them before it read each prompt alone (the
+    prompts read together, row-wise attention), without the near-tie check, against the
+    one-at-a-time ones, and the closest call on each row's batched path
+    (`eval.generate._Margins` units). Returns the seconds of those batches and the seconds it
+    takes to generate alone the answers that changed."""
     from lorasft.eval import generate as gen_mod
     from lorasft.eval.run import chat_samples
 
@@ -129,8 +132,8 @@ def near_tie_study(run, examples, out1: dict, batch_size: int) -> tuple[float, f
         parted = [i for i, (x, y) in enumerate(zip(plain, ref)) if x != y]
         margins = [m for m in stats["margins"] if m is not None]  # None: a batch of one
         print(
-            f"{side}: exact batching's path without answers redone alone parts from one at a "
-            f"time on {len(parted)}/{len(ref)}; "
+            f"{side}: prompts read together (row-wise attention), no near-tie check: parts "
+            f"from one at a time on {len(parted)}/{len(ref)}; "
             f"their closest calls (eps units): {[stats['margins'][i] for i in parted]}"
         )
         print(

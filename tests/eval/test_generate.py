@@ -97,12 +97,15 @@ def test_a_near_tie_that_batching_flips_is_decided_as_alone(
     """Batching is made to round one way: two output rows are equal (their logits tie, and alone
     the lower id wins), and in a batch the higher one is nudged up by less than the near-tie
     bound. Plain batching (eval.exact_greedy=false) then answers differently; by default
-    `generate` answers as alone."""
+    `generate` sees that the batch's decoding does not compute as alone, and answers as alone.
+    (Exact batches read each prompt alone: the tie is on a token chosen after the first.)"""
     model, convs = _model(tiny_llama_dir, dtype), _conversations(16)
     prompts = [gen_mod.encode_prompt(c, tiny_tokenizer) for c in convs]
     gen = GenSettings(max_new_tokens=8)
     chosen = [
-        t for p in prompts for t in gen_mod._generate_batch(model, tiny_tokenizer, [p], gen)[0].ids
+        t
+        for p in prompts
+        for t in gen_mod._generate_batch(model, tiny_tokenizer, [p], gen)[0].ids[1:]
     ]
     top = max(set(chosen), key=chosen.count)  # the token the answers choose most
     head = model.get_output_embeddings()
@@ -127,6 +130,7 @@ def test_a_near_tie_that_batching_flips_is_decided_as_alone(
     assert sum(x != y for x, y in zip(unchecked, alone)) >= 2
     assert checked == alone
     assert stats["redone_alone"] >= 2 and unstats["redone_alone"] == 0  # exact=False: as batched
+    assert stats["batches"] == 2 and stats["batches_as_alone"] == 0
 
 
 def test_margins_are_gaps_in_units_of_the_dtype_eps_times_the_size():
@@ -190,3 +194,88 @@ def test_sampling_and_single_rows_are_not_watched(tiny_llama_dir, tiny_tokenizer
     sample = GenSettings(max_new_tokens=3, do_sample=True, temperature=1.0)
     answers = gen_mod._generate_batch(model, tiny_tokenizer, prompts, sample)
     assert [a.margins for a in answers] == [[], []]
+
+
+def _lora(model):
+    """A LoRA adapter as PEFT opens one on this base: fp32 on a bf16 base (autocast), its B
+    made non-zero so that it changes the answers."""
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    assert {p.dtype for n, p in peft.named_parameters() if "lora_" in n} == {torch.float32}
+    return peft.eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exact_batches_read_each_prompt_alone_and_decode_together(
+    tiny_llama_dir, tiny_tokenizer, dtype
+):
+    """With an adapter (fp32 on a bf16 base), base and tuned: each exact batch's prompts are read
+    alone, its answers equal one-at-a-time ones, and the batches are counted; where the batch's
+    first decoding step computed each row as alone, no row is generated again."""
+    model, convs = _lora(_model(tiny_llama_dir, dtype)), _conversations(20)
+    for base in (False, True):
+        alone = generate(model, tiny_tokenizer, convs, GenSettings(max_new_tokens=16, batch_size=1),
+                         base=base)  # fmt: skip
+        stats: dict = {}
+        batched = generate(model, tiny_tokenizer, convs,
+                           GenSettings(max_new_tokens=16, batch_size=8), base=base, stats=stats)  # fmt: skip
+        assert batched == alone and len(set(alone)) > 4
+        assert stats["batches"] == 3  # 8 + 8 + 4 rows
+        if stats["batches_as_alone"] == 3:
+            assert stats["redone_alone"] == 0
+    assert not any(m._forward_hooks for m in model.modules())  # the probes' hooks are gone
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_batch_whose_layers_all_run_row_by_row_decodes_as_alone(
+    tiny_llama_dir, tiny_tokenizer, dtype
+):
+    """Every linear layer made to compute row by row (the shapes one row alone computes): the
+    check of the first decoding step finds each row as alone in every module, so no row is
+    generated again, and the answers equal one-at-a-time ones. Then one layer nudged in
+    batches only: the check finds it, and the near-tie check answers as alone."""
+    model, convs = _model(tiny_llama_dir, dtype), _conversations(16)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(gen_mod._rows_one_at_a_time)
+    alone = generate(model, tiny_tokenizer, convs, GenSettings(max_new_tokens=12, batch_size=1))
+    stats: dict = {}
+    batched = generate(model, tiny_tokenizer, convs, GenSettings(max_new_tokens=12, batch_size=8),
+                       stats=stats)  # fmt: skip
+    assert batched == alone and len(set(alone)) > 4
+    assert stats["batches_as_alone"] == stats["batches"] == 2 and stats["redone_alone"] == 0
+
+    def nudge(module, args, out):  # a kernel that rounds a batch's rows otherwise
+        return out * (1 + 2**-6) if out.shape[0] > 1 else out
+
+    model.model.layers[0].mlp.down_proj.register_forward_hook(nudge)
+    alone = generate(model, tiny_tokenizer, convs, GenSettings(max_new_tokens=12, batch_size=1))
+    stats = {}
+    batched = generate(model, tiny_tokenizer, convs, GenSettings(max_new_tokens=12, batch_size=8),
+                       stats=stats)  # fmt: skip
+    assert batched == alone
+    assert stats["batches_as_alone"] == 0 and stats["batches"] == 2
+
+
+def test_adapter_layers_of_another_dtype_run_row_by_row_for_the_time_being(
+    tiny_llama_dir,
+):
+    model = _lora(_model(tiny_llama_dir, torch.bfloat16))
+    lora = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".lora_" in n]
+    x = torch.randn(5, 1, lora[0].in_features)
+    with gen_mod._adapter_rows_alone(model):
+        assert all(len(m._forward_hooks) == 1 for m in lora)
+        assert not any(m._forward_hooks for n, m in model.named_modules() if "base_layer" in n)
+        out = lora[0](x)
+    rows = torch.cat([torch.nn.functional.linear(x[i], lora[0].weight) for i in range(5)])
+    assert torch.equal(out.view(5, -1), rows)
+    assert not any(m._forward_hooks for m in lora)
+    same = _lora(_model(tiny_llama_dir, torch.float32))  # fp32 on fp32: left alone
+    with gen_mod._adapter_rows_alone(same):
+        assert not any(m._forward_hooks for m in same.modules())

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from threading import Thread
 
 import torch
 from transformers import (
     AttentionInterface,
+    DynamicCache,
     LogitsProcessor,
     LogitsProcessorList,
     StoppingCriteria,
     StoppingCriteriaList,
     TextIteratorStreamer,
 )
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -156,13 +158,14 @@ def _full_causal_sdpa(model) -> bool:
 @contextmanager
 def _padding_free_attention(model, gen: GenSettings):
     """Exact greedy batches run `_rowwise_sdpa` where the model runs plain SDPA; as it was after.
-    It sets the model's attention for the time being: no other thread may use the model then."""
+    Yields whether it does. It sets the model's attention for the time being: no other thread
+    may use the model then."""
     if gen.do_sample or not gen.exact or not _full_causal_sdpa(model):
-        yield
+        yield False
         return
     model.set_attn_implementation(ROWWISE)
     try:
-        yield
+        yield True
     finally:
         model.set_attn_implementation("sdpa")
 
@@ -173,31 +176,187 @@ def generate(model, tok, conversations: list[list[dict]], gen: GenSettings, base
     """Responses in input order; `base=True` runs with the LoRA adapter disabled.
 
     Greedy answers equal those generated one at a time: prompts are batched (left padding, by
-    length; on SDPA models each row's attention skips its padding, `_rowwise_sdpa`), and a row
+    length); on SDPA models each prompt is read alone and only the decoding is batched, each
+    row's attention skipping its padding (`_from_alone_prefills`). A batch whose first decoding
+    step computed every row as alone, bit for bit, is kept as it is; in any other batch a row
     whose path passed a near tie (`NEAR_TIE_EPS`) is generated again alone (unless `gen.exact`
     is false).
-    `stats`, when given, adds up `redone_alone` (how many) and extends `margins` (per
-    conversation, its batched path's closest call in `_Margins` units; None where not watched)."""
+    `stats`, when given, adds up `redone_alone` (how many), `batches` and `batches_as_alone`
+    (batches of several rows, and those whose decoding computed as alone), and extends `margins`
+    (per conversation, its batched path's closest call in `_Margins` units; None where not
+    watched)."""
     model.eval()
     prompts = [encode_prompt(m, tok) for m in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     closest: list[float | None] = [None] * len(prompts)
-    redone, limit = 0, near_tie_limit(frozen_dtype(model))
+    counts = {"redone_alone": 0, "batches": 0, "batches_as_alone": 0}
+    limit = near_tie_limit(frozen_dtype(model))
     ctx = model.disable_adapter() if base else nullcontext()
-    with ctx, _padding_free_attention(model, gen):
+    with ctx, _padding_free_attention(model, gen) as rowwise:
         for s in range(0, len(order), gen.batch_size):
             idx = order[s : s + gen.batch_size]
-            for i, answer in zip(idx, _generate_batch(model, tok, [prompts[i] for i in idx], gen)):
-                last = answer.last_near_tie(limit)
+            batch = [prompts[i] for i in idx]
+            if rowwise and len(batch) > 1:
+                answers, as_alone = _from_alone_prefills(model, tok, batch, gen)
+            else:
+                answers, as_alone = _generate_batch(model, tok, batch, gen), len(batch) == 1
+            counts["batches"] += len(batch) > 1
+            counts["batches_as_alone"] += len(batch) > 1 and as_alone
+            for i, answer in zip(idx, answers):
+                last = None if as_alone else answer.last_near_tie(limit)
                 if last is not None and gen.exact:
                     answer.text = _alone(model, tok, prompts[i], gen, answer, last)
-                    redone += 1
+                    counts["redone_alone"] += 1
                 out[i], closest[i] = answer.text, min(answer.margins, default=None)
     if stats is not None:
-        stats["redone_alone"] = stats.get("redone_alone", 0) + redone
+        for k, n in counts.items():
+            stats[k] = stats.get(k, 0) + n
         stats.setdefault("margins", []).extend(closest)
     return out
+
+
+CACHE_ARG = (
+    "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
+)
+"""The name transformers gives the KV cache in `generate` and `forward` (`past_key_values` before
+5.x renamed it)."""
+
+
+def _from_alone_prefills(model, tok, prompts: list[list[int]],
+                         gen: GenSettings) -> tuple[list[_Answer], bool]:  # fmt: skip
+    """Exact greedy answers of a batch (row-wise SDPA on): each prompt read alone, as generating
+    it alone reads it (`generate` with one new token: the same call, so the same first token and
+    keys), then the rest decoded as a batch over those keys, left-padded. Batching a prompt's
+    tokens runs the matmuls with more rows than alone, which on some CPUs picks other kernels
+    (bf16 with AMX from about 33 rows); decoding runs one row per prompt, few enough that such
+    kernels may give each row what one row alone gets. Whether they do is checked on the
+    batch's first decoding step (`_decodes_as_alone`); returns the answers and that."""
+    kw = gen.kwargs(tok)
+    firsts = [_prefill_alone(model, p, kw) for p in prompts]
+    stops = kw["eos_token_id"] or []
+    going = [r for r, (t, _) in enumerate(firsts) if t not in stops and gen.max_new_tokens > 1]
+    answers = [_Answer(tok.decode([t], skip_special_tokens=True).strip(), [t], [])
+               for t, _ in firsts]  # fmt: skip
+    if not going:
+        return answers, True
+    rows = [prompts[r] + [firsts[r][0]] for r in going]
+    width = max(len(prompts[r]) for r in going)
+    caches = [firsts[r][1] for r in going]
+    cache = _batched_cache(model, caches, width)
+    ids, mask = left_padded(rows, tok.pad_token_id, model.device)
+    rest = replace(gen, max_new_tokens=gen.max_new_tokens - 1)
+    with _adapter_rows_alone(model):
+        as_alone = len(going) == 1 or _decodes_as_alone(
+            model, ids, mask, _batched_cache(model, caches, width), caches
+        )
+        decoded = _generate_batch(model, tok, rows, rest, cache=cache)
+    for r, later in zip(going, decoded):
+        first = answers[r].ids
+        answers[r] = _Answer(tok.decode(first + later.new, skip_special_tokens=True).strip(),
+                             first + later.ids, [float("inf")] + later.margins)  # fmt: skip
+    return answers, as_alone
+
+
+@contextmanager
+def _adapter_rows_alone(model):
+    """For the time being, the adapter's linear layers held in another dtype than the base's
+    (PEFT keeps LoRA in fp32 on a bf16 base) compute a batch's rows one at a time: fp32 matmuls
+    round a row alone otherwise than in a batch on CPUs where bf16 ones do not, and LoRA's
+    layers are small enough (rank x width) for that to cost little."""
+    base = frozen_dtype(model)
+    layers = [m for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and ".lora_" in n and m.weight.dtype != base]  # fmt: skip
+    handles = [m.register_forward_hook(_rows_one_at_a_time) for m in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _rows_one_at_a_time(module, args, out):
+    """A forward hook: a linear layer's output computed row by row (the batch's is dropped)."""
+    rows = args[0].reshape(-1, args[0].shape[-1])
+    if rows.shape[0] == 1:
+        return None
+    alone = [torch.nn.functional.linear(row[None], module.weight, module.bias) for row in rows]
+    return torch.cat(alone).view(out.shape)
+
+
+def _prefill_alone(model, prompt: list[int], kw: dict) -> tuple[int, DynamicCache]:
+    """The first answer token of a prompt generated alone, and the prompt's keys and values."""
+    ids = torch.tensor([prompt], device=model.device)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                         **{**kw, "max_new_tokens": 1}, return_dict_in_generate=True)  # fmt: skip
+    return int(out.sequences[0, -1]), getattr(out, CACHE_ARG)
+
+
+def _batched_cache(model, caches: list[DynamicCache], width: int) -> DynamicCache:
+    """One cache of several prompts' caches, each left-padded with zeros to `width` positions
+    (row-wise SDPA never reads them)."""
+    batched = DynamicCache(config=model.config)
+    for n in range(len(caches[0].layers)):
+        keys, values = [], []
+        for c in caches:
+            k, v = c.layers[n].keys, c.layers[n].values
+            pad = k.new_zeros(*k.shape[:2], width - k.shape[2], k.shape[3])
+            keys.append(torch.cat([pad, k], dim=2))
+            values.append(torch.cat([pad.to(v.dtype), v], dim=2))
+        batched.update(torch.cat(keys), torch.cat(values), n)
+    return batched
+
+
+def _decodes_as_alone(model, ids: torch.Tensor, mask: torch.Tensor, batched: DynamicCache,
+                      caches: list[DynamicCache]) -> bool:  # fmt: skip
+    """Whether one decoding step of the batch (its last tokens, over `batched`) gives its first
+    and last rows (the shortest and the longest prompt), in every module without submodules,
+    the output that row's step alone (over its own cache in `caches`) gives, bit for bit.
+    Whether a kernel rounds a row alone as in a batch depends on the shapes, which are the same
+    for every row of the batch and at every later step (attention runs row by row on each row's
+    own keys, as alone); two rows of some hundred modules' outputs show a kernel that does not.
+    Consumes those rows' caches."""
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def keep(name: str):
+        def hook(module, args, out):
+            out = out[0] if isinstance(out, tuple) else out
+            if torch.is_tensor(out):
+                seen[-1].setdefault(name, out)
+
+        return hook
+
+    leaves = [(n, m) for n, m in model.named_modules() if next(m.children(), None) is None]
+    handles = [m.register_forward_hook(keep(n)) for n, m in leaves]
+    try:
+        seen.append({})
+        _decode_step(model, ids[:, -1:], mask, batched)
+        checked = sorted({0, len(caches) - 1})
+        for r in checked:
+            seen.append({})
+            own = mask[r : r + 1, mask.shape[1] - int(mask[r].sum()) :]
+            _decode_step(model, ids[r : r + 1, -1:], own, caches[r])
+    finally:
+        for h in handles:
+            h.remove()
+    rows = len(caches)
+    compared = 0
+    for r, alone in zip(checked, seen[1:]):
+        for name, a in alone.items():
+            b = seen[0].get(name)
+            if b is None or b.shape[0] != rows or a.shape[0] != 1 or b.shape[1:] != a.shape[1:]:
+                continue
+            if not torch.equal(a[0], b[r]):
+                return False
+            compared += 1
+    return compared > 0
+
+
+def _decode_step(model, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> None:
+    """One decoding step as `generate` runs it: positions from the attention mask."""
+    positions = mask.long().cumsum(-1)[:, -1:] - 1
+    model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+          **{CACHE_ARG: cache})  # fmt: skip
 
 
 @dataclass
@@ -206,7 +365,10 @@ class _Answer:
     ids: list[int]
     """The answer's tokens through its first stop token."""
     margins: list[float]
-    """Each of those steps' margin in `_Margins` units (empty when not watched)."""
+    """Each of those steps' margin in `_Margins` units (empty when not watched; inf for a token
+    chosen alone)."""
+    new: list[int] = field(default_factory=list)
+    """Every token generated, padding after the stop included."""
 
     def last_near_tie(self, limit: float) -> int | None:
         near = [n for n, m in enumerate(self.margins) if m < limit]
@@ -258,9 +420,11 @@ def left_padded(
 
 
 def _generate_batch(model, tok, prompts: list[list[int]], gen: GenSettings,
-                    stopping: StoppingCriteriaList | None = None) -> list[_Answer]:  # fmt: skip
-    """One `generate` call over left-padded prompts; each answer's margins are recorded when
-    there is something to compare with (a batch of several, greedy)."""
+                    stopping: StoppingCriteriaList | None = None,
+                    cache: DynamicCache | None = None) -> list[_Answer]:  # fmt: skip
+    """One `generate` call over left-padded prompts (with `cache`: over the keys it holds of all
+    but each prompt's last token); each answer's margins are recorded when there is something
+    to compare with (a batch of several, greedy)."""
     input_ids, attention_mask = left_padded(prompts, tok.pad_token_id, model.device)
     width = input_ids.shape[1]
     kwargs = gen.kwargs(tok)
@@ -269,13 +433,15 @@ def _generate_batch(model, tok, prompts: list[list[int]], gen: GenSettings,
         kwargs["logits_processor"] = LogitsProcessorList([margins])
     if stopping is not None:
         kwargs["stopping_criteria"] = stopping
+    if cache is not None:
+        kwargs[CACHE_ARG] = cache
     new = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[:, width:]
     units = torch.stack(margins.steps, dim=1).tolist() if margins.steps else None
     answers = []
     for r, row in enumerate(new.tolist()):
         n = _answer_steps(row, kwargs["eos_token_id"])
         answers.append(_Answer(tok.decode(row, skip_special_tokens=True).strip(), row[:n],
-                               units[r][:n] if units else []))  # fmt: skip
+                               units[r][:n] if units else [], row))  # fmt: skip
     return answers
 
 

@@ -30,7 +30,9 @@ def evaluate(model, tok, eval_examples: list[Example], eval_encoded: list[Encode
     out["tuned"] = {"perplexity": ppl()}
     chats, prompts, refs = chat_samples(eval_examples, ev.num_samples)
     gen = GenSettings.from_config(ev)
-    stats = {"redone_alone": 0}  # batched greedy rows generated again alone (near ties)
+    # batched greedy rows generated again alone (near ties); batches of several rows, and those
+    # whose decoding computed every row as alone
+    stats = {"redone_alone": 0, "batches": 0, "batches_as_alone": 0}
     base_answers = None
     if ev.compare_base:
         base = _base_side(model, tok, prompts, eval_encoded, gen, ev.cache_base, ppl, stats)
@@ -42,6 +44,7 @@ def evaluate(model, tok, eval_examples: list[Example], eval_encoded: list[Encode
             model, tok, chats, prompts, refs, gen, out, base_answers, stats
         )
         out["generation_redone_alone"] = stats["redone_alone"]
+        out["generation_batches_as_alone"] = f"{stats['batches_as_alone']} of {stats['batches']}"
     out["seconds"] = round(time.perf_counter() - start, 2)
     return out
 
