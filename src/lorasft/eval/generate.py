@@ -76,14 +76,16 @@ def encode_prompt(messages: list[dict], tok) -> list[int]:
     return tok(build_prompt(messages, tok), add_special_tokens=False).input_ids
 
 
-# A greedy step whose best and second-best logits are closer than this may go either way when the
+# In a batch whose decoding does not compute as alone (`_decodes_as_alone`):
+# a greedy step whose best and second-best logits are closer than this may go either way when the
 # same row is computed in a batch instead of alone: a batch's matmuls run other kernels than one
 # row's, so every layer rounds differently. (Padding no longer does: `_rowwise_sdpa`.) Measured in
 # units of the base's dtype eps times the best logit's size (at least 1); in bf16 one unit is one
 # to two steps of the grid the logits lie on. On the demo run (bench/eval_speed.py, 2026-12-02),
 # exact batching's path without this check parted from one-at-a-time answers on 7 of 64 rows,
 # the same 7 in batches of 8 and of 32, at closest calls of 0 (5 rows), 0.70 and 1.95 units:
-# the bound is twice the largest. (With plain SDPA in batches of 32 one row had parted at 2.39.)
+# the bound is twice the largest. (With plain SDPA in batches of 32 one row had parted at 2.39;
+# on an Intel Xeon with AMX, prompts read together, 16 of 64 rows at 0-1.08 units.)
 # fp32 answers never parted; its floor, a relative gap of 1e-5 (84 fp32 units), is kept for the
 # rounding fp32 piles up over the layers. An empirical bound, not a proof.
 NEAR_TIE_EPS = 4.0
