@@ -64,15 +64,28 @@ def test_gguf_round_trip(tiny_run, tmp_path, qtype):
     specials = lambda t: (t.bos_token_id, t.eos_token_id, t.pad_token_id)
     assert specials(gtok) == specials(tok)
     agree = 0
+    exact = qtype == "f32" and precision_of(tiny_run) == "fp32"
     for text in PROMPTS:
         ids, want, want_logits = _greedy(peft, tok, text)
         gids, got, logits = _greedy(model, gtok, text)
         assert gids == ids  # same prompt rendering and tokenization
         diff = (logits - want_logits.float()).abs().max().item()
         tol = logit_tolerance(precision_of(tiny_run), want_logits)  # the run's own rounding
-        assert diff < (tol if qtype == "f32" else tol + 5e-2), diff
+        tol = tol if qtype == "f32" else tol + 5e-2
+        assert diff < tol, diff
         agree += got == want
-    assert agree == len(PROMPTS) if qtype == "f32" else agree >= len(PROMPTS) // 2
+        if got != want and not exact:
+            # two logits each within tol of the run's can swap only if the run's are within 2 tol
+            assert _gap_where_they_part(peft, ids, want, got) < 2 * tol
+    assert agree == len(PROMPTS) if exact else agree >= len(PROMPTS) // 2
+
+
+def _gap_where_they_part(model, ids, want, got) -> float:
+    """The gap between the reference's two best logits at the step where two answers part."""
+    k = next(i for i, (a, b) in enumerate(zip(want + [None], got + [None])) if a != b)
+    with torch.no_grad():
+        top = model(torch.tensor([ids + want[:k]])).logits[0, -1].float().topk(2).values
+    return (top[0] - top[1]).item()
 
 
 def test_gguf_refuses_other_architectures(tmp_path, tiny_tokenizer_dir):
