@@ -251,8 +251,8 @@ def test_a_batch_whose_layers_all_run_row_by_row_decodes_as_alone(
     assert batched == alone and len(set(alone)) > 4
     assert stats["batches_as_alone"] == stats["batches"] == 2 and stats["redone_alone"] == 0
 
-    def nudge(module, args, out):  # a kernel that rounds a batch's rows otherwise
-        return out * (1 + 2**-6) if out.shape[0] > 1 else out
+    def nudge(module, args, out):  # a kernel that rounds a batch's rows otherwise, by an ulp
+        return out * (1 + torch.finfo(out.dtype).eps) if out.shape[0] > 1 else out
 
     model.model.layers[0].mlp.down_proj.register_forward_hook(nudge)
     alone = generate(model, tiny_tokenizer, convs, GenSettings(max_new_tokens=12, batch_size=1))

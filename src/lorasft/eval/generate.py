@@ -178,8 +178,9 @@ def generate(model, tok, conversations: list[list[dict]], gen: GenSettings, base
     """Responses in input order; `base=True` runs with the LoRA adapter disabled.
 
     Greedy answers equal those generated one at a time: prompts are batched (left padding, by
-    length); on SDPA models each prompt is read alone and only the decoding is batched, each
-    row's attention skipping its padding (`_from_alone_prefills`). A batch whose first decoding
+    length); on SDPA models whose linear layers round a batch's rows as alone
+    (`_linears_round_rows_alike`) each prompt is read alone and only the decoding is batched,
+    each row's attention skipping its padding (`_from_alone_prefills`). A batch whose first decoding
     step computed every row as alone, bit for bit, is kept as it is; in any other batch a row
     whose path passed a near tie (`NEAR_TIE_EPS`) is generated again alone (unless `gen.exact`
     is false).
@@ -195,11 +196,14 @@ def generate(model, tok, conversations: list[list[dict]], gen: GenSettings, base
     counts = {"redone_alone": 0, "batches": 0, "batches_as_alone": 0}
     limit = near_tie_limit(frozen_dtype(model))
     ctx = model.disable_adapter() if base else nullcontext()
+    alike: dict[int, bool] = {}  # batch size -> whether the linear layers round its rows as alone
     with ctx, _padding_free_attention(model, gen) as rowwise:
         for s in range(0, len(order), gen.batch_size):
             idx = order[s : s + gen.batch_size]
             batch = [prompts[i] for i in idx]
-            if rowwise and len(batch) > 1:
+            if rowwise and len(batch) > 1 and len(batch) not in alike:
+                alike[len(batch)] = _linears_round_rows_alike(model, len(batch))
+            if rowwise and len(batch) > 1 and alike[len(batch)]:
                 answers, as_alone = _from_alone_prefills(model, tok, batch, gen)
             else:
                 answers, as_alone = _generate_batch(model, tok, batch, gen), len(batch) == 1
@@ -258,6 +262,28 @@ def _from_alone_prefills(model, tok, prompts: list[list[int]],
         answers[r] = _Answer(tok.decode(first + later.new, skip_special_tokens=True).strip(),
                              first + later.ids, [float("inf")] + later.margins)  # fmt: skip
     return answers, as_alone
+
+
+@torch.no_grad()
+def _linears_round_rows_alike(model, rows: int) -> bool:
+    """Whether each linear layer, as decoding runs it (`_adapter_rows_alone` on), gives every row
+    of a `rows`-row input the bits it gives that row alone: one random input per kind of layer
+    (shape, dtype, hooks). Where not (fp32 matmuls on CPUs measured so far), reading prompts
+    alone cannot make the batch decode as alone, so exact batches read them together."""
+    seen = set()
+    with _adapter_rows_alone(model):
+        for m in model.modules():
+            if not isinstance(m, torch.nn.Linear):
+                continue
+            kind = (m.weight.shape, m.weight.dtype, len(m._forward_hooks))
+            if kind in seen:
+                continue
+            seen.add(kind)
+            x = torch.randn(rows, 1, m.in_features, device=m.weight.device).to(m.weight.dtype)
+            together = m(x)
+            if not all(torch.equal(m(x[r : r + 1])[0], together[r]) for r in range(rows)):
+                return False
+    return True
 
 
 @contextmanager
