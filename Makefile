@@ -52,11 +52,14 @@ browser:
 # Two pytest workers (pytest-xdist), one test file each at a time, one CPU thread each: most
 # tests are small models and subprocesses that keep one core busy at most, so two files at once
 # use both cores. Then, alone, the few tests that assert how soon something happens (marked
-# `timing`). `pytest` alone runs every test one at a time.
+# `timing`). `pytest` alone runs every test one at a time. --max-worker-restart=0: a worker that
+# crashes (a segfault in a native library) fails the run at once, naming the test; with a
+# restart, xdist's loadfile scheduling can wait forever (pytest-xdist#784; seen here after
+# llama.cpp's AMX crash).
 TEST_ENV := LORASFT_REQUIRE_LLAMA_SERVER=1 LORASFT_REQUIRE_BROWSER=1 $(TORCH_EXT)
 
 test: $(TEST_STAMP) $(LLAMA_SERVER) browser
-	$(TEST_ENV) OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m "not timing"
+	$(TEST_ENV) OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --max-worker-restart=0 -m "not timing"
 	$(TEST_ENV) $(VENV)/bin/python -m pytest -q -m timing
 
 bench: $(STAMP)
