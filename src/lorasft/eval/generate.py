@@ -17,7 +17,6 @@ from transformers import (
     StoppingCriteriaList,
     TextIteratorStreamer,
 )
-from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -222,13 +221,6 @@ def generate(model, tok, conversations: list[list[dict]], gen: GenSettings, base
     return out
 
 
-CACHE_ARG = (
-    "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
-)
-"""The name transformers gives the KV cache in `generate` and `forward` (`past_key_values` before
-5.x renamed it)."""
-
-
 def _from_alone_prefills(model, tok, prompts: list[list[int]],
                          gen: GenSettings) -> tuple[list[_Answer], bool]:  # fmt: skip
     """Exact greedy answers of a batch (row-wise SDPA on): each prompt read alone, as generating
@@ -317,7 +309,7 @@ def _prefill_alone(model, prompt: list[int], kw: dict) -> tuple[int, DynamicCach
     ids = torch.tensor([prompt], device=model.device)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                          **{**kw, "max_new_tokens": 1}, return_dict_in_generate=True)  # fmt: skip
-    return int(out.sequences[0, -1]), getattr(out, CACHE_ARG)
+    return int(out.sequences[0, -1]), out.cache
 
 
 def _batched_cache(model, caches: list[DynamicCache], width: int) -> DynamicCache:
@@ -384,7 +376,7 @@ def _decode_step(model, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCac
     """One decoding step as `generate` runs it: positions from the attention mask."""
     positions = mask.long().cumsum(-1)[:, -1:] - 1
     model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-          **{CACHE_ARG: cache})  # fmt: skip
+          cache=cache)  # fmt: skip
 
 
 @dataclass
@@ -462,7 +454,7 @@ def _generate_batch(model, tok, prompts: list[list[int]], gen: GenSettings,
     if stopping is not None:
         kwargs["stopping_criteria"] = stopping
     if cache is not None:
-        kwargs[CACHE_ARG] = cache
+        kwargs["cache"] = cache
     new = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[:, width:]
     units = torch.stack(margins.steps, dim=1).tolist() if margins.steps else None
     answers = []
