@@ -239,7 +239,9 @@ def test_a_batch_whose_layers_all_run_row_by_row_decodes_as_alone(
     """Every linear layer made to compute row by row (the shapes one row alone computes): the
     check of the first decoding step finds each row as alone in every module, so no row is
     generated again, and the answers equal one-at-a-time ones. Then one layer nudged in
-    batches only: the check finds it, and the near-tie check answers as alone."""
+    batches only: the check finds it, and the near-tie check answers as alone. Then a norm
+    nudged in one middle row of a batch only (a kernel that takes rows in blocks): the check of
+    every row finds it too."""
     model, convs = _model(tiny_llama_dir, dtype), _conversations(16)
     for m in model.modules():
         if isinstance(m, torch.nn.Linear):
@@ -254,13 +256,22 @@ def test_a_batch_whose_layers_all_run_row_by_row_decodes_as_alone(
     def nudge(module, args, out):  # a kernel that rounds a batch's rows otherwise, by an ulp
         return out * (1 + torch.finfo(out.dtype).eps) if out.shape[0] > 1 else out
 
-    model.model.layers[0].mlp.down_proj.register_forward_hook(nudge)
-    alone = generate(model, tiny_tokenizer, convs, GenSettings(max_new_tokens=12, batch_size=1))
-    stats = {}
-    batched = generate(model, tiny_tokenizer, convs, GenSettings(max_new_tokens=12, batch_size=8),
-                       stats=stats)  # fmt: skip
-    assert batched == alone
-    assert stats["batches_as_alone"] == 0 and stats["batches"] == 2
+    def nudge_row(module, args, out):  # only the batch's fourth row, by an ulp
+        if out.shape[0] > 1:
+            out = out.clone()
+            out[3] = out[3] * (1 + torch.finfo(out.dtype).eps)
+        return out
+
+    for layer, hook in ((model.model.layers[0].mlp.down_proj, nudge),
+                        (model.model.layers[1].post_attention_layernorm, nudge_row)):  # fmt: skip
+        handle = layer.register_forward_hook(hook)
+        alone = generate(model, tiny_tokenizer, convs, GenSettings(max_new_tokens=12, batch_size=1))
+        stats = {}
+        batched = generate(model, tiny_tokenizer, convs,
+                           GenSettings(max_new_tokens=12, batch_size=8), stats=stats)  # fmt: skip
+        assert batched == alone
+        assert stats["batches_as_alone"] == 0 and stats["batches"] == 2
+        handle.remove()
 
 
 def test_adapter_layers_of_another_dtype_run_row_by_row_for_the_time_being(
