@@ -351,8 +351,7 @@ def _decodes_as_alone(model, ids: torch.Tensor, mask: torch.Tensor, batched: Dyn
     try:
         seen.append({})
         _decode_step(model, ids[:, -1:], mask, batched)
-        checked = range(len(caches))
-        for r in checked:
+        for r in range(len(caches)):
             seen.append({})
             own = mask[r : r + 1, mask.shape[1] - int(mask[r].sum()) :]
             _decode_step(model, ids[r : r + 1, -1:], own, caches[r])
@@ -361,7 +360,7 @@ def _decodes_as_alone(model, ids: torch.Tensor, mask: torch.Tensor, batched: Dyn
             h.remove()
     rows = len(caches)
     compared = 0
-    for r, alone in zip(checked, seen[1:]):
+    for r, alone in enumerate(seen[1:]):
         for name, a in alone.items():
             b = seen[0].get(name)
             if b is None or b.shape[0] != rows or a.shape[0] != 1 or b.shape[1:] != a.shape[1:]:
