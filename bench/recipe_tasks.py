@@ -14,8 +14,13 @@ Tasks (kind, language, metric):
   country_chat      two turns: 2-letter code (EN), then the 3-letter
                     one asked in Chinese                              exact_match (last turn)
   utc_offset        time zone + date -> UTC offset, EN               exact_match
+  country_short_en  official name -> short name, EN                  exact_match
+  language_code     language name -> ISO 639-1 code, EN              exact_match
 
-The sweep chooses on the first four (`SWEPT`); utc_offset is held out to check the choice.
+The sweep chooses on the first four (`SWEPT`); the last three are held out to check the choice
+(country_short_en and language_code were added after it, 2026-12-03, to test whether the
+trade-off between the Chinese rewriting and the chat task follows the kind of task: a rewriting
+whose answer is in the prompt, or codes the base has to know).
 """
 
 from __future__ import annotations
@@ -112,14 +117,35 @@ def country_chat() -> list[tuple[str, dict]]:
         {"role": "assistant", "content": c["alpha_3"]}]}) for c in codes]  # fmt: skip
 
 
+def country_short_en() -> list[tuple[str, dict]]:
+    """country_short_zh's twin in English: the official name rewritten as ISO's short name
+    (Islamic Republic of Afghanistan -> Afghanistan; Hellenic Republic -> Greece)."""
+    rows, _ = _iso("3166-1", "3166-1")
+    return [(c["alpha_3"], {"instruction": "Rewrite this country's official name as its short "
+                            "name. Answer with the short name only.", "input": c["official_name"],
+                            "output": c["name"]})
+            for c in rows if c.get("official_name", c["name"]) != c["name"]]  # fmt: skip
+
+
+def language_code() -> list[tuple[str, dict]]:
+    """A language's name -> its two-letter ISO 639-1 code (French -> fr): knowledge the base
+    partly has, as the chat task's codes."""
+    rows, _ = _iso("639-3", "639-3")
+    return [(c["alpha_3"], {"instruction": "Give the two-letter ISO 639-1 code of this language. "
+                            "Answer with the code only.", "input": c["name"], "output": c["alpha_2"]})
+            for c in rows if "alpha_2" in c]  # fmt: skip
+
+
 TASKS = {"country_codes": (country_codes, "json_fields"),
          "language_names": (language_names, "exact_match"),
          "country_short_zh": (country_short_zh, "exact_match"),
          "country_chat": (country_chat, "exact_match"),
-         "utc_offset": (utc_offset, "exact_match")}  # fmt: skip
+         "utc_offset": (utc_offset, "exact_match"),
+         "country_short_en": (country_short_en, "exact_match"),
+         "language_code": (language_code, "exact_match")}  # fmt: skip
 SWEPT = ["country_codes", "language_names", "country_short_zh", "country_chat"]
-"""The tasks the defaults are chosen on; utc_offset is kept out, to check the choice on a task
-that did not make it."""
+"""The tasks the defaults are chosen on; utc_offset, country_short_en and language_code are kept
+out, to check the choice on tasks that did not make it."""
 
 
 MAX_TRAIN, MAX_TEST = 200, 60  # small tasks: a sweep trains each many times on 2 cores
