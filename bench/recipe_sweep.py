@@ -14,9 +14,10 @@ Resumable: a step (train, eval) whose timing file exists is not run again.
 With several `--seeds` (train.seed: LoRA's initial weights, the order of the batches, dropout
 and NEFTune's noise; the validation share stays the same) each cell is the mean over its seeds,
 and the seeds' scores are listed beside it. Every run's row (score, precision, checkpoint step,
-times) goes to OUT/sweep.json; the rows behind the README's tables are kept in `bench/results/`,
-and `--rows` prints the table of saved rows (only those of the tasks, recipes and seeds named, when
-named), so a sweep continued on another day or machine can be reported with the runs before it.
+times) is added to OUT/sweep.json (replacing an earlier row of the same task, recipe and seed);
+the rows behind the README's tables are kept in `bench/results/`, and `--rows` prints the
+table of saved rows (only those of the tasks, recipes and seeds named, when named), so a sweep
+continued on another day or machine can be reported with the runs before it.
 """
 
 from __future__ import annotations
@@ -184,8 +185,21 @@ def main() -> None:
 
     with ThreadPoolExecutor(a.parallel) as pool:
         rows = list(pool.map(one, jobs))
-    (out / "sweep.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    save_rows(out / "sweep.json", rows)
     report(rows)
+
+
+def _run_key(row: dict) -> tuple[str, str, int]:
+    return row["task"], row["recipe"], row["seed"]
+
+
+def save_rows(path: Path, rows: list[dict]) -> None:
+    """Add `rows` to the sweep's file, replacing earlier rows of the same task, recipe and seed:
+    a second invocation into the same --out keeps the first one's rows."""
+    new = {_run_key(r) for r in rows}
+    old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+    kept = [r for r in old if _run_key(r) not in new]
+    path.write_text(json.dumps(kept + rows, indent=1) + "\n", encoding="utf-8")
 
 
 def saved_rows(files: list[Path], tasks: list[str] | None, recipes: list[str] | None,

@@ -230,3 +230,19 @@ def test_sweep_spread_counts_the_seeds_a_share_would_need(capsys):
     assert "| t | `b` | 50.0% | 2.8 (2) | 2.8 (2) | 40 |" in capsys.readouterr().out
     sweep.report([row(sweep.CHOSEN, 30.0, 1), row(sweep.CHOSEN, 32.0, 2), row("b", 20.0, 1)])
     assert "seeds each" not in capsys.readouterr().out  # the chosen is the best: nothing to say
+
+
+def test_sweep_rows_of_a_second_invocation_are_added_not_written_over(tmp_path):
+    """Two sweeps into the same --out: the file keeps the first one's rows, and a run done again
+    (same task, recipe and seed) replaces its earlier row."""
+    sweep = _bench_module("recipe_sweep")
+    path = tmp_path / "sweep.json"
+
+    def row(task, seed, tuned):
+        return {"task": task, "recipe": "r", "seed": seed, "tuned": tuned}
+
+    sweep.save_rows(path, [row("a", 1, 10.0), row("a", 2, 20.0)])
+    sweep.save_rows(path, [row("b", 1, 30.0), row("a", 2, 25.0)])
+    rows = json.loads(path.read_text(encoding="utf-8"))
+    assert sorted((r["task"], r["seed"], r["tuned"]) for r in rows) == [
+        ("a", 1, 10.0), ("a", 2, 25.0), ("b", 1, 30.0)]  # fmt: skip
