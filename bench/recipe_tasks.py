@@ -59,14 +59,21 @@ def country_codes() -> list[tuple[str, dict]]:
             for c in rows]  # fmt: skip
 
 
+def _field_to_field(
+    standard: str, instruction: str, source: str, target: str
+) -> list[tuple[str, dict]]:
+    """One record per entry of an ISO standard that has both fields and where they differ, keyed
+    by the entry's alpha_3 code: `source` in, `target` out."""
+    rows, _ = _iso(standard, standard)
+    return [(c["alpha_3"], {"instruction": instruction, "input": c[source], "output": c[target]})
+            for c in rows if source in c and target in c and c[source] != c[target]]  # fmt: skip
+
+
 def language_names() -> list[tuple[str, dict]]:
     """ISO 639-3's catalogue form ("Arabic, Algerian Saharan") rewritten as the name
     ("Algerian Saharan Arabic"): a format transfer of real names."""
-    rows, _ = _iso("639-3", "639-3")
-    return [(c["alpha_3"], {"instruction": "Rewrite this catalogue-style language name in its "
-                            "natural word order.", "input": c["inverted_name"],
-                            "output": c["name"]})
-            for c in rows if c.get("inverted_name", c["name"]) != c["name"]]  # fmt: skip
+    return _field_to_field("639-3", "Rewrite this catalogue-style language name in its natural "
+                           "word order.", "inverted_name", "name")  # fmt: skip
 
 
 def country_short_zh() -> list[tuple[str, dict]]:
@@ -120,20 +127,15 @@ def country_chat() -> list[tuple[str, dict]]:
 def country_short_en() -> list[tuple[str, dict]]:
     """country_short_zh's twin in English: the official name rewritten as ISO's short name
     (Islamic Republic of Afghanistan -> Afghanistan; Hellenic Republic -> Greece)."""
-    rows, _ = _iso("3166-1", "3166-1")
-    return [(c["alpha_3"], {"instruction": "Rewrite this country's official name as its short "
-                            "name. Answer with the short name only.", "input": c["official_name"],
-                            "output": c["name"]})
-            for c in rows if c.get("official_name", c["name"]) != c["name"]]  # fmt: skip
+    return _field_to_field("3166-1", "Rewrite this country's official name as its short name. "
+                           "Answer with the short name only.", "official_name", "name")  # fmt: skip
 
 
 def language_code() -> list[tuple[str, dict]]:
     """A language's name -> its two-letter ISO 639-1 code (French -> fr): knowledge the base
     partly has, as the chat task's codes."""
-    rows, _ = _iso("639-3", "639-3")
-    return [(c["alpha_3"], {"instruction": "Give the two-letter ISO 639-1 code of this language. "
-                            "Answer with the code only.", "input": c["name"], "output": c["alpha_2"]})
-            for c in rows if "alpha_2" in c]  # fmt: skip
+    return _field_to_field("639-3", "Give the two-letter ISO 639-1 code of this language. Answer "
+                           "with the code only.", "name", "alpha_2")  # fmt: skip
 
 
 TASKS = {"country_codes": (country_codes, "json_fields"),
