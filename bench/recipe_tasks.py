@@ -16,11 +16,13 @@ Tasks (kind, language, metric):
   utc_offset        time zone + date -> UTC offset, EN               exact_match
   country_short_en  official name -> short name, EN                  exact_match
   language_code     language name -> ISO 639-1 code, EN              exact_match
+  language_name_zh  language name (EN) -> its Chinese name, ZH       exact_match
 
-The sweep chooses on the first four (`SWEPT`); the last three are held out to check the choice
+The sweep chooses on the first four (`SWEPT`); the last four are held out to check the choice
 (country_short_en and language_code were added after it, 2026-12-03, to test whether the
 trade-off between the Chinese rewriting and the chat task follows the kind of task: a rewriting
-whose answer is in the prompt, or codes the base has to know).
+whose answer is in the prompt, or codes the base has to know); language_name_zh, added after
+those ran, to test whether it follows the answer's language instead).
 """
 
 from __future__ import annotations
@@ -138,16 +140,27 @@ def language_code() -> list[tuple[str, dict]]:
                            "with the code only.", "name", "alpha_2")  # fmt: skip
 
 
+def language_name_zh() -> list[tuple[str, dict]]:
+    """A language's English name -> its Chinese name from the zh_CN translations (Afar -> 阿法尔语):
+    an answer in Chinese that is not in the prompt, to tell the Chinese rewriting task's language
+    from its kind."""
+    rows, zh = _iso("639-3", "639-3")
+    return [(c["alpha_3"], {"instruction": "这种语言的中文名称是什么？只回答名称。", "input": c["name"],
+                            "output": zh.gettext(c["name"])})
+            for c in rows if zh.gettext(c["name"]) != c["name"]]  # fmt: skip
+
+
 TASKS = {"country_codes": (country_codes, "json_fields"),
          "language_names": (language_names, "exact_match"),
          "country_short_zh": (country_short_zh, "exact_match"),
          "country_chat": (country_chat, "exact_match"),
          "utc_offset": (utc_offset, "exact_match"),
          "country_short_en": (country_short_en, "exact_match"),
-         "language_code": (language_code, "exact_match")}  # fmt: skip
+         "language_code": (language_code, "exact_match"),
+         "language_name_zh": (language_name_zh, "exact_match")}  # fmt: skip
 SWEPT = ["country_codes", "language_names", "country_short_zh", "country_chat"]
-"""The tasks the defaults are chosen on; utc_offset, country_short_en and language_code are kept
-out, to check the choice on tasks that did not make it."""
+"""The tasks the defaults are chosen on; the others are kept out, to check the choice on tasks
+that did not make it."""
 
 
 MAX_TRAIN, MAX_TEST = 200, 60  # small tasks: a sweep trains each many times on 2 cores
