@@ -146,8 +146,8 @@ def language_name_zh() -> list[tuple[str, dict]]:
     from its kind."""
     rows, zh = _iso("639-3", "639-3")
     return [(c["alpha_3"], {"instruction": "这种语言的中文名称是什么？只回答名称。", "input": c["name"],
-                            "output": zh.gettext(c["name"])})
-            for c in rows if zh.gettext(c["name"]) != c["name"]]  # fmt: skip
+                            "output": name_zh})
+            for c in rows if (name_zh := zh.gettext(c["name"])) != c["name"]]  # fmt: skip
 
 
 TASKS = {"country_codes": (country_codes, "json_fields"),

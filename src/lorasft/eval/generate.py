@@ -351,10 +351,10 @@ def _decodes_as_alone(model, ids: torch.Tensor, mask: torch.Tensor, batched: Dyn
     try:
         seen.append({})
         _decode_step(model, ids[:, -1:], mask, batched)
-        for r in range(len(caches)):
+        for r, cache in enumerate(caches):
             seen.append({})
             own = mask[r : r + 1, mask.shape[1] - int(mask[r].sum()) :]
-            _decode_step(model, ids[r : r + 1, -1:], own, caches[r])
+            _decode_step(model, ids[r : r + 1, -1:], own, cache)
     finally:
         for h in handles:
             h.remove()
