@@ -17,12 +17,14 @@ Tasks (kind, language, metric):
   country_short_en  official name -> short name, EN                  exact_match
   language_code     language name -> ISO 639-1 code, EN              exact_match
   language_name_zh  language name (EN) -> its Chinese name, ZH       exact_match
+  country_official_zh  short name -> official name, ZH               exact_match
 
 The sweep chooses on the first four (`SWEPT`); the last four are held out to check the choice
 (country_short_en and language_code were added after it, 2026-12-03, to test whether the
 trade-off between the Chinese rewriting and the chat task follows the kind of task: a rewriting
 whose answer is in the prompt, or codes the base has to know); language_name_zh, added after
-those ran, to test whether it follows the answer's language instead).
+those ran, to test whether it follows the answer's language instead; country_official_zh,
+added when that one proved too hard for the model, for the same question).
 """
 
 from __future__ import annotations
@@ -78,17 +80,31 @@ def language_names() -> list[tuple[str, dict]]:
                            "word order.", "inverted_name", "name")  # fmt: skip
 
 
-def country_short_zh() -> list[tuple[str, dict]]:
-    """A country's full official name in Chinese rewritten as its short name (阿富汗伊斯兰共和国
-    -> 阿富汗), both from the zh_CN translations iso-codes ships."""
+def _country_names_zh() -> list[tuple[str, str, str]]:
+    """(alpha_3, official name, short name) in Chinese, from the zh_CN translations iso-codes
+    ships, for the countries where both are translated and differ."""
     rows, zh = _iso("3166-1", "3166-1")
     out = []
     for c in rows:
         full, short = zh.gettext(c.get("official_name", c["name"])), zh.gettext(c["name"])
         if full not in (short, c.get("official_name")) and short != c["name"]:
-            out.append((c["alpha_3"], {"instruction": "把这个国家的正式全称改写为简称，只回答简称。",
-                                       "input": full, "output": short}))  # fmt: skip
+            out.append((c["alpha_3"], full, short))
     return out
+
+
+def country_short_zh() -> list[tuple[str, dict]]:
+    """A country's full official name in Chinese rewritten as its short name (阿富汗伊斯兰共和国
+    -> 阿富汗)."""
+    return [(key, {"instruction": "把这个国家的正式全称改写为简称，只回答简称。", "input": full,
+                   "output": short}) for key, full, short in _country_names_zh()]  # fmt: skip
+
+
+def country_official_zh() -> list[tuple[str, dict]]:
+    """The other way (阿富汗 -> 阿富汗伊斯兰共和国): an answer in Chinese that starts, in most
+    records, with the prompt (X共和国 in 95 of 158), the rest the country's form of government,
+    which the model has to know. Same split as country_short_zh (by alpha_3)."""
+    return [(key, {"instruction": "写出这个国家的正式全称，只回答全称。", "input": short,
+                   "output": full}) for key, full, short in _country_names_zh()]  # fmt: skip
 
 
 def _zone_key(name: str) -> str:
@@ -157,7 +173,8 @@ TASKS = {"country_codes": (country_codes, "json_fields"),
          "utc_offset": (utc_offset, "exact_match"),
          "country_short_en": (country_short_en, "exact_match"),
          "language_code": (language_code, "exact_match"),
-         "language_name_zh": (language_name_zh, "exact_match")}  # fmt: skip
+         "language_name_zh": (language_name_zh, "exact_match"),
+         "country_official_zh": (country_official_zh, "exact_match")}  # fmt: skip
 SWEPT = ["country_codes", "language_names", "country_short_zh", "country_chat"]
 """The tasks the defaults are chosen on; the others are kept out, to check the choice on tasks
 that did not make it."""
@@ -186,7 +203,7 @@ def write(out: Path) -> None:
             (folder / f"{name}.jsonl").write_text(
                 "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
             )
-        print(f"{task:<16} train {len(train):>4}  test {len(test):>3}  metric {metric}")
+        print(f"{task:<19} train {len(train):>4}  test {len(test):>3}  metric {metric}")
 
 
 if __name__ == "__main__":
