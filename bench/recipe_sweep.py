@@ -93,31 +93,39 @@ def timing_files(run: Path) -> dict[str, Path]:
     return {"train": run / "sweep_train_wall_s.txt", "eval": run / "sweep_eval_wall_s.txt"}
 
 
-def run_one(task_dir: Path, metric: str, recipe: str, out: Path, max_steps: int | None,
-            threads: int, seed: int = DEFAULT_SEED) -> dict:  # fmt: skip
-    run = run_dir(out, task_dir.name, recipe, seed)
-    test = task_dir / "test.jsonl"
-    timings = timing_files(run)
-    if not timings["train"].is_file() and run.exists():
-        shutil.rmtree(run)  # a training that did not finish: start it afresh
+def train_command(task_dir: Path, recipe: str, run: Path, seed: int,
+                  extra: list[str] | None = None) -> list[str]:  # fmt: skip
+    """`lorasft train` of a recipe on a task's training file into `run`, as a user would: the
+    validation share lorasft holds out of the training file picks the checkpoint and stops early;
+    the test split is seen only by `lorasft eval`. `extra`: overrides after the recipe's."""
     run.parent.mkdir(parents=True, exist_ok=True)
     # A config file of its own: `lorasft train` without one runs the demo's settings.
     config = run.parent / f"{run.name}.yaml"
     config.write_text("model:\n  path: default\n", encoding="utf-8")
-    # Trained as a user would: the validation share lorasft holds out of the training file
-    # picks the checkpoint and stops early; the test split is seen only by `lorasft eval`,
-    # with batched answers as they come (eval.exact_greedy=false: scoring an unsure model
-    # exactly as one at a time would cost up to twice the time; near ties are noise here).
-    steps = {
-        "train": [sys.executable, "-m", "lorasft", "train", str(config),
-                  f"data.train_file={task_dir / 'train.jsonl'}", "eval.num_samples=0",
-                  "eval.compare_base=true", "eval.max_new_tokens=48", "eval.exact_greedy=false",
-                  "eval.batch_size=8",  # as the table's runs had it (batches change near ties)
-                  f"output.run_dir={run}", *RECIPES[recipe], f"train.seed={seed}",
-                  *([f"train.max_steps={max_steps}"] if max_steps else [])],
-        "eval": [sys.executable, "-m", "lorasft", "eval", str(run), "--data", str(test),
-                 "--num-samples", str(sum(1 for _ in test.open(encoding="utf-8")))],
-    }  # fmt: skip
+    # Batched answers as they come (eval.exact_greedy=false: scoring an unsure model exactly as
+    # one at a time would cost up to twice the time; near ties are noise here).
+    return [sys.executable, "-m", "lorasft", "train", str(config),
+            f"data.train_file={task_dir / 'train.jsonl'}", "eval.num_samples=0",
+            "eval.compare_base=true", "eval.max_new_tokens=48", "eval.exact_greedy=false",
+            "eval.batch_size=8",  # as the table's runs had it (batches change near ties)
+            f"output.run_dir={run}", *RECIPES[recipe], f"train.seed={seed}", *(extra or [])]  # fmt: skip
+
+
+def eval_command(run: Path, test: Path) -> list[str]:
+    """`lorasft eval` of a run on every record of a test split."""
+    return [sys.executable, "-m", "lorasft", "eval", str(run), "--data", str(test),
+            "--num-samples", str(sum(1 for _ in test.open(encoding="utf-8")))]  # fmt: skip
+
+
+def run_one(task_dir: Path, metric: str, recipe: str, out: Path, max_steps: int | None,
+            threads: int, seed: int = DEFAULT_SEED) -> dict:  # fmt: skip
+    run = run_dir(out, task_dir.name, recipe, seed)
+    timings = timing_files(run)
+    if not timings["train"].is_file() and run.exists():
+        shutil.rmtree(run)  # a training that did not finish: start it afresh
+    cap = [f"train.max_steps={max_steps}"] if max_steps else []
+    steps = {"train": train_command(task_dir, recipe, run, seed, cap),
+             "eval": eval_command(run, task_dir / "test.jsonl")}  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     for step, args in steps.items():
         if timings[step].is_file():  # this step finished before (a resumed sweep)

@@ -246,3 +246,27 @@ def test_sweep_rows_of_a_second_invocation_are_added_not_written_over(tmp_path):
     rows = json.loads(path.read_text(encoding="utf-8"))
     assert sorted((r["task"], r["seed"], r["tuned"]) for r in rows) == [
         ("a", 1, 10.0), ("a", 2, 25.0), ("b", 1, 30.0)]  # fmt: skip
+
+
+def test_checkpoint_curve_reads_every_evaluation_and_picks_as_trainer(tmp_path):
+    """bench/checkpoint_curve.py: the validation loss and metric of every evaluation come from
+    the last checkpoint's trainer state (not an earlier checkpoint's, which holds fewer); each rule
+    picks the first of equals, as Trainer (which moves its best only on a strict improvement)."""
+    curve = _bench_module("checkpoint_curve")
+
+    def state(steps):
+        logs = [{"step": s, "loss": 1.0} for s in steps]  # training logs: no eval_loss
+        logs += [{"step": s, "eval_loss": v, "eval_exact_match": m} for s, v, m in steps.values()]
+        return json.dumps({"log_history": logs})
+
+    evals = {10: (10, 2.0, 5.0), 20: (20, 1.5, 15.0), 30: (30, 1.4, 10.0), 40: (40, 1.4, 15.0)}
+    for step in (20, 40, 9):  # checkpoint-9 sorts after checkpoint-40 as text, not as a step
+        ck = tmp_path / "checkpoints" / f"checkpoint-{step}"
+        ck.mkdir(parents=True)
+        ck.joinpath("trainer_state.json").write_text(
+            state({s: v for s, v in evals.items() if s <= step}), encoding="utf-8"
+        )
+    rows = curve.curve(tmp_path, "exact_match")
+    assert [(r["step"], r["val_loss"], r["val"]) for r in rows] == list(evals.values())
+    by_loss, by_metric = curve.picks(rows)
+    assert by_loss["step"] == 30 and by_metric["step"] == 20  # ties: 30 before 40, 20 before 40
