@@ -19,7 +19,7 @@ Tasks (kind, language, metric):
   language_name_zh  language name (EN) -> its Chinese name, ZH       exact_match
   country_official_zh  short name -> official name, ZH               exact_match
 
-The sweep chooses on the first four (`SWEPT`); the last four are held out to check the choice
+The sweep chooses on the first four (`SWEPT`); the other five are held out to check the choice
 (country_short_en and language_code were added after it, 2026-12-03, to test whether the
 trade-off between the Chinese rewriting and the chat task follows the kind of task: a rewriting
 whose answer is in the prompt, or codes the base has to know); language_name_zh, added after
