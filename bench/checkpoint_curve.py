@@ -22,6 +22,8 @@ from pathlib import Path
 from recipe_sweep import RECIPES, eval_command, train_command  # bench/ is the script's folder
 from recipe_tasks import TASKS, write
 
+from lorasft.train.checkpoints import complete_checkpoints
+
 
 def train(task_dir: Path, metric: str, recipe: str, run: Path, seed: int, every: int) -> None:
     if (run / "results.json").is_file():
@@ -35,7 +37,7 @@ def train(task_dir: Path, metric: str, recipe: str, run: Path, seed: int, every:
 
 def curve(run: Path, metric: str) -> list[dict]:
     """Validation loss and metric at each evaluation, from the last checkpoint's trainer state."""
-    last = max((run / "checkpoints").glob("checkpoint-*"), key=_step)
+    last = complete_checkpoints(run)[-1]  # in step order
     state = json.loads((last / "trainer_state.json").read_text(encoding="utf-8"))
     return [{"step": h["step"], "val_loss": h["eval_loss"], "val": h[f"eval_{metric}"]}
             for h in state["log_history"] if "eval_loss" in h]  # fmt: skip
@@ -58,10 +60,6 @@ def picks(rows: list[dict]) -> tuple[dict, dict]:
     """The checkpoints Trainer would load: the lowest validation loss, the highest validation
     metric; of equals, the first (Trainer moves its best only on a strict improvement)."""
     return min(rows, key=lambda r: r["val_loss"]), max(rows, key=lambda r: r["val"])
-
-
-def _step(path: Path) -> int:
-    return int(path.name.rsplit("-", 1)[1])
 
 
 def main() -> None:

@@ -254,19 +254,19 @@ def test_checkpoint_curve_reads_every_evaluation_and_picks_as_trainer(tmp_path):
     picks the first of equals, as Trainer (which moves its best only on a strict improvement)."""
     curve = _bench_module("checkpoint_curve")
 
-    def state(steps):
-        logs = [{"step": s, "loss": 1.0} for s in steps]  # training logs: no eval_loss
-        logs += [{"step": s, "eval_loss": v, "eval_exact_match": m} for s, v, m in steps.values()]
+    def state(evals):
+        logs = [{"step": s, "loss": 1.0} for s, _, _ in evals]  # training logs: no eval_loss
+        logs += [{"step": s, "eval_loss": v, "eval_exact_match": m} for s, v, m in evals]
         return json.dumps({"log_history": logs})
 
-    evals = {10: (10, 2.0, 5.0), 20: (20, 1.5, 15.0), 30: (30, 1.4, 10.0), 40: (40, 1.4, 15.0)}
+    evals = [(10, 2.0, 5.0), (20, 1.5, 15.0), (30, 1.4, 10.0), (40, 1.4, 15.0)]
     for step in (20, 40, 9):  # checkpoint-9 sorts after checkpoint-40 as text, not as a step
         ck = tmp_path / "checkpoints" / f"checkpoint-{step}"
         ck.mkdir(parents=True)
         ck.joinpath("trainer_state.json").write_text(
-            state({s: v for s, v in evals.items() if s <= step}), encoding="utf-8"
+            state([e for e in evals if e[0] <= step]), encoding="utf-8"
         )
     rows = curve.curve(tmp_path, "exact_match")
-    assert [(r["step"], r["val_loss"], r["val"]) for r in rows] == list(evals.values())
+    assert [(r["step"], r["val_loss"], r["val"]) for r in rows] == evals
     by_loss, by_metric = curve.picks(rows)
     assert by_loss["step"] == 30 and by_metric["step"] == 20  # ties: 30 before 40, 20 before 40
