@@ -18,13 +18,15 @@ Tasks (kind, language, metric):
   language_code     language name -> ISO 639-1 code, EN              exact_match
   language_name_zh  language name (EN) -> its Chinese name, ZH       exact_match
   country_official_zh  short name -> official name, ZH               exact_match
+  names_tw_to_cn    a name's zh_TW form -> its zh_CN form, ZH        exact_match
 
-The sweep chooses on the first four (`SWEPT`); the other five are held out to check the choice
+The sweep chooses on the first four (`SWEPT`); the other six are held out to check the choice
 (country_short_en and language_code were added after it, 2026-12-03, to test whether the
 trade-off between the Chinese rewriting and the chat task follows the kind of task: a rewriting
 whose answer is in the prompt, or codes the base has to know); language_name_zh, added after
 those ran, to test whether it follows the answer's language instead; country_official_zh,
-added when that one proved too hard for the model, for the same question).
+added when that one proved too hard for the model, for the same question; names_tw_to_cn, added
+when that one's answers proved to be one template).
 """
 
 from __future__ import annotations
@@ -107,6 +109,26 @@ def country_official_zh() -> list[tuple[str, dict]]:
                    "output": full}) for key, full, short in _country_names_zh()]  # fmt: skip
 
 
+def names_tw_to_cn() -> list[tuple[str, dict]]:
+    """A name as iso-codes' zh_TW translation writes it rewritten as its zh_CN one (奧地利 ->
+    奥地利, 安道爾侯國 -> 安道尔公国): countries (short and official names), currencies, scripts
+    and languages, where both translations exist and differ. A Chinese answer mostly in the
+    prompt (traditional characters made simplified), partly words the two regions name
+    otherwise (蒲隆地 -> 布隆迪)."""
+    out = []
+    for standard, field in (("3166-1", "name"), ("3166-1", "official_name"), ("4217", "name"),
+                            ("15924", "name"), ("639-3", "name")):  # fmt: skip
+        rows, cn = _iso(standard, standard)
+        tw = gettext.translation(f"iso_{standard}", LOCALE, languages=["zh_TW"], fallback=True)
+        for c in rows:
+            name = c.get(field)
+            if name and (t := tw.gettext(name)) != name and (s := cn.gettext(name)) not in (name, t):
+                key = f"{standard}:{c.get('alpha_3', c.get('alpha_4'))}:{field}"
+                out.append((key, {"instruction": "把这个名称从台湾的繁体中文写法改写为大陆的简体中文写法，"
+                                  "只回答改写后的名称。", "input": t, "output": s}))  # fmt: skip
+    return out
+
+
 def _zone_key(name: str) -> str:
     """Zones that are links to one another (US/Mountain, America/Denver) share their TZif data,
     and so a split key: a link cannot sit on the other side of its target."""
@@ -174,7 +196,8 @@ TASKS = {"country_codes": (country_codes, "json_fields"),
          "country_short_en": (country_short_en, "exact_match"),
          "language_code": (language_code, "exact_match"),
          "language_name_zh": (language_name_zh, "exact_match"),
-         "country_official_zh": (country_official_zh, "exact_match")}  # fmt: skip
+         "country_official_zh": (country_official_zh, "exact_match"),
+         "names_tw_to_cn": (names_tw_to_cn, "exact_match")}  # fmt: skip
 SWEPT = ["country_codes", "language_names", "country_short_zh", "country_chat"]
 """The tasks the defaults are chosen on; the others are kept out, to check the choice on tasks
 that did not make it."""
