@@ -122,7 +122,11 @@ def names_tw_to_cn() -> list[tuple[str, dict]]:
         tw = gettext.translation(f"iso_{standard}", LOCALE, languages=["zh_TW"], fallback=True)
         for c in rows:
             name = c.get(field)
-            if name and (t := tw.gettext(name)) != name and (s := cn.gettext(name)) not in (name, t):
+            if (
+                name
+                and (t := tw.gettext(name)) != name
+                and (s := cn.gettext(name)) not in (name, t)
+            ):
                 key = f"{standard}:{c.get('alpha_3', c.get('alpha_4'))}:{field}"
                 out.append((key, {"instruction": "把这个名称从台湾的繁体中文写法改写为大陆的简体中文写法，"
                                   "只回答改写后的名称。", "input": t, "output": s}))  # fmt: skip
