@@ -33,7 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from recipe_tasks import SWEPT, TASKS, write  # bench/ is the script's folder
+from recipe_tasks import SWEPT, TASKS, build, write  # bench/ is the script's folder
 
 # Each recipe: lorasft settings on top of a config holding only the model, every setting the
 # sweep varies spelled out, so a recipe keeps its meaning when lorasft's defaults change.
@@ -59,8 +59,30 @@ def recipe(modules: str, r: int, lr: str, epochs: int = 3, neftune: float | None
             f"lora.dropout={dropout}", *HELD]  # fmt: skip
 
 
-CHOSEN = "attn-r16-lr1e-3"
+CHOSEN = "attn-r8-lr1e-3"
 """lorasft's defaults since the sweep (tests/test_config.py pins them; README: Choosing the defaults)."""
+CHOSEN_HAN = "all-r16-lr1e-3-neftune5"
+"""What lorasft's defaults become on training answers mostly in Chinese characters
+(`lora.by_answer_language`; tests/test_config.py pins it too)."""
+
+
+def defaults_recipe(train: list[dict]) -> str:
+    """The recipe lorasft's defaults run on these training records: CHOSEN_HAN where their
+    answers are mostly Chinese characters, as `lorasft train` finds them, CHOSEN otherwise."""
+    from lorasft.config import HAN_ANSWERS_SHARE
+    from lorasft.data.formats import detect_format, normalise
+    from lorasft.data.prepare import answer_han_share
+
+    records = [(str(i), r) for i, r in enumerate(train)]
+    fmt = detect_format(records, Path("train.jsonl"))
+    share = answer_han_share([normalise(r, fmt) for _, r in records])
+    return CHOSEN_HAN if share is not None and share > HAN_ANSWERS_SHARE else CHOSEN
+
+
+def defaults_by_task(rows: list[dict]) -> dict[str, str]:
+    """`defaults_recipe` of each task of these rows, on its training split."""
+    return {t: defaults_recipe(build(t)[0]) for t in dict.fromkeys(r["task"] for r in rows)}
+
 
 RECIPES: dict[str, list[str]] = {  # in the order they run: the likeliest to matter first
     "qv-r8-lr2e-4": recipe(QV, 8, "2e-4"),  # lorasft's defaults before this sweep
@@ -167,7 +189,8 @@ def main() -> None:
                     help="run nothing: the table of the rows saved in these sweep.json files")  # fmt: skip
     a = ap.parse_args()
     if a.rows:
-        report(saved_rows(a.rows, a.tasks, a.recipes, a.seeds))
+        rows = saved_rows(a.rows, a.tasks, a.recipes, a.seeds)
+        report(rows, defaults_by_task(rows))
         return
     a.tasks, a.recipes = a.tasks or SWEPT, a.recipes or list(RECIPES)
     a.seeds = a.seeds or [DEFAULT_SEED]
@@ -194,7 +217,7 @@ def main() -> None:
     with ThreadPoolExecutor(a.parallel) as pool:
         rows = list(pool.map(one, jobs))
     save_rows(out / "sweep.json", rows)
-    report(rows)
+    report(rows, defaults_by_task(rows))
 
 
 def _run_key(row: dict) -> tuple[str, str, int]:
@@ -218,12 +241,13 @@ def saved_rows(files: list[Path], tasks: list[str] | None, recipes: list[str] | 
             and (not recipes or r["recipe"] in recipes) and (not seeds or r["seed"] in seeds)]  # fmt: skip
 
 
-def report(rows: list[dict]) -> None:
+def report(rows: list[dict], ran: dict[str, str] | None = None) -> None:
     """One markdown table: each recipe's score per task (the mean over its seeds) and its share of
     that task's best, its worst share over the tasks (what the choice maximises; ties go to the
     higher mean share), and its training time summed over them (training only, the mean over
     seeds: the first recipe on a task also pays the base's evaluation, which the others take
-    from the cache)."""
+    from the cache). Then the row of lorasft's defaults: on each task the recipe they run there
+    (`ran`, by task; CHOSEN where not named)."""
     ok = [r for r in rows if "error" not in r]
     for r in rows:
         if "error" in r:
@@ -253,9 +277,17 @@ def report(rows: list[dict]) -> None:
         times = [[r.get("train_s") for r in v] for v in mine]  # None: a row without its time
         known = all(None not in t for t in times)
         train = sum(sum(t) / len(t) for t in times) / 60 if known else None
-        mark = " (chosen)" if rec == CHOSEN else ""
+        mark = {CHOSEN: " (chosen)", CHOSEN_HAN: " (chosen for Chinese answers)"}.get(rec, "")
         print(f"| `{rec}`{mark} | {cells} | {worst} | {avg} | {_num(train, 0)} |")
-    spread(runs, mean, tasks)
+    ran = {t: (ran or {}).get(t, CHOSEN) for t in tasks}
+    shares = [mean[ran[t], t] / best[t] if (ran[t], t) in mean and best[t] else None for t in tasks]
+    cells = " | ".join(f"`{ran[t]}`: " + _cell(runs.get((ran[t], t), []), mean.get((ran[t], t)), sh)
+                       for t, sh in zip(tasks, shares))  # fmt: skip
+    complete = all(sh is not None for sh in shares)
+    worst = f"{min(shares):.0%}" if complete else "incomplete"
+    avg = f"{sum(shares) / len(shares):.0%}" if complete else ""
+    print(f"| **lorasft's defaults** (by answer language) | {cells} | {worst} | {avg} | |")
+    spread(runs, mean, tasks, ran)
 
 
 SE_TARGET = 0.025
@@ -263,27 +295,27 @@ SE_TARGET = 0.025
 
 
 def spread(runs: dict[tuple[str, str], list[dict]], mean: dict[tuple[str, str], float],
-           tasks: list[str]) -> None:  # fmt: skip
-    """Where the chosen recipe is not a task's best and both have several seeds: how far the
-    seeds' scores spread (sample standard deviation), and how many seeds each recipe would need
-    for the chosen's share of the best to have a standard error of SE_TARGET (delta method:
+           tasks: list[str], ran: dict[str, str]) -> None:  # fmt: skip
+    """Where the recipe the defaults run on a task (`ran`) is not its best and both have several
+    seeds: how far the seeds' scores spread (sample standard deviation), and how many seeds each
+    recipe would need for the chosen's share of the best to have a standard error of SE_TARGET (delta method:
     var(share) = (var_chosen + share^2 var_best) / (seeds * best^2)). `mean`: report's cells."""
     lines = []
     for t in tasks:
         top = max((rec for rec, task in mean if task == t), key=lambda rec: mean[rec, t])
-        mine = [r["tuned"] for r in runs.get((CHOSEN, t), [])]
+        mine = [r["tuned"] for r in runs.get((ran[t], t), [])]
         best = [r["tuned"] for r in runs[top, t]]
-        if top == CHOSEN or len(mine) < 2 or len(best) < 2:
+        if top == ran[t] or len(mine) < 2 or len(best) < 2:
             continue
-        share = mean[CHOSEN, t] / mean[top, t]
+        share = mean[ran[t], t] / mean[top, t]
         sd_c, sd_b = statistics.stdev(mine), statistics.stdev(best)
         need = (sd_c**2 + share**2 * sd_b**2) / (mean[top, t] * SE_TARGET) ** 2
-        lines.append(f"| {t} | `{top}` | {share:.1%} | {sd_c:.1f} ({len(mine)}) | "
+        lines.append(f"| {t} | `{ran[t]}` | `{top}` | {share:.1%} | {sd_c:.1f} ({len(mine)}) | "
                      f"{sd_b:.1f} ({len(best)}) | {need:.0f} |")  # fmt: skip
     if lines:
-        print(f"\n| task | best | `{CHOSEN}`'s share | its seeds' sd (seeds) | the best's sd "
-              f"(seeds) | seeds each for a share's error of {SE_TARGET:.1%} |")  # fmt: skip
-        print("|---" * 6 + "|")
+        print(f"\n| task | the defaults' recipe | best | its share | its seeds' sd (seeds) | the "
+              f"best's sd (seeds) | seeds each for a share's error of {SE_TARGET:.1%} |")  # fmt: skip
+        print("|---" * 7 + "|")
         print("\n".join(lines))
 
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from lorasft.config import ConfigError, load_config
+from lorasft.config import ConfigError, for_answers, load_config
 
 
 def test_defaults_run_the_demo():
@@ -161,14 +161,67 @@ def _bench_module(name: str):
 
 def test_defaults_are_the_recipe_the_sweep_chose():
     """lorasft's LoRA and training defaults are the recipe bench/recipe_sweep.py chose, the one the
-    README's sweep table marks: its settings, applied over the defaults, change nothing."""
+    README's sweep table marks: its settings, applied over the defaults, change nothing; on
+    answers mostly in Chinese characters the defaults become the recipe chosen for those."""
     sweep = _bench_module("recipe_sweep")
-    assert sweep.CHOSEN in sweep.RECIPES
+    assert sweep.CHOSEN in sweep.RECIPES and sweep.CHOSEN_HAN in sweep.RECIPES
     assert load_config(None, sweep.RECIPES[sweep.CHOSEN]) == load_config(None)
     others = [r for name, r in sweep.RECIPES.items() if name != sweep.CHOSEN]
     assert all(load_config(None, r) != load_config(None) for r in others)
+    han, done = for_answers(load_config(None), 0.9)
+    assert han == load_config(None, sweep.RECIPES[sweep.CHOSEN_HAN])
+    assert done == {"han_share": 0.9, "applied": {
+        "lora.target_modules": "all-linear", "lora.r": 16, "lora.alpha": 32.0,
+        "data.augment.neftune_noise_alpha": 5.0}}  # fmt: skip
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     assert f"| `{sweep.CHOSEN}` (chosen) |" in readme
+    assert f"| `{sweep.CHOSEN_HAN}` (chosen for Chinese answers) |" in readme
+
+
+def test_answer_language_rule_fills_only_what_the_user_left_unset():
+    """`lora.by_answer_language`: answers mostly (over half) in Chinese characters change the
+    settings not given in the YAML or overrides; an explicit value, even the default's, stays."""
+    cfg = load_config(None, ["lora.r=8", "data.augment.neftune_noise_alpha=null"])
+    han, done = for_answers(cfg, 0.51)
+    assert (han.lora.r, han.lora.alpha, han.lora.target_modules) == (8, 32.0, "all-linear")
+    assert han.data.augment.neftune_noise_alpha is None
+    assert done["applied"] == {"lora.target_modules": "all-linear", "lora.alpha": 32.0}
+    assert cfg.lora.target_modules == "attention"  # the config given is not changed
+    for share in (0.5, 0.0, None):  # not over half, or no answers (raw text): nothing changes
+        assert for_answers(cfg, share) == (cfg, {"han_share": share, "applied": {}})
+    off = load_config(None, ["lora.by_answer_language=false"])
+    assert for_answers(off, 1.0) == (off, {"han_share": 1.0, "applied": {}})
+
+
+def test_han_share_counts_answer_characters_only():
+    """Only the assistant turns count, whitespace does not; CJK punctuation and Latin letters are
+    not Han; no assistant turn (raw text) gives None."""
+    from lorasft.data.formats import Example
+    from lorasft.data.prepare import answer_han_share
+
+    def chat(user, *answers):
+        turns = [m for a in answers for m in ({"role": "user", "content": user},
+                                              {"role": "assistant", "content": a})]  # fmt: skip
+        return Example("f:1", turns)
+
+    assert answer_han_share([chat("把这个翻译成英文", "Hello, world")]) == 0.0
+    # 6 Han of 10 characters: 阿富汗 and 中国 (5), 𠀀 (Extension B, 1); "，" and "ABC" are not
+    assert answer_han_share([chat("x", "阿富汗 ，", "中国 ABC𠀀")]) == pytest.approx(0.6)
+    assert answer_han_share([Example("f:1", text="纯文本训练")]) is None
+
+
+def test_sweep_names_the_recipe_the_defaults_run_on_a_tasks_answers():
+    sweep = _bench_module("recipe_sweep")
+    zh = [
+        {
+            "instruction": "把这个国家的正式全称改写为简称",
+            "input": "阿富汗伊斯兰共和国",
+            "output": "阿富汗",
+        }
+    ]
+    en = [{"instruction": "把这个国家的代码写出来", "input": "阿富汗", "output": "AFG"}]
+    assert sweep.defaults_recipe(zh) == sweep.CHOSEN_HAN
+    assert sweep.defaults_recipe(en) == sweep.CHOSEN
 
 
 def test_sweep_seed_default_is_lorasfts_and_cells_are_seed_means(capsys):
@@ -227,7 +280,10 @@ def test_sweep_spread_counts_the_seeds_a_share_would_need(capsys):
     sweep.report([row(sweep.CHOSEN, 8.0, 1), row(sweep.CHOSEN, 12.0, 2),
                   row("b", 18.0, 1), row("b", 22.0, 2)])  # fmt: skip
     # share 10/20; sd 2.83 each: (8 + 0.5^2 * 8) / (20 * 0.025)^2 = 40 seeds
-    assert "| t | `b` | 50.0% | 2.8 (2) | 2.8 (2) | 40 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"| t | `{sweep.CHOSEN}` | `b` | 50.0% | 2.8 (2) | 2.8 (2) | 40 |" in out
+    # the defaults' row: on each task the recipe they run there (here CHOSEN, 50% of the best)
+    assert f"| **lorasft's defaults** (by answer language) | `{sweep.CHOSEN}`: 10.0 (50%; " in out
     sweep.report([row(sweep.CHOSEN, 30.0, 1), row(sweep.CHOSEN, 32.0, 2), row("b", 20.0, 1)])
     assert "seeds each" not in capsys.readouterr().out  # the chosen is the best: nothing to say
 

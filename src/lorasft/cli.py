@@ -177,8 +177,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from lorasft.model.load import resolve_model_path
     from lorasft.model.plan import describe_plan
     from lorasft.model.precision import resolve_precision
+    from lorasft.train.run import settings_for_answers
 
-    cfg = _config(args.config, args.overrides)
+    cfg, _ = settings_for_answers(_config(args.config, args.overrides))  # the LoRA training runs
     path = resolve_model_path(cfg.model.path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     for line in describe_plan(config, cfg, resolve_precision(cfg.train.precision)):

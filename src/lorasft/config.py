@@ -98,13 +98,13 @@ class DataSection(Section):
         return v
 
 
-# The LoRA and training defaults (rank 16, alpha 32, the attention layers, learning rate 1e-3,
-# three epochs, no NEFTune) are the recipe bench/recipe_sweep.py chose on four real tasks: the
-# highest worst share of each task's best score, means over three seeds for the finalists
-# (README: Choosing the defaults; tests/test_config.py).
+# The LoRA and training defaults (rank 8, alpha 16, the attention layers, learning rate 1e-3,
+# three epochs, no NEFTune) and the rule for answers in Chinese characters (HAN_ANSWERS) are what
+# bench/recipe_sweep.py chose on real tasks: the highest worst share of each task's best score,
+# means over nine seeds for the finalists (README: Choosing the defaults; tests/test_config.py).
 class LoraSection(Section):
-    r: int = Field(default=16, ge=1)
-    alpha: float = Field(default=32, gt=0)
+    r: int = Field(default=8, ge=1)
+    alpha: float = Field(default=16, gt=0)
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["attention", "all-linear"] = "attention"
     """Layers that get LoRA: "attention" (the linear layers inside the attention blocks: q, k, v, o
@@ -113,6 +113,33 @@ class LoraSection(Section):
     use_rslora: bool = False
     use_dora: bool = False
     modules_to_save: list[str] | None = None
+    by_answer_language: bool = True
+    """When most of the training answers' characters are Chinese characters (Han), the settings
+    left unset among target_modules, r, alpha and data.augment.neftune_noise_alpha take
+    HAN_ANSWERS' values (every linear layer, rank 16, alpha 32, NEFTune 5), which scored higher
+    on such answers; false: the defaults whatever the answers."""
+
+
+HAN_ANSWERS = {"lora": {"target_modules": "all-linear", "r": 16, "alpha": 32.0},
+               "augment": {"neftune_noise_alpha": 5.0}}  # fmt: skip
+"""The settings `lora.by_answer_language` gives training answers mostly in Chinese characters."""
+HAN_ANSWERS_SHARE = 0.5
+"""'Mostly': the share of Han characters among the answers' characters (whitespace not counted)."""
+
+
+def for_answers(cfg: Config, han_share: float | None) -> tuple[Config, dict[str, Any]]:
+    """`cfg` with `lora.by_answer_language` applied for training answers of this Han share (None:
+    no answers, e.g. raw text), and what it did: the share and each setting it gave."""
+    done: dict[str, Any] = {"han_share": han_share, "applied": {}}
+    if not cfg.lora.by_answer_language or han_share is None or han_share <= HAN_ANSWERS_SHARE:
+        return cfg, done
+    lora = {k: v for k, v in HAN_ANSWERS["lora"].items() if k not in cfg.lora.model_fields_set}
+    aug = cfg.data.augment
+    augment = {k: v for k, v in HAN_ANSWERS["augment"].items() if k not in aug.model_fields_set}
+    done["applied"] = {**{f"lora.{k}": v for k, v in lora.items()},
+                       **{f"data.augment.{k}": v for k, v in augment.items()}}  # fmt: skip
+    data = cfg.data.model_copy(update={"augment": aug.model_copy(update=augment)})
+    return cfg.model_copy(update={"lora": cfg.lora.model_copy(update=lora), "data": data}), done
 
 
 GENERATION_METRICS = ("exact_match", "rouge_l", "chrf", "json_valid", "json_fields")

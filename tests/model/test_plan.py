@@ -7,6 +7,7 @@ from lorasft.cli import main
 from lorasft.config import load_config
 from lorasft.model.context import length_ladder
 from lorasft.model.plan import memory_table
+from tests.conftest import write_jsonl
 
 
 def tiny_config() -> LlamaConfig:
@@ -80,6 +81,28 @@ def test_plan_command_prints_window_method_and_table(tiny_llama_dir, capsys):
     full, s2 = [float(r[1]) for r in seconds], [float(r[2]) for r in seconds]
     assert full == sorted(full) and all(b < a for a, b in zip(full, s2))  # groups: fewer pairs
     assert [int(r[3]) for r in seconds] == [32, 64, 128, 256]  # a quarter of each length
+
+
+def test_plan_counts_the_layers_chinese_answers_train(tiny_llama_dir, tmp_path, capsys):
+    """`lorasft plan` plans the LoRA training would run: on answers in Chinese characters
+    (lora.by_answer_language) every linear layer at rank 16, so more LoRA weights and state."""
+    zh = write_jsonl(tmp_path / "zh.jsonl", [{"instruction": "简称", "input": "中华人民共和国",
+                                              "output": "中国"}])  # fmt: skip
+
+    def lora_line(*extra):
+        assert main(["plan", f"model.path={tiny_llama_dir}", "train.precision=fp32", *extra]) == 0
+        out = capsys.readouterr().out
+        return out, next(ln for ln in out.splitlines() if ln.startswith("LoRA rank"))
+
+    out, han = lora_line(f"data.train_file={zh}")
+    assert "100% of the training answers' characters are Chinese" in out
+    _, listed = lora_line(f"data.train_file={zh}", "lora.target_modules=all-linear", "lora.r=16")
+    _, off = lora_line(f"data.train_file={zh}", "lora.by_answer_language=false")
+    # tiny Llama: hidden 32, MLP 64, 2 layers; k/v project to 16 (2 kv heads of 8); rank 16
+    # over in + out of q, o; k, v; gate, up; down
+    per_layer = 16 * ((32 + 32) * 2 + (32 + 16) * 2 + (32 + 64) * 2 + (64 + 32))
+    assert han == listed == f"LoRA rank 16 on all-linear: {2 * per_layer:,} trainable parameters"
+    assert off.startswith("LoRA rank 8 on attention: ")
 
 
 def test_micro_batch_is_the_largest_divisor_that_fits():

@@ -7,8 +7,10 @@ import pytest
 from safetensors.torch import load_file
 
 from lorasft.cli import main
+from lorasft.config import load_config
 from lorasft.data.prepare import demo_files
-from tests.conftest import PNG, PRECISIONS, precision_of, tiny_args
+from lorasft.report.records import write_samples
+from tests.conftest import PNG, PRECISIONS, precision_of, tiny_args, write_jsonl
 
 
 def test_train_writes_every_output(tiny_model_dir, tmp_path):
@@ -66,6 +68,10 @@ def test_eval_and_generate_on_a_finished_run(precision, tiny_llama_dir, tmp_path
     assert main(["eval", str(run), "--data", str(subset), "--num-samples", "1"]) == 0
     other = json.loads((run / "eval_results.json").read_text())
     assert len(other["samples"]) == 1 and other["samples"][0]["source"] == f"{subset}:1"
+    # The answers are readable beside it, those of this evaluation (not training's samples.md).
+    md = (run / "eval_samples.md").read_text(encoding="utf-8")
+    assert f"## 1. {subset}:1" in md and "## 2." not in md
+    assert md == write_samples(tmp_path / "expected.md", other["samples"]).read_text("utf-8")
     assert other["tuned"]["perplexity"]["loss"] != ev["tuned"]["perplexity"]["loss"]
     capsys.readouterr()
     prompt = results["eval"]["samples"][0]["prompt"]
@@ -88,6 +94,34 @@ def test_skipped_records_are_counted_in_results(tiny_llama_dir, tmp_path):
     assert counts["train_files"]["bad_records"] == [f"{data}:13: output: missing",
                                                     f"{data}:14: <line>: malformed JSON: Expecting property name enclosed in double quotes at column 2"]  # fmt: skip
     assert counts["split"]["eval_records"] == 3 and counts["train"]["sequences"] == 9
+
+
+def test_chinese_answers_train_every_linear_layer_unless_set(tiny_llama_dir, tmp_path, capsys):
+    """`lora.by_answer_language`: a training file whose answers are Chinese trains the recipe
+    chosen for them (every linear layer, rank 16, NEFTune 5) where the user set none of it; what
+    the run used is in config.yaml, results.json and the saved adapter; a setting given stays."""
+    data = write_jsonl(tmp_path / "zh.jsonl", [
+        {"instruction": "把这个国家的正式全称改写为简称", "input": f"第{i}共和国", "output": f"第{i}国"}
+        for i in "一二三四五六七八"])  # fmt: skip
+    unset = ("lora.target_modules=", "lora.r=", "lora.alpha=", "data.augment.neftune_noise_alpha=")
+    args = [a for a in tiny_args(tiny_llama_dir, tmp_path / "run", f"data.train_file={data}",
+                                 "data.eval_file=null", "train.max_steps=2", "eval.num_samples=0")
+            if not a.startswith(unset)]  # fmt: skip
+    assert main(args) == 0
+    assert "100% of the training answers' characters are Chinese" in capsys.readouterr().out
+    run = tmp_path / "run"
+    saved = load_config(run / "config.yaml")
+    assert (saved.lora.target_modules, saved.lora.r, saved.lora.alpha) == ("all-linear", 16, 32)
+    assert saved.data.augment.neftune_noise_alpha == 5.0
+    info = json.loads((run / "results.json").read_text())["train"]["by_answer_language"]
+    assert info["han_share"] == 1.0 and info["applied"]["lora.r"] == 16
+    adapter = json.loads((run / "adapter_config.json").read_text())
+    trained = {name.rsplit(".", 1)[-1] for name in adapter["target_modules"]}
+    assert {"gate_proj", "up_proj", "down_proj", "q_proj"} <= trained
+    assert adapter["r"] == 16
+    assert main([*args, f"output.run_dir={tmp_path / 'set'}", "lora.r=4"]) == 0
+    set_r = load_config(tmp_path / "set" / "config.yaml").lora
+    assert (set_r.r, set_r.target_modules) == (4, "all-linear")
 
 
 def test_chat_streams_and_keeps_history(tiny_llama_dir, tmp_path, capsys, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -97,6 +98,25 @@ def _encode_counts(stats: EncodeStats, encoded: list[Encoded]) -> dict[str, Any]
             [len(e) - e.response_start for e in encoded if e.response_start]
         ),
     }
+
+
+_HAN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
+
+
+def answer_han_share(examples: list[Example]) -> float | None:
+    """The share of Chinese characters (Han: CJK unified and compatibility ideographs) among the
+    characters of the assistant turns, whitespace not counted; None when there are none (text)."""
+    answers = "".join(
+        m["content"] for ex in examples for m in ex.messages if m["role"] == "assistant"
+    )
+    chars = re.sub(r"\s", "", answers)
+    return len(_HAN.findall(chars)) / len(chars) if chars else None
+
+
+def training_answers_han_share(cfg: DataSection) -> float | None:
+    """`answer_han_share` of the training files (before any split), for `for_answers`."""
+    res = load_files(data_files(cfg)[0], cfg.format, cfg.on_bad_record, cfg.dedup)
+    return answer_han_share(res.examples)
 
 
 def load_split(cfg: DataSection) -> tuple[list[Example], list[Example], dict[str, Any]]:

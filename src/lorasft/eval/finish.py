@@ -41,10 +41,12 @@ def finish_run(run_dir: Path, model, tok, cfg: Config, examples, encoded, log_hi
 def evaluate_run(run_dir: str | Path, data_file: str | None = None, num_samples: int | None = None,
                  long: dict | None = None, dtype: str | None = None) -> Path:  # fmt: skip
     """`lorasft eval`: the run as it trained, on its eval split (or `data_file`); writes
-    eval_results.json and returns its path. `long`: evaluate by length too, with the run's
+    eval_results.json and eval_samples.md (the answers, as training's samples.md) and returns the
+    first's path. `long`: evaluate by length too, with the run's
     eval.long_* settings and these overrides."""
     from lorasft.data.prepare import eval_set
     from lorasft.model.run import open_run
+    from lorasft.report.records import write_samples
 
     run_dir = Path(run_dir)
     run = open_run(run_dir, dtype)
@@ -62,6 +64,7 @@ def evaluate_run(run_dir: str | Path, data_file: str | None = None, num_samples:
         ev["long_context"] = evaluate_long(run.model, run.tok, cfg, settings, run_dir)
     out = run_dir / "eval_results.json"
     out.write_text(json.dumps(ev, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_samples(run_dir / "eval_samples.md", ev.get("samples", []))
     results = run_dir / "results.json"
     log = json.loads(results.read_text())["log_history"] if results.is_file() else []
     print_summary(ev, verdict(log, cfg.eval.overfit_patience), str(run_dir))

@@ -187,6 +187,8 @@ def describe_plan(config, cfg: Config, precision: str) -> list[str]:
         lines.append(f"context: {ctx.method} to {ctx.target} tokens{factor}")
     lengths = length_ladder(original, ctx.target if ctx else None)
     rows = memory_table(config, cfg, lengths, precision)
+    lines.append(f"LoRA rank {cfg.lora.r} on {cfg.lora.target_modules}: "
+                 f"{rows[0].trainable // 16:,} trainable parameters")  # fmt: skip
     gib = 2**30
     lines.append(
         f"peak memory per sequence length (batch {cfg.train.batch_size}, {precision}, "

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorasft.config import Config, ConfigError, dump_config
+from lorasft.config import Config, ConfigError, dump_config, for_answers
+from lorasft.data.prepare import training_answers_han_share
 from lorasft.model.lora import trainable_summary
 from lorasft.model.precision import base_dtype
 from lorasft.model.run import write_run_info
@@ -29,6 +30,7 @@ SHARDED = ("FSDP", "DEEPSPEED")
 
 def train(cfg: Config) -> TrainOutcome:
     check_before_loading(cfg.train)
+    cfg, by_answers = settings_for_answers(cfg)
     quiet_accelerator_detection()
     state = process_state()  # joins the process group when launched by torchrun / accelerate
     run_dir, checkpoint = decided_by_rank0(lambda: run_dir_and_checkpoint(cfg))  # one folder
@@ -47,12 +49,25 @@ def train(cfg: Config) -> TrainOutcome:
         out = fit(cfg, model, tok, run_dir, precision, checkpoint)
     out.is_main = state.is_main_process
     out.info.update(precision=precision, base_model=str(model_path), parameters=params,
-                    processes=state.num_processes)  # fmt: skip
+                    processes=state.num_processes, by_answer_language=by_answers)  # fmt: skip
     save_adapter(out, tok)
     leave_process_group()
     if out.is_main:
         finish(out, cfg)
     return out
+
+
+def settings_for_answers(cfg: Config) -> tuple[Config, dict | None]:
+    """`lora.by_answer_language` on the training files' answers (one run, not stages: a stage's
+    files are its own), said when it changes a setting."""
+    if cfg.stages or not cfg.lora.by_answer_language:
+        return cfg, None
+    cfg, done = for_answers(cfg, training_answers_han_share(cfg.data))
+    if done["applied"]:
+        settings = ", ".join(f"{k}={v}" for k, v in done["applied"].items())
+        say(f"[lorasft] {done['han_share']:.0%} of the training answers' characters are Chinese: "
+            f"{settings} (lora.by_answer_language; README: Choosing the defaults)")  # fmt: skip
+    return cfg, done
 
 
 def open_run_folder(run_dir: Path, cfg: Config, checkpoint: str | None) -> None:
