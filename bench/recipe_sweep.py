@@ -305,7 +305,7 @@ def spread(runs: dict[tuple[str, str], list[dict]], mean: dict[tuple[str, str], 
         top = max((rec for rec, task in mean if task == t), key=lambda rec: mean[rec, t])
         mine = [r["tuned"] for r in runs.get((ran[t], t), [])]
         best = [r["tuned"] for r in runs[top, t]]
-        if top == ran[t] or len(mine) < 2 or len(best) < 2:
+        if mean.get((ran[t], t), 0) >= mean[top, t] or len(mine) < 2 or len(best) < 2:
             continue
         share = mean[ran[t], t] / mean[top, t]
         sd_c, sd_b = statistics.stdev(mine), statistics.stdev(best)

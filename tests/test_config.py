@@ -286,6 +286,9 @@ def test_sweep_spread_counts_the_seeds_a_share_would_need(capsys):
     assert f"| **lorasft's defaults** (by answer language) | `{sweep.CHOSEN}`: 10.0 (50%; " in out
     sweep.report([row(sweep.CHOSEN, 30.0, 1), row(sweep.CHOSEN, 32.0, 2), row("b", 20.0, 1)])
     assert "seeds each" not in capsys.readouterr().out  # the chosen is the best: nothing to say
+    sweep.report([row("b", 31.0, 1), row("b", 31.0, 2), row(sweep.CHOSEN, 30.0, 1),
+                  row(sweep.CHOSEN, 32.0, 2)])  # fmt: skip
+    assert "seeds each" not in capsys.readouterr().out  # tied with the best: nothing either
 
 
 def test_sweep_rows_of_a_second_invocation_are_added_not_written_over(tmp_path):

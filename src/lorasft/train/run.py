@@ -30,9 +30,9 @@ SHARDED = ("FSDP", "DEEPSPEED")
 
 def train(cfg: Config) -> TrainOutcome:
     check_before_loading(cfg.train)
-    cfg, by_answers = settings_for_answers(cfg)
     quiet_accelerator_detection()
     state = process_state()  # joins the process group when launched by torchrun / accelerate
+    cfg, by_answers = settings_for_answers(cfg)
     run_dir, checkpoint = decided_by_rank0(lambda: run_dir_and_checkpoint(cfg))  # one folder
     if state.is_main_process:
         open_run_folder(run_dir, cfg, checkpoint)
