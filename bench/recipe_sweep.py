@@ -270,9 +270,7 @@ def report(rows: list[dict], ran: dict[str, str] | None = None) -> None:
         shares = [mean[rec, t] / best[t] if (rec, t) in mean and best[t] else None for t in tasks]
         cells = " | ".join(_cell(runs.get((rec, t), []), mean.get((rec, t)), sh)
                            for t, sh in zip(tasks, shares))  # fmt: skip
-        complete = all(sh is not None for sh in shares)
-        worst = f"{min(shares):.0%}" if complete else "incomplete"
-        avg = f"{sum(shares) / len(shares):.0%}" if complete else ""
+        worst, avg = _worst_and_mean(shares)
         mine = [v for (x, _), v in runs.items() if x == rec]
         times = [[r.get("train_s") for r in v] for v in mine]  # None: a row without its time
         known = all(None not in t for t in times)
@@ -283,11 +281,16 @@ def report(rows: list[dict], ran: dict[str, str] | None = None) -> None:
     shares = [mean[ran[t], t] / best[t] if (ran[t], t) in mean and best[t] else None for t in tasks]
     cells = " | ".join(f"`{ran[t]}`: " + _cell(runs.get((ran[t], t), []), mean.get((ran[t], t)), sh)
                        for t, sh in zip(tasks, shares))  # fmt: skip
-    complete = all(sh is not None for sh in shares)
-    worst = f"{min(shares):.0%}" if complete else "incomplete"
-    avg = f"{sum(shares) / len(shares):.0%}" if complete else ""
+    worst, avg = _worst_and_mean(shares)
     print(f"| **lorasft's defaults** (by answer language) | {cells} | {worst} | {avg} | |")
     spread(runs, mean, tasks, ran)
+
+
+def _worst_and_mean(shares: list[float | None]) -> tuple[str, str]:
+    """A row's worst and mean share, or "incomplete" where a task has no cell."""
+    if any(sh is None for sh in shares):
+        return "incomplete", ""
+    return f"{min(shares):.0%}", f"{sum(shares) / len(shares):.0%}"
 
 
 SE_TARGET = 0.025
@@ -296,10 +299,11 @@ SE_TARGET = 0.025
 
 def spread(runs: dict[tuple[str, str], list[dict]], mean: dict[tuple[str, str], float],
            tasks: list[str], ran: dict[str, str]) -> None:  # fmt: skip
-    """Where the recipe the defaults run on a task (`ran`) is not its best and both have several
+    """Where the recipe the defaults run on a task (`ran`) trails its best and both have several
     seeds: how far the seeds' scores spread (sample standard deviation), and how many seeds each
-    recipe would need for the chosen's share of the best to have a standard error of SE_TARGET (delta method:
-    var(share) = (var_chosen + share^2 var_best) / (seeds * best^2)). `mean`: report's cells."""
+    recipe would need for that share of the best to have a standard error of SE_TARGET (delta
+    method: var(share) = (var_chosen + share^2 var_best) / (seeds * best^2)). `mean`: report's
+    cells."""
     lines = []
     for t in tasks:
         top = max((rec for rec, task in mean if task == t), key=lambda rec: mean[rec, t])
