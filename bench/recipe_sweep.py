@@ -69,14 +69,14 @@ CHOSEN_HAN = "all-r16-lr1e-3-neftune5"
 def defaults_recipe(train: list[dict]) -> str:
     """The recipe lorasft's defaults run on these training records: CHOSEN_HAN where their
     answers are mostly Chinese characters, as `lorasft train` finds them, CHOSEN otherwise."""
-    from lorasft.config import HAN_ANSWERS_SHARE
+    from lorasft.config import for_answers, load_config
     from lorasft.data.formats import detect_format, normalise
     from lorasft.data.prepare import answer_han_share
 
     records = [(str(i), r) for i, r in enumerate(train)]
     fmt = detect_format(records, Path("train.jsonl"))
     share = answer_han_share([normalise(r, fmt) for _, r in records])
-    return CHOSEN_HAN if share is not None and share > HAN_ANSWERS_SHARE else CHOSEN
+    return CHOSEN_HAN if for_answers(load_config(None), share)[1]["applied"] else CHOSEN
 
 
 def defaults_by_task(rows: list[dict]) -> dict[str, str]:
@@ -267,10 +267,7 @@ def report(rows: list[dict], ran: dict[str, str] | None = None) -> None:
     base = " | ".join(_num(next(r.get("base") for r in ok if r["task"] == t)) for t in tasks)
     print(f"| base model | {base} | | | |")
     for rec in recipes:
-        shares = [mean[rec, t] / best[t] if (rec, t) in mean and best[t] else None for t in tasks]
-        cells = " | ".join(_cell(runs.get((rec, t), []), mean.get((rec, t)), sh)
-                           for t, sh in zip(tasks, shares))  # fmt: skip
-        worst, avg = _worst_and_mean(shares)
+        cells, worst, avg = _row({t: rec for t in tasks}, runs, mean, best, named=False)
         mine = [v for (x, _), v in runs.items() if x == rec]
         times = [[r.get("train_s") for r in v] for v in mine]  # None: a row without its time
         known = all(None not in t for t in times)
@@ -278,19 +275,24 @@ def report(rows: list[dict], ran: dict[str, str] | None = None) -> None:
         mark = {CHOSEN: " (chosen)", CHOSEN_HAN: " (chosen for Chinese answers)"}.get(rec, "")
         print(f"| `{rec}`{mark} | {cells} | {worst} | {avg} | {_num(train, 0)} |")
     ran = {t: (ran or {}).get(t, CHOSEN) for t in tasks}
-    shares = [mean[ran[t], t] / best[t] if (ran[t], t) in mean and best[t] else None for t in tasks]
-    cells = " | ".join(f"`{ran[t]}`: " + _cell(runs.get((ran[t], t), []), mean.get((ran[t], t)), sh)
-                       for t, sh in zip(tasks, shares))  # fmt: skip
-    worst, avg = _worst_and_mean(shares)
+    cells, worst, avg = _row(ran, runs, mean, best, named=True)
     print(f"| **lorasft's defaults** (by answer language) | {cells} | {worst} | {avg} | |")
     spread(runs, mean, tasks, ran)
 
 
-def _worst_and_mean(shares: list[float | None]) -> tuple[str, str]:
-    """A row's worst and mean share, or "incomplete" where a task has no cell."""
+def _row(picks: dict[str, str], runs: dict[tuple[str, str], list[dict]],
+         mean: dict[tuple[str, str], float], best: dict[str, float],
+         named: bool) -> tuple[str, str, str]:  # fmt: skip
+    """A table row's task cells (`picks`: the recipe scored on each task, its name shown when
+    `named`), worst share and mean share ("incomplete" where a task has no cell)."""
+    shares = [mean[rec, t] / best[t] if (rec, t) in mean and best[t] else None
+              for t, rec in picks.items()]  # fmt: skip
+    cells = " | ".join((f"`{rec}`: " if named else "")
+                       + _cell(runs.get((rec, t), []), mean.get((rec, t)), sh)
+                       for (t, rec), sh in zip(picks.items(), shares))  # fmt: skip
     if any(sh is None for sh in shares):
-        return "incomplete", ""
-    return f"{min(shares):.0%}", f"{sum(shares) / len(shares):.0%}"
+        return cells, "incomplete", ""
+    return cells, f"{min(shares):.0%}", f"{sum(shares) / len(shares):.0%}"
 
 
 SE_TARGET = 0.025

@@ -54,6 +54,8 @@ from lorasft.model.context import (
 from lorasft.model.lora import peft_targets
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+TRAINABLE_BYTES = 16
+"""Per trainable parameter: fp32 weight, gradient and AdamW's two moments (the docstring's T * 16)."""
 
 
 def activation_bytes(precision: str) -> int:
@@ -99,7 +101,11 @@ def activations(config, s: int, b: int, p: int, checkpointing: bool,
 
 def peak_bytes(config, base: int, trainable: int, s: int, b: int, p: int, p_w: int,
                checkpointing: bool, attention: str = "sdpa") -> int:  # fmt: skip
-    return base * p_w + trainable * 16 + activations(config, s, b, p, checkpointing, attention)
+    return (
+        base * p_w
+        + trainable * TRAINABLE_BYTES
+        + activations(config, s, b, p, checkpointing, attention)
+    )
 
 
 def choose_micro_batch(model, cfg: Config, length: int, precision: str,
@@ -170,7 +176,7 @@ def memory_table(
         MemoryRow(
             s,
             base * p_w,
-            trainable * 16,
+            trainable * TRAINABLE_BYTES,
             activations(config, s, b, p, False, att),
             activations(config, s, b, p, True, att),
         )
@@ -188,7 +194,7 @@ def describe_plan(config, cfg: Config, precision: str) -> list[str]:
     lengths = length_ladder(original, ctx.target if ctx else None)
     rows = memory_table(config, cfg, lengths, precision)
     lines.append(f"LoRA rank {cfg.lora.r} on {cfg.lora.target_modules}: "
-                 f"{rows[0].trainable // 16:,} trainable parameters")  # fmt: skip
+                 f"{rows[0].trainable // TRAINABLE_BYTES:,} trainable parameters")  # fmt: skip
     gib = 2**30
     lines.append(
         f"peak memory per sequence length (batch {cfg.train.batch_size}, {precision}, "
