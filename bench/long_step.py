@@ -45,10 +45,10 @@ def child(length: int, attention: str, steps: int, extra: list[str], text: Path)
 
     from lorasft.config import load_config
     from lorasft.data.tokenize import document_stream
+    from lorasft.model.loss import causal_lm_loss
     from lorasft.model.precision import PRECISION_DTYPES
     from lorasft.model.s2attn import s2_training
     from lorasft.train.setup import prepare_model_and_tokenizer
-    from lorasft.train.trainer import causal_lm_loss
 
     before = rss_bytes()
     cfg = load_config(None, overrides(length, attention, extra))

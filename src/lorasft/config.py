@@ -146,6 +146,11 @@ GENERATION_METRICS = ("exact_match", "rouge_l", "chrf", "json_valid", "json_fiel
 BEST_METRICS = ("loss", *GENERATION_METRICS)
 
 
+# Positions per chunk of lorasft's loss (train.loss_chunk_tokens), chosen by measuring time and
+# memory (bench/loss_chunk.py; README: "The loss at long lengths").
+DEFAULT_CHUNK_TOKENS = 1024
+
+
 class TrainSection(Section):
     epochs: float = Field(default=3.0, gt=0)
     max_steps: int = Field(default=-1, ge=-1)
@@ -163,6 +168,14 @@ class TrainSection(Section):
     free at start shared among the processes on this machine. None: batch_size as given."""
     max_grad_norm: float = Field(default=1.0, gt=0)
     gradient_checkpointing: bool = False
+    loss_chunk_tokens: int = Field(default=DEFAULT_CHUNK_TOKENS, ge=0)
+    """Positions per chunk of the output head and cross-entropy (training, eval perplexity, long
+    evaluation): at most one chunk's logits live at a time, recomputed in the backward pass.
+    0: the logits of every supervised position at once (tokens x vocabulary in fp32)."""
+    fused_loss: Literal["auto", "chunked", "liger", "cce", "off"] = "auto"
+    """auto: Cut Cross-Entropy or Liger's fused linear cross-entropy on CUDA where installed
+    (`lorasft[cce]`, `lorasft[liger]`), else chunked; chunked: lorasft's own, any device; liger,
+    cce: that kernel (CUDA); off: whole-vocabulary logits whatever loss_chunk_tokens says."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """`auto`: bf16 on a GPU that has it, fp32 on CPU. bf16/fp16 freeze the base in that dtype."""
     optimizer: Literal["adamw", "adamw_8bit", "sgd", "adafactor"] = "adamw"

@@ -11,6 +11,7 @@ from typing import Any
 from lorasft.config import Config
 from lorasft.eval.overfit import split_logs, verdict
 from lorasft.eval.run import evaluate
+from lorasft.model.loss import LossSettings
 from lorasft.report.console import print_summary
 
 
@@ -20,7 +21,7 @@ def finish_run(run_dir: Path, model, tok, cfg: Config, examples, encoded, log_hi
     from lorasft.report.plots import loss_curve
     from lorasft.report.records import versions, write_results, write_samples
 
-    ev = evaluate(model, tok, examples, encoded, cfg.eval)
+    ev = evaluate(model, tok, examples, encoded, cfg.eval, LossSettings.from_train(cfg.train))
     v = verdict(log_history, cfg.eval.overfit_patience)
     loss_curve(*split_logs(log_history), v, run_dir / "loss_curve.png", title=run_dir.name)
     write_samples(run_dir / "samples.md", ev.get("samples", []))
@@ -56,7 +57,9 @@ def evaluate_run(run_dir: str | Path, data_file: str | None = None, num_samples:
             update={"eval": cfg.eval.model_copy(update={"num_samples": num_samples})}
         )
     examples, encoded = eval_set(cfg.data, run.tok, data_file)
-    ev = evaluate(run.model, run.tok, examples, encoded, cfg.eval)
+    ev = evaluate(
+        run.model, run.tok, examples, encoded, cfg.eval, LossSettings.from_train(cfg.train)
+    )
     if long is not None:
         from lorasft.eval.long import evaluate_long, long_settings
 

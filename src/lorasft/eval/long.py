@@ -17,6 +17,7 @@ from lorasft.eval.long_models import base_variants, eager_attention, position_li
 from lorasft.eval.passkey import passkey_grid
 from lorasft.eval.sliding import same_tokens_perplexity, sliding_perplexity
 from lorasft.model.context import length_ladder
+from lorasft.model.loss import LossSettings
 from lorasft.model.run import frozen_dtype
 
 
@@ -57,16 +58,19 @@ def long_settings(ev: EvalSection, **overrides: Any) -> LongSettings:
     return s
 
 
-def _ppl_row(model, ids: list[int], lengths: list[int], s: LongSettings) -> dict[str, Any]:
+def _ppl_row(model, ids: list[int], lengths: list[int], s: LongSettings,
+             loss: LossSettings) -> dict[str, Any]:  # fmt: skip
     limit = position_limit(model)
     fits = [n for n in lengths if limit is None or n <= limit]
     row = {str(n): {"perplexity": None, "reason": f"beyond the model's {limit} positions"}
            for n in lengths if n not in fits}  # fmt: skip
     if s.protocol == "same_tokens" and fits:
         scored = min(s.scored, min(lengths) - 1)  # one value for every model and length
-        row.update(same_tokens_perplexity(model, ids, fits, scored, s.max_windows, max(lengths)))
+        row.update(same_tokens_perplexity(model, ids, fits, scored, s.max_windows, max(lengths),
+                                          loss))  # fmt: skip
     for n in fits if s.protocol == "sliding" else []:
-        row[str(n)] = sliding_perplexity(model, ids, n, s.stride or max(1, n // 2), s.max_windows)
+        stride = s.stride or max(1, n // 2)
+        row[str(n)] = sliding_perplexity(model, ids, n, stride, s.max_windows, loss)
     return {str(n): row[str(n)] for n in lengths}
 
 
@@ -75,14 +79,15 @@ def _by_model(tuned, cfg: Config, plan, ids: list[int], lengths: list[int], pk_l
     """Perplexity rows for every base variant and the tuned run; passkey grids for the tuned run
     and (passkey_base) the base with the scaling untrained."""
     ppl, labels, passkey = {}, {}, {}
+    loss = LossSettings.from_train(cfg.train)
     for name, (label, load) in base_variants(cfg, plan, frozen_dtype(tuned)).items():
         model = load()
-        ppl[name], labels[name] = _ppl_row(model, ids, lengths, s), label
+        ppl[name], labels[name] = _ppl_row(model, ids, lengths, s, loss), label
         if name == "base_scaled" and s.passkey_base:
             passkey[name] = passkey_grid(model, tok, pk_lengths, s.depths, s.trials, s.seed)
         del model
         gc.collect()
-    ppl["tuned"], labels["tuned"] = _ppl_row(tuned, ids, lengths, s), "tuned run"
+    ppl["tuned"], labels["tuned"] = _ppl_row(tuned, ids, lengths, s, loss), "tuned run"
     passkey["tuned"] = passkey_grid(tuned, tok, pk_lengths, s.depths, s.trials, s.seed)
     return ppl, labels, passkey
 

@@ -13,6 +13,7 @@ from lorasft.eval import base_cache
 from lorasft.eval.generate import GenSettings, encode_prompt, generate
 from lorasft.eval.metrics import aggregate, score
 from lorasft.eval.perplexity import perplexity
+from lorasft.model.loss import DEFAULT_LOSS, LossSettings
 
 
 def _with_adapter(model, enabled: bool, fn):
@@ -23,10 +24,10 @@ def _with_adapter(model, enabled: bool, fn):
 
 
 def evaluate(model, tok, eval_examples: list[Example], eval_encoded: list[Encoded],
-             ev: EvalSection) -> dict[str, Any]:  # fmt: skip
+             ev: EvalSection, loss: LossSettings = DEFAULT_LOSS) -> dict[str, Any]:  # fmt: skip
     start = time.perf_counter()
     out: dict[str, Any] = {"loss_on": "response tokens only (the tokens in the loss mask)"}
-    ppl = lambda: perplexity(model, eval_encoded, tok.pad_token_id, ev.batch_size)
+    ppl = lambda: perplexity(model, eval_encoded, tok.pad_token_id, ev.batch_size, loss)
     out["tuned"] = {"perplexity": ppl()}
     chats, prompts, refs = chat_samples(eval_examples, ev.num_samples)
     gen = GenSettings.from_config(ev)

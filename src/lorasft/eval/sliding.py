@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
+from lorasft.data.tokenize import IGNORE
 from lorasft.model.load import accepts_logits_to_keep
+from lorasft.model.loss import DEFAULT_LOSS, LossSettings, supervised_nll
 
 
 def windows(n: int, length: int, stride: int) -> list[tuple[int, int, int]]:
@@ -33,22 +34,25 @@ def windows(n: int, length: int, stride: int) -> list[tuple[int, int, int]]:
 
 
 def forward_kwargs(model, keep: int) -> dict:
-    """Ask for the logits of the scored positions only when the model can (`logits_to_keep`):
-    at 16k tokens the full logits of a 49k vocabulary take 3 GB."""
+    """Ask for the logits of the last `keep` positions only when the model can
+    (`logits_to_keep`): at 16k tokens the full logits of a 49k vocabulary take 3 GB."""
     return {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
 
 
 @torch.no_grad()
-def window_nll(model, ids: torch.Tensor, scored: int) -> float:
-    """Summed NLL of the last `scored` tokens of `ids` (1-D), each predicted from all before it."""
-    kwargs = forward_kwargs(model, scored + 1)
-    logits = model(input_ids=ids[None].to(model.device), **kwargs).logits[0]
-    logits = logits[-(scored + 1) : -1].float()
-    return F.cross_entropy(logits, ids[-scored:].to(logits.device), reduction="sum").item()
+def window_nll(model, ids: torch.Tensor, scored: int, loss: LossSettings = DEFAULT_LOSS) -> float:
+    """Summed NLL of the last `scored` tokens of `ids` (1-D), each predicted from all before it:
+    the loss of training (`supervised_nll`) with the other tokens out of the labels, so the head
+    runs on the scored positions alone, in `loss`'s chunks."""
+    labels = ids.clone()
+    labels[: len(ids) - scored] = IGNORE
+    batch = {"input_ids": ids[None].to(model.device), "labels": labels[None].to(model.device)}
+    nll, _, _ = supervised_nll(model, batch, accepts_logits_to_keep(model), loss)
+    return nll.item()
 
 
 def sliding_perplexity(model, ids: list[int], length: int, stride: int,
-                       max_windows: int | None = None) -> dict:  # fmt: skip
+                       max_windows: int | None = None, loss: LossSettings = DEFAULT_LOSS) -> dict:  # fmt: skip
     """Perplexity of `ids` read in windows of `length`; `max_windows` caps the tokens read."""
     if len(ids) < length:
         return {"perplexity": None, "reason": f"only {len(ids)} tokens of long text (< {length})"}
@@ -59,10 +63,10 @@ def sliding_perplexity(model, ids: list[int], length: int, stride: int,
     total, count = 0.0, 0
     wins = windows(len(ids), length, stride)
     for begin, end, scored in wins:
-        total += window_nll(model, seq[begin:end], scored)
+        total += window_nll(model, seq[begin:end], scored, loss)
         count += scored
-    loss = total / count
-    return {"loss": round(loss, 5), "perplexity": round(math.exp(loss), 4), "tokens": count,
+    mean = total / count
+    return {"loss": round(mean, 5), "perplexity": round(math.exp(mean), 4), "tokens": count,
             "windows": len(wins)}  # fmt: skip
 
 
@@ -73,7 +77,8 @@ def tail_windows(n_tokens: int, longest: int, windows: int) -> list[int]:
 
 
 def same_tokens_perplexity(model, ids: list[int], lengths: list[int], scored: int, windows: int,
-                           longest: int | None = None) -> dict[str, dict]:  # fmt: skip
+                           longest: int | None = None,
+                           loss: LossSettings = DEFAULT_LOSS) -> dict[str, dict]:  # fmt: skip
     """Perplexity by context length on the *same* tokens: at each end point the last `scored`
     tokens are predicted with `n` tokens of context in the window for each n in `lengths`, so a
     row compares lengths on one set of tokens (a lower value at a longer length means the model
@@ -89,8 +94,8 @@ def same_tokens_perplexity(model, ids: list[int], lengths: list[int], scored: in
     model.eval()
     seq, out = torch.tensor(ids), {}
     for n in lengths:
-        total = sum(window_nll(model, seq[end - n : end], scored) for end in ends)
-        loss = total / (scored * len(ends))
-        out[str(n)] = {"loss": round(loss, 5), "perplexity": round(math.exp(loss), 4),
+        total = sum(window_nll(model, seq[end - n : end], scored, loss) for end in ends)
+        mean = total / (scored * len(ends))
+        out[str(n)] = {"loss": round(mean, 5), "perplexity": round(math.exp(mean), 4),
                        "tokens": scored * len(ends), "windows": len(ends)}  # fmt: skip
     return out

@@ -20,6 +20,7 @@ from lorasft.data.collate import PadCollator
 from lorasft.data.packing import PackedCollator, check_packing, pack
 from lorasft.data.prepare import Prepared, describe, prepare
 from lorasft.data.tokenize import Encoded
+from lorasft.model.loss import LossSettings, check_kernel, say_kernel
 from lorasft.model.plan import choose_micro_batch
 from lorasft.model.s2attn import s2_training
 from lorasft.train.launch import decided_by_rank0, say
@@ -134,10 +135,21 @@ def build_trainer(cfg: Config, model, tok, data: Prepared, run_dir: Path,
         )
     if has_eval and cfg.train.metric_for_best_model != "eval_loss":
         trainer.generation_scores = generation_scores(cfg, tok, data)
+    trainer.loss_settings = loss_settings(cfg.train, model)
     report_sharding(cfg, trainer)
     readable_progress(trainer)
     trainer.add_callback(ProgressFile(run_dir))
     return trainer
+
+
+def loss_settings(t: TrainSection, model) -> LossSettings:
+    """The run's loss kernel, checked before the first step, and said once."""
+    problem = check_kernel(t.fused_loss, t.loss_chunk_tokens)
+    if problem:
+        raise ConfigError(problem)
+    loss = LossSettings.from_train(t)
+    say(f"[lorasft] {say_kernel(model, loss)}")
+    return loss
 
 
 def report_sharding(cfg: Config, trainer: Trainer) -> None:
