@@ -9,13 +9,23 @@ lorasft's loss on one window of real text (bench/long_corpus.py). Memory: peak R
 torch, transformers) reported apart. Time: the last step (the first one also pays one-off costs).
 
     python bench/long_step.py --lengths 2048 8192 16384 --attention full s2 [--steps 1]
-    python bench/long_step.py --lengths 512 --steps 2 --set context.target_length=1024   # smoke
+    python bench/long_step.py --lengths 512 --steps 2   # smoke
+
+`--whole-run`: instead of the bare step, `lorasft train` itself in a fresh process per length and
+row (`before`: the whole-vocabulary loss, train.loss_chunk_tokens=0, and glibc's moving mmap
+threshold, LORASFT_MALLOC_THRESHOLD=0, as lorasft ran until 2026-12-06; `after`: lorasft's
+defaults), S2-Attn, one step on the long text, its end-of-run
+evaluation included (perplexity of base and tuned over the held-out text's windows of that
+length, then the evaluation by length at that length: perplexity, passkey at depth 0.5, the
+attention check); peak RSS of that whole process, the step's seconds (results.json) and the
+wall time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -45,11 +55,13 @@ def child(length: int, attention: str, steps: int, extra: list[str], text: Path)
 
     from lorasft.config import load_config
     from lorasft.data.tokenize import document_stream
+    from lorasft.model.host_memory import release_freed_memory
     from lorasft.model.loss import causal_lm_loss
     from lorasft.model.precision import PRECISION_DTYPES
     from lorasft.model.s2attn import s2_training
     from lorasft.train.setup import prepare_model_and_tokenizer
 
+    release_freed_memory()  # as `lorasft train` does (LORASFT_MALLOC_THRESHOLD=0: glibc's own)
     before = rss_bytes()
     cfg = load_config(None, overrides(length, attention, extra))
     _, precision, tok, model = prepare_model_and_tokenizer(cfg)
@@ -83,6 +95,49 @@ def child(length: int, attention: str, steps: int, extra: list[str], text: Path)
             "loss": round(loss.item(), 4), "trainable": sum(p.numel() for p in params)}  # fmt: skip
 
 
+WHOLE_RUN_EVAL = ["eval.num_samples=0", "eval.long_windows=1", "eval.passkey_trials=1",
+                  "eval.passkey_depths=[0.5]", "train.max_steps=1", "train.eval_strategy=no",
+                  "train.early_stopping_patience=null", "train.logging_steps=1"]  # fmt: skip
+
+
+WHOLE_RUN_ROWS = {"before": (["train.loss_chunk_tokens=0"], {"LORASFT_MALLOC_THRESHOLD": "0"}),
+                  "after": ([], {})}  # fmt: skip
+
+
+def whole_run_child(length: int, row: str, extra: list[str], corpus: Path) -> dict:
+    """`lorasft train` in this process; what it peaked at, including its evaluation."""
+    from lorasft.cli import main as lorasft_main
+    from lorasft.config import load_config
+
+    eval_file = corpus / f"eval-{length}.jsonl"
+    docs = [json.loads(line)["text"] for line in (corpus / "eval.jsonl").read_text().splitlines()]
+    text = "\n\n".join(docs)[: 2 * 4 * length]  # about two windows of `length` tokens
+    eval_file.write_text(json.dumps({"text": text}) + "\n")
+    run_dir = Path(tempfile.mkdtemp(prefix=f"long-run-{length}-{row}-"))
+    args = ["train", *overrides(length, "s2", extra), *WHOLE_RUN_ROWS[row][0],
+            f"data.train_file={corpus / 'train.jsonl'}", f"data.eval_file={eval_file}",
+            f"eval.long_data=[{eval_file}]", f"eval.long_lengths=[{length}]",
+            *WHOLE_RUN_EVAL, f"output.run_dir={run_dir}"]  # fmt: skip
+    start = time.perf_counter()
+    code = lorasft_main(args)
+    wall = time.perf_counter() - start
+    if code:
+        return {"mode": "whole-run", "length": length, "row": row, "exit": code}
+    results, cfg = (
+        json.loads((run_dir / "results.json").read_text()),
+        load_config(run_dir / "config.yaml"),
+    )
+    return {"mode": "whole-run", "length": length, "attention": "s2", "row": row,
+            "chunk": cfg.train.loss_chunk_tokens, "precision": json.loads((run_dir / "lorasft_run.json").read_text())["precision"],
+            "exit": code, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "step_seconds": results["train"]["train_seconds"],
+            "eval_seconds": results["eval"].get("seconds"),
+            "long_seconds": results.get("long_context", {}).get("seconds"),
+            "wall_seconds": round(wall, 1), "train_loss": results["train"]["train_metrics"].get("train_loss"),
+            "eval_loss": results["eval"]["tuned"]["perplexity"]["loss"],
+            "run_dir": str(run_dir)}  # fmt: skip
+
+
 def planned(length: int, attention: str, extra: list[str]) -> dict:
     from lorasft.config import load_config
     from lorasft.model.plan import step_plan
@@ -104,8 +159,29 @@ def main() -> None:
         default=None,
         help="print a saved --out file against the plan instead of measuring",
     )
+    p.add_argument(
+        "--whole-run",
+        action="store_true",
+        help="lorasft train itself, its evaluation included, per length and --rows",
+    )
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        default=list(WHOLE_RUN_ROWS),
+        choices=list(WHOLE_RUN_ROWS),
+        help="--whole-run: before (whole-vocabulary loss, glibc's malloc as it is) and/or after "
+        "(lorasft's defaults)",
+    )
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--run-child", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
+    corpus = Path(tempfile.gettempdir()) / "lorasft-long-corpus"
+    if a.run_child:
+        print(json.dumps(whole_run_child(int(a.run_child[0]), a.run_child[1], a.set, corpus)))
+        return
+    if a.whole_run:
+        whole_runs(a, corpus)
+        return
     if a.child:
         text = Path(tempfile.gettempdir()) / "lorasft-long-corpus" / "train.jsonl"
         print(json.dumps(child(int(a.child[0]), a.child[1], a.steps, a.set, text)))
@@ -136,6 +212,40 @@ def measure(a) -> list[dict]:
             if a.out:
                 a.out.write_text(json.dumps(rows, indent=2))
     return rows
+
+
+def whole_runs(a, corpus: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from long_corpus import write
+
+    write(corpus)
+    rows = []
+    for n in a.lengths:
+        for name in a.rows:
+            cmd = [sys.executable, __file__, "--run-child", str(n), name, "--set", *a.set]
+            env = {**os.environ, **WHOLE_RUN_ROWS[name][1]}
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+            if out.returncode:
+                print(out.stderr[-3000:], file=sys.stderr)
+                row = {"mode": "whole-run", "length": n, "row": name, "exit": out.returncode}
+            else:
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print_whole_run(row)
+            if a.out:
+                a.out.write_text(json.dumps(rows, indent=2))
+
+
+def print_whole_run(r: dict) -> None:
+    if r["exit"]:
+        why = " (killed: out of memory)" if r["exit"] == -9 else ""
+        print(f"{r['length']:>6} {r['row']:>6}: the run failed, exit {r['exit']}{why}",
+              flush=True)  # fmt: skip
+        return
+    print(f"{r['length']:>6} {r['row']:>6} (chunk {r['chunk']}, {r['precision']}): peak {r['peak'] / 2**30:.2f} GiB (whole "
+          f"process, evaluation included), step {r['step_seconds']:.1f}s, eval "
+          f"{r['eval_seconds']}s + long {r['long_seconds']}s, wall {r['wall_seconds']:.0f}s, "
+          f"train loss {r['train_loss']}, eval loss {r['eval_loss']}", flush=True)  # fmt: skip
 
 
 def print_row(r: dict) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from lorasft.config import Config, ConfigError, load_config
 from lorasft.data.formats import DataError
 from lorasft.data.templates import TemplateError
+from lorasft.model.host_memory import release_freed_memory
 from lorasft.model.load import ModelError
 from lorasft.serve import DEFAULT_MAX_QUEUE, ENGINES
 
@@ -439,6 +440,7 @@ def no_bars_off_terminal() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     no_bars_off_terminal()
+    release_freed_memory()
     try:
         return args.fn(args)
     except USER_ERRORS as e:

@@ -53,6 +53,11 @@ class ModelSection(Section):
     flattened into one row and attention runs per record (variable-length kernel)."""
     global_dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
     """Set attention/hidden dropout of the base model where its architecture has them."""
+    quantization: Literal["none", "nf4", "fp4", "int8"] = "none"
+    """QLoRA: hold the frozen base's linear layers in 4 bits (nf4, as the QLoRA paper, with double
+    quantization; or fp4) or 8 bits (int8) through bitsandbytes (`pip install 'lorasft[qlora]'`),
+    computing in the precision's dtype. Reopening the run (eval, generate, chat, serve) uses the
+    same quantized base; merge and export dequantize it (the weights the adapter trained on)."""
 
 
 class AugmentSection(Section):

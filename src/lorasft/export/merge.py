@@ -37,15 +37,15 @@ def _check_same_base(first: RunSpec, other: RunSpec) -> None:
 
 def merge_runs(run_dirs: list[str | Path], weights: list[float] | None = None):
     """`(spec of the first run, merged float32 model)`. The base is the one the run trained on,
-    in the dtype it trained in, then widened to float32 (exact), so the merge adds the adapters to
-    the very weights training saw. Adapters are merged in the order given, each scaled by its
+    in the dtype it trained in (a quantized one dequantized), then widened to float32 (exact), so
+    the merge adds the adapters to the very weights training saw. Adapters are merged in the order given, each scaled by its
     weight; config and tokenizer come from the first run."""
     weights = list(weights) if weights else [1.0] * len(run_dirs)
     if len(weights) != len(run_dirs):
         raise ModelError(
             f"--weights: {len(weights)} weights for {len(run_dirs)} runs; give one per run"
         )
-    first = open_run(run_dirs[0])
+    first = open_run(run_dirs[0], dequantize=True)  # a QLoRA run's base as the values it trained on
     model = first.model.to(torch.float32)
     _set_weight(model, "default", weights[0])
     merged = model.merge_and_unload()

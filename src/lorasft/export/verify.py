@@ -29,6 +29,13 @@ from lorasft.model.load import ModelError
 # f16 3e-5, q8_0 up to 0.004; demo fp32 run: 1.3e-4 for f32/f16, 0.07 for q8_0; README "Ship it")
 # and below what a different model gives (tests/export/test_llamacpp.py).
 ROUNDING = {"F32": 1e-3, "F16": 0.05, "BF16": 0.1, "Q8_0": 0.25}
+# What a QLoRA run's own quantized base adds, its targets being merged into the dequantized
+# weights: nf4 / fp4 layers compute with exactly those dequantized values (bitsandbytes
+# dequantizes, then multiplies), so nothing beyond the target's rounding (measured on the tiny
+# models: 1.5e-7 fp32, 3e-3 bf16, as an unquantized run). LLM.int8 also rounds each activation
+# row to 8 bits (absmax / 127) before multiplying, which the merged weights do not: rounding of
+# the order of Q8_0's on both operands (measured 4.5e-3 fp32, 5.5e-3 bf16 on the tiny models).
+QUANTIZED_ROUNDING = {"none": 0.0, "nf4": 0.0, "fp4": 0.0, "int8": ROUNDING["Q8_0"]}
 
 
 @dataclass
@@ -41,6 +48,7 @@ class Target:
     api_key: str | None = None
     server_model: str | None = None
     weights: str = "F32"  # a server's weight type, as its /health says (its rounding: ROUNDING)
+    quantization: str = "none"  # the reference's: a QLoRA run's base (QUANTIZED_ROUNDING)
 
 
 @dataclass
@@ -252,7 +260,7 @@ def weigh_divergence(ref: Target, ref_ids: list[int], ref_out: list[int], out: l
         return detail, False
     ours, resolution = last_logits(ref.model, ref_ids + ref_out[:j])
     gap = (ours[ref_out[j]] - ours[out[j]]).item()  # >= 0: the run preferred its own token
-    tie = gap <= rounding + resolution
+    tie = gap <= rounding + QUANTIZED_ROUNDING[ref.quantization] + resolution
     return f"{detail}; run's margin {gap:.3g}{' (near tie)' if tie else ''}", tie
 
 
@@ -297,7 +305,7 @@ def compare_server(ref: Target, t: Target, messages: list[dict], ref_ids: list[i
     others[ref_out[j]] = float("-inf")
     runner = int(others.argmax())
     gap = (ours[ref_out[j]] - ours[runner]).item()  # 0 at an exact tie, which greedy broke
-    tie = gap <= ROUNDING.get(t.weights, 0.0) + resolution
+    tie = gap <= ROUNDING.get(t.weights, 0.0) + QUANTIZED_ROUNDING[ref.quantization] + resolution
     detail = (f"output token {j}: the run chose {ref_out[j]} {ref.tok.decode([ref_out[j]])!r} over "
               f"{runner} {ref.tok.decode([runner])!r} by {gap:.3g}{' (near tie)' if tie else ''}; "
               f"text: expected {want[:40]!r}, got {got[:40]!r}")  # fmt: skip
@@ -375,7 +383,8 @@ def load_reference(run_dir: str | Path):
     from lorasft.model.run import open_run
 
     run = open_run(run_dir)
-    return run.spec, Target("adapter", run.tok, run.spec.stops, run.model)
+    return run.spec, Target("adapter", run.tok, run.spec.stops, run.model,
+                            quantization=run.spec.quantization)  # fmt: skip
 
 
 def render(report: Report, prompts: list[list[dict]]) -> str:

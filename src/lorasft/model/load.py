@@ -191,14 +191,35 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     return tok
 
 
+def quantization_config(kind: str, compute_dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for `model.quantization` (None for `none`)."""
+    if kind == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(f"model.quantization={kind} needs bitsandbytes: pip install "
+                         "'lorasft[qlora]' (or set model.quantization=none)")  # fmt: skip
+    from transformers import BitsAndBytesConfig
+
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind,
+                              bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_use_double_quant=True)  # fmt: skip
+
+
 def load_model(
     path: Path,
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str = "sdpa",
     global_dropout: float | None = None,
+    quantization: str = "none",
+    dequantize: bool = False,
 ) -> PreTrainedModel:
-    """dtype None: float32, or 16-bit under flash attention (which runs in nothing else)."""
+    """dtype None: float32, or 16-bit under flash attention (which runs in nothing else).
+    `quantization` (model.quantization): the linear layers in 4 or 8 bits, computing in `dtype`;
+    `dequantize`: then back to `dtype` (the quantized values, as plain weights: what merging an
+    adapter trained on them needs)."""
     if dtype is None:
         dtype = torch.float32
         if attn_implementation.startswith("flash_attention"):
@@ -207,17 +228,20 @@ def load_model(
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if global_dropout is not None:
         set_global_dropout(config, global_dropout)
+    quantized = quantization_config(quantization, dtype)
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             path,
             config=config,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation,
             weights_only=True,  # a pickled .bin loads tensors only, never arbitrary objects
+            **({"quantization_config": quantized} if quantized else {}),
         )
     except (OSError, ValueError) as e:
         raise ModelError(f"{path}: the model cannot be loaded ({e})") from e
+    return model.dequantize(dtype=dtype) if quantized and dequantize else model
 
 
 def check_attention(attn_implementation: str, dtype: torch.dtype) -> None:

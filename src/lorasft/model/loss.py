@@ -96,6 +96,11 @@ def _plain_head(head: nn.Module) -> bool:
     return type(head) is nn.Linear and not hasattr(head.weight, "ds_id")
 
 
+def _fits_kernel(kernel: str, head: nn.Module) -> bool:
+    """Cut Cross-Entropy takes no bias; both take the head's weight alone (no PEFT wrapper)."""
+    return _plain_head(head) and (kernel == "liger" or head.bias is None)
+
+
 def _logit_softcap(config) -> float | None:
     return getattr(config, "final_logit_softcapping", None) or None
 
@@ -114,10 +119,10 @@ def choose_kernel(model, loss: LossSettings, head: nn.Module) -> str:
     if loss.kernel == "off" or _scales_logits(config):
         return "off"
     if loss.kernel in EXTRAS:
-        return loss.kernel if _plain_head(head) else "chunked"
-    if loss.kernel == "auto" and torch.cuda.is_available() and _plain_head(head):
+        return loss.kernel if _fits_kernel(loss.kernel, head) else "chunked"
+    if loss.kernel == "auto" and torch.cuda.is_available():
         for kernel in ("cce", "liger"):
-            if extra_available(kernel):
+            if extra_available(kernel) and _fits_kernel(kernel, head):
                 return kernel
     return "chunked" if loss.chunk_tokens > 0 else "off"
 
@@ -178,8 +183,10 @@ def fused_nll(kernel: str, head: nn.Linear, hidden: torch.Tensor, targets: torch
         return fn(head.weight, hidden, targets, head.bias).float()
     from cut_cross_entropy import linear_cross_entropy
 
-    return linear_cross_entropy(hidden, head.weight, targets, bias=head.bias, softcap=softcap,
-                                reduction="sum").float()  # fmt: skip
+    # filter_eps=None: every gradient entry computed (CCE's default skips those it deems below
+    # the dtype's resolution, an approximation)
+    return linear_cross_entropy(hidden, head.weight, targets, softcap=softcap, reduction="sum",
+                                filter_eps=None).float()  # fmt: skip
 
 
 def _logits_nll(model, fwd: dict, keep: torch.Tensor, targets: torch.Tensor, head_only: bool):

@@ -13,7 +13,8 @@ p_w bytes and activations of p bytes:
                                                     eager attention, which stores the a*s*s
                                                     scores; sdpa, flash attention and S2-Attn
                                                     around them store none: s*b*h*34 * p/2
-  logits(s)   = b*s*V*(p + 16) with p = 2, 16*b*s*V with p = 4: lorasft's loss holds the logits
+  logits(s)   = n*V*(p + 16) with p = 2, 16*n*V with p = 4, for n = min(b*s, c) positions at once
+                (c: train.loss_chunk_tokens; 0: n = b*s): the loss holds a chunk's logits
                 (p bytes), their fp32 copy and log-softmax (4 + 4), and in the backward pass the
                 fp32 gradients of both (4 + 4); in fp32 the copy is the logits themselves
   no checkpointing:   L*layer(s) + logits(s)
@@ -26,7 +27,8 @@ It counts what the model and training add to the process, not the Python/torch r
 text (every position in the loss) the logits dominate past a few thousand tokens.
 
 Time per step: matrix products (2 FLOPs per weight per token forward, the same again for the
-input gradients, the forward once more under checkpointing) at a matmul rate, plus attention
+input gradients, the forward once more under checkpointing, the output head once more when the
+loss runs in chunks) at a matmul rate, plus attention
 (causal: 2*s*s*h FLOPs per layer forward, 2*s*G*h with S2-Attn groups of G; backward 2.5x the
 forward) at an attention-kernel rate, both rates measured on this machine in about a second.
 Element-wise work (norms, activations, the loss) is left out: measured at 2k tokens on CPU it
@@ -85,14 +87,16 @@ def layer_activations(s: int, b: int, h: int, a: int, p: int, attention: str = "
     return int(s * b * h * (34 + scores) * p / 2)
 
 
-def logits_bytes(s: int, b: int, vocab: int, p: int) -> int:
-    return b * s * vocab * (p + 16 if p == 2 else 16)
+def logits_bytes(s: int, b: int, vocab: int, p: int, chunk: int = 0) -> int:
+    """The loss's logits and their fp32 work: all b*s positions at once, or one chunk of them."""
+    rows = min(b * s, chunk) if chunk > 0 else b * s
+    return rows * vocab * (p + 16 if p == 2 else 16)
 
 
 def activations(config, s: int, b: int, p: int, checkpointing: bool,
-                attention: str = "sdpa") -> int:  # fmt: skip
+                attention: str = "sdpa", chunk: int = 0) -> int:  # fmt: skip
     h, a, n = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
-    logits = logits_bytes(s, b, config.vocab_size, p)
+    logits = logits_bytes(s, b, config.vocab_size, p, chunk)
     layer = layer_activations(s, b, h, a, p, attention)
     if checkpointing:
         return n * s * b * h * p + layer + logits
@@ -100,12 +104,18 @@ def activations(config, s: int, b: int, p: int, checkpointing: bool,
 
 
 def peak_bytes(config, base: int, trainable: int, s: int, b: int, p: int, p_w: int,
-               checkpointing: bool, attention: str = "sdpa") -> int:  # fmt: skip
+               checkpointing: bool, attention: str = "sdpa", chunk: int = 0) -> int:  # fmt: skip
     return (
         base * p_w
         + trainable * TRAINABLE_BYTES
-        + activations(config, s, b, p, checkpointing, attention)
+        + activations(config, s, b, p, checkpointing, attention, chunk)
     )
+
+
+def loss_chunk(cfg: Config) -> int:
+    """Positions the loss projects at once (0: all): train.loss_chunk_tokens unless the loss is
+    off. Liger and Cut Cross-Entropy hold about one chunk's worth too."""
+    return 0 if cfg.train.fused_loss == "off" else cfg.train.loss_chunk_tokens
 
 
 def choose_micro_batch(model, cfg: Config, length: int, precision: str,
@@ -114,15 +124,15 @@ def choose_micro_batch(model, cfg: Config, length: int, precision: str,
     bytes, and that peak, for a loaded (LoRA-wrapped) model."""
     config = model.get_base_model().config
     config = getattr(config, "text_config", None) or config
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    base = sum(p.numel() for p in frozen)
+    # the frozen weights' bytes as held (quantized ones packed), counted as 1-byte parameters
+    base = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    p_w = frozen[0].element_size() if frozen else 4
+    p_w = 1
     p = activation_bytes(precision)
     ckpt, total = cfg.train.gradient_checkpointing, cfg.train.batch_size
     for m in (d for d in range(total, 0, -1) if total % d == 0):
         peak = peak_bytes(config, base, trainable, length, m, p, p_w, ckpt,
-                          cfg.model.attn_implementation)  # fmt: skip
+                          cfg.model.attn_implementation, loss_chunk(cfg))  # fmt: skip
         if peak <= budget:
             return m, peak
     raise ConfigError(
@@ -154,6 +164,27 @@ def count_parameters(config, cfg: Config) -> tuple[int, int]:
     return base, trainable
 
 
+QUANTIZED_BYTES = {"nf4": 4.127 / 8, "fp4": 4.127 / 8, "int8": 1.0}
+"""Bytes per weight of a quantized linear layer: 4 bits plus double-quantized block scales (an
+8-bit absmax per 64 weights and an fp32 one per 256 of those: 4.127 bits, the QLoRA paper), or
+8 bits (row scales negligible)."""
+
+
+def base_weight_bytes(config, cfg: Config, base: int, p_w: int) -> int:
+    """The frozen base's bytes: `base` parameters of `p_w` bytes, or under model.quantization its
+    linear layers (the output head aside, as transformers keeps it) quantized and the rest in
+    fp32 (PEFT's preparation for k-bit training casts them)."""
+    if cfg.model.quantization == "none":
+        return base * p_w
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    linear = sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head
+    )
+    return int(linear * QUANTIZED_BYTES[cfg.model.quantization]) + (base - linear) * 4
+
+
 def _is_lora_target(name: str, module: nn.Module, targets: LoraConfig | None) -> bool:
     """Whether PEFT puts LoRA on this module: a 2-D weight, not an embedding or the output head,
     and (`targets` None: all-linear) a name PEFT's own matching takes for `targets`' modules (a
@@ -171,14 +202,14 @@ def memory_table(
     p = activation_bytes(precision)
     p_w = BYTES.get(cfg.model.dtype, p)
     base, trainable = count_parameters(config, cfg)
-    b, att = cfg.train.batch_size, cfg.model.attn_implementation
+    b, att, chunk = cfg.train.batch_size, cfg.model.attn_implementation, loss_chunk(cfg)
     return [
         MemoryRow(
             s,
-            base * p_w,
+            base_weight_bytes(config, cfg, base, p_w),
             trainable * TRAINABLE_BYTES,
-            activations(config, s, b, p, False, att),
-            activations(config, s, b, p, True, att),
+            activations(config, s, b, p, False, att, chunk),
+            activations(config, s, b, p, True, att, chunk),
         )
         for s in lengths
     ]
@@ -224,8 +255,9 @@ def describe_time(config, cfg: Config, precision: str, lengths: list[int]) -> li
              f"{'length':>8} {'full':>9} {'S2-Attn':>9} {'group':>7}"]  # fmt: skip
     for n in lengths:
         g = group_tokens(cfg.context.s2_group, n)
-        full, s2 = (step_seconds(config, n, t.batch_size, span, ckpt, rates, weights)["seconds"]
-                    * t.grad_accum for span in (n, g))  # fmt: skip
+        full, s2 = (step_seconds(config, n, t.batch_size, span, ckpt, rates, weights,
+                                 loss_chunk(cfg) > 0)["seconds"] * t.grad_accum
+                    for span in (n, g))  # fmt: skip
         lines.append(f"{n:>8} {full:>9.3g} {s2:>9.3g} {g:>7}")
     return lines
 
@@ -303,12 +335,14 @@ def matmul_parameters(config) -> int:
 
 
 def step_seconds(config, s: int, b: int, span: int, checkpointing: bool, rates: Rates,
-                 weights: int | None = None) -> dict:  # fmt: skip
-    """`weights`: matmul_parameters(config), when the caller has it (it builds a meta model)."""
+                 weights: int | None = None, chunked: bool = False) -> dict:  # fmt: skip
+    """`weights`: matmul_parameters(config), when the caller has it (it builds a meta model).
+    `chunked`: the loss recomputes the output head in the backward pass (one more head forward)."""
     n_layers, h = config.num_hidden_layers, config.hidden_size
     head = config.vocab_size * h
     weights = weights or matmul_parameters(config)
     passes = 2 * weights * 2 + (2 * (weights - head) if checkpointing else 0)
+    passes += 2 * head if chunked else 0
     linear = b * s * passes
     attention = n_layers * b * attention_flops(s, span, h) * ((2 if checkpointing else 1) + 2.5)
     return {"matmul_s": linear / rates.matmul, "attention_s": attention / rates.attention,
@@ -333,7 +367,8 @@ def step_plan(cfg: Config, length: int, config=None, rates: Rates | None = None)
     peak = row.peak_checkpointed if ckpt else row.peak
     span = group_tokens(cfg.context.s2_group, length) if cfg.context.s2_attn else length
     rates = rates or rates_for(config, precision)
-    time_parts = step_seconds(config, length, t.batch_size, span, ckpt, rates)
+    time_parts = step_seconds(config, length, t.batch_size, span, ckpt, rates,
+                              chunked=loss_chunk(cfg) > 0)  # fmt: skip
     time_parts = {k: v * t.grad_accum for k, v in time_parts.items()}
     return {"bytes": peak, "attention": "s2" if cfg.context.s2_attn else cfg.model.attn_implementation,
             "span": span, "rates": {"matmul": rates.matmul, "attention": rates.attention},

@@ -38,9 +38,11 @@ def say(message: str) -> None:
     print(f"[lorasft] {message}", file=sys.stderr)
 
 
-def write_run_info(run_dir: Path, precision: str, dtype: torch.dtype, base_path: Path) -> None:
+def write_run_info(run_dir: Path, precision: str, dtype: torch.dtype, base_path: Path,
+                   quantization: str = "none") -> None:  # fmt: skip
     """What training resolved on its machine, for every later opening on any machine."""
-    info = {"precision": precision, "base_dtype": dtype_name(dtype), "base_path": str(base_path)}
+    info = {"precision": precision, "base_dtype": dtype_name(dtype), "base_path": str(base_path),
+            "quantization": quantization}  # fmt: skip
     (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
 
@@ -87,6 +89,11 @@ class RunSpec:
     dir: Path | None = None  # None for a bare base
 
     @property
+    def quantization(self) -> str:
+        """How the base's linear layers are held (model.quantization): none, nf4, fp4, int8."""
+        return self.cfg.model.quantization
+
+    @property
     def system_prompt(self) -> str | None:
         return self.cfg.data.system_prompt
 
@@ -118,8 +125,10 @@ def read_run(run_dir: str | Path, dtype: str | None = None, what: str = "run") -
     return RunSpec(run.name, cfg.last_stage(), path, tok, chosen, attn, run)
 
 
-def read_base(path: str, dtype: str | None = None, trust_remote_code: bool = False) -> RunSpec:
-    """A bare base (no adapter) with its own tokenizer, in the dtype its folder stores (or `dtype`)."""
+def read_base(path: str, dtype: str | None = None, trust_remote_code: bool = False,
+              quantization: str = "none") -> RunSpec:  # fmt: skip
+    """A bare base (no adapter) with its own tokenizer, in the dtype its folder stores (or `dtype`),
+    quantized as `quantization` (the runs served on it trained so)."""
     from transformers import AutoConfig
 
     resolved = resolve_model_path(path)
@@ -127,7 +136,8 @@ def read_base(path: str, dtype: str | None = None, trust_remote_code: bool = Fal
                      "dtype", None)  # fmt: skip
     stored = stored if isinstance(stored, torch.dtype) else DTYPE_NAMES.get(str(stored), None)
     chosen = DTYPE_NAMES[dtype] if dtype else (stored or torch.float32)
-    cfg = Config.model_validate({"model": {"path": path, "trust_remote_code": trust_remote_code}})
+    cfg = Config.model_validate({"model": {"path": path, "trust_remote_code": trust_remote_code,
+                                           "quantization": quantization}})  # fmt: skip
     tok = load_tokenizer(resolved, trust_remote_code)
     return RunSpec(base_name(path), cfg, resolved, tok, chosen, "sdpa")
 
@@ -155,11 +165,16 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def open_base(spec: RunSpec, context: ContextSection | None = None):
-    """The run's base as it trained (dtype, attention, trust_remote_code) with `context` applied
-    (a PEFT adapter does not carry it; None: none), on the device, in eval mode."""
+def open_base(spec: RunSpec, context: ContextSection | None = None, dequantize: bool = False):
+    """The run's base as it trained (dtype, attention, trust_remote_code, quantization) with
+    `context` applied (a PEFT adapter does not carry it; None: none), on the device, in eval mode.
+    `dequantize`: a quantized base as plain weights of the values it trained on (merge, export)."""
+    if dequantize and spec.quantization != "none":
+        say(f"the base trained quantized ({spec.quantization}); dequantizing it to "
+            f"{dtype_name(spec.dtype)}: the adapter merges into the weights it trained on")  # fmt: skip
     model = load_model(spec.base_path, dtype=spec.dtype, attn_implementation=spec.attn,
-                       trust_remote_code=spec.cfg.model.trust_remote_code)  # fmt: skip
+                       trust_remote_code=spec.cfg.model.trust_remote_code,
+                       quantization=spec.quantization, dequantize=dequantize)  # fmt: skip
     if context is not None:
         apply_context(model, context)
     return model.to(device()).eval()
@@ -183,10 +198,11 @@ class OpenedRun:
         return context_window(self.model.get_base_model().config)
 
 
-def open_run(run_dir: str | Path, dtype: str | None = None) -> OpenedRun:
-    """A finished run: its base as trained, with its adapter, ready to generate."""
+def open_run(run_dir: str | Path, dtype: str | None = None, dequantize: bool = False) -> OpenedRun:
+    """A finished run: its base as trained, with its adapter, ready to generate (`dequantize`: a
+    quantized base as plain weights, for merging)."""
     spec = read_run(run_dir, dtype)
-    model = attach(open_base(spec, spec.cfg.context), spec)
+    model = attach(open_base(spec, spec.cfg.context, dequantize), spec)
     return OpenedRun(spec, model.to(device()).eval())
 
 
@@ -214,6 +230,9 @@ def shared_base(base: RunSpec, runs: list[RunSpec]) -> None:
     """Adapters served on one base must agree on what changes the base itself."""
     for r in runs:
         check_same_context(runs[0], r)
+        if r.quantization != base.quantization:
+            raise ModelError(f"{r.dir} trained on a {r.quantization} base and {runs[0].dir} on a "
+                             f"{base.quantization} one; serve them separately")  # fmt: skip
         if r.dtype != base.dtype:
             raise ModelError(f"{r.dir} trained in {dtype_name(r.dtype)}, but the base opens in "
                              f"{dtype_name(base.dtype)}; give --dtype to open them alike")  # fmt: skip
@@ -233,7 +252,7 @@ def read_specs(base: str | None, adapters: list[tuple[str, str]], dtype: str | N
         spec = read_base(base or "default", dtype)
     else:  # the base in the runs' dtype and attention, whatever it is stored in
         spec = read_base(base or first.cfg.model.path, dtype_name(first.dtype),
-                         first.cfg.model.trust_remote_code)  # fmt: skip
+                         first.cfg.model.trust_remote_code, first.quantization)  # fmt: skip
         spec.attn = first.attn
     shared_base(spec, runs)
     return spec, runs

@@ -78,12 +78,13 @@ def base_gguf(spec: RunSpec, runs: list[RunSpec], qtype: str) -> Path:
     stamp = json.dumps(weights_stamp(spec.base_path))
     key = _digest(str(spec.base_path.resolve()).encode(), stamp.encode(),
                   str(spec.dtype).encode(), ctx_json.encode(), qtype.encode(),
+                  spec.quantization.encode(),
                   str(GGUF_FORMAT).encode())  # fmt: skip
     out = cache_root() / "serve" / f"{spec.name}-{key}-{qtype}.gguf"
     if out.is_file():
         return out
     say(f"writing the base as GGUF for llama.cpp (once, cached): {out}")
-    model = open_base(spec, context).float()
+    model = open_base(spec, context, dequantize=True).float()
     check_llama(model.config)
     tmp = out.with_suffix(f".tmp{os.getpid()}")
     write_gguf(model, spec.tok, tmp, qtype, name=spec.name, pre=source_pre_type(spec.base_path))

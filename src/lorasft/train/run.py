@@ -39,7 +39,8 @@ def train(cfg: Config) -> TrainOutcome:
     with state.main_process_first():  # rank 0 converts a GGUF once; the others read the cache
         model_path, precision, tok, model = prepare_model_and_tokenizer(cfg)
     if state.is_main_process:
-        write_run_info(run_dir, precision, base_dtype(cfg.model.dtype, precision), model_path)
+        write_run_info(run_dir, precision, base_dtype(cfg.model.dtype, precision), model_path,
+                       cfg.model.quantization)  # fmt: skip
     params = trainable_summary(model)
     say(f"[lorasft] model {model_path} ({precision}); trainable parameters "
         f"{params['trainable']:,} of {params['total']:,} ({params['share']:.2%})")  # fmt: skip
@@ -49,7 +50,8 @@ def train(cfg: Config) -> TrainOutcome:
         out = fit(cfg, model, tok, run_dir, precision, checkpoint)
     out.is_main = state.is_main_process
     out.info.update(precision=precision, base_model=str(model_path), parameters=params,
-                    processes=state.num_processes, by_answer_language=by_answers)  # fmt: skip
+                    processes=state.num_processes, by_answer_language=by_answers,
+                    quantization=cfg.model.quantization)  # fmt: skip
     save_adapter(out, tok)
     leave_process_group()
     if out.is_main:

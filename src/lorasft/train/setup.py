@@ -94,16 +94,30 @@ def build_model(cfg: Config, model_path: Path, precision: str):
         trust_remote_code=cfg.model.trust_remote_code,
         attn_implementation=cfg.model.attn_implementation,
         global_dropout=cfg.model.global_dropout,
+        quantization=cfg.model.quantization,
     )
     plan = apply_context(model, cfg.context)  # before LoRA: it resizes and rebuilds modules
     if plan is not None:
         factor = f", factor {plan.factor:g}" if plan.factor else ""
         print(f"[lorasft] context: {plan.method} from {plan.original} to {plan.target} "
               f"positions{factor}")  # fmt: skip
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointing = cfg.train.gradient_checkpointing
+    if cfg.model.quantization != "none":
+        # PEFT's documented preparation: the frozen base's remaining float weights (norms,
+        # embeddings, head) in fp32, inputs that require grad, checkpointing when asked
+        from peft import prepare_model_for_kbit_training
+
+        print(f"[lorasft] QLoRA: the base's linear layers in {cfg.model.quantization} "
+              "(bitsandbytes)")  # fmt: skip
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                gradient_checkpointing_kwargs=NON_REENTRANT)  # fmt: skip
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=NON_REENTRANT)
         model.enable_input_require_grads()
     return apply_lora(model, lora_with_context(model, cfg))
+
+
+NON_REENTRANT = {"use_reentrant": False}
 
 
 def lora_with_context(model, cfg: Config):
