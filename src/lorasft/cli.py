@@ -175,15 +175,16 @@ def _adapter_arg(text: str) -> tuple[str, str]:
 def cmd_plan(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
-    from lorasft.model.load import resolve_model_path
+    from lorasft.model.load import config_folder, resolve_model_path
     from lorasft.model.plan import describe_plan
     from lorasft.model.precision import resolve_precision
     from lorasft.train.run import settings_for_answers
 
     cfg, _ = settings_for_answers(_config(args.config, args.overrides))  # the LoRA training runs
-    path = resolve_model_path(cfg.model.path)
+    path = config_folder(cfg.model.path) or resolve_model_path(cfg.model.path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
-    for line in describe_plan(config, cfg, resolve_precision(cfg.train.precision)):
+    precision = resolve_precision(cfg.train.precision)
+    for line in describe_plan(config, cfg, precision, args.lengths, timed=not args.memory_only):
         print(line)
     return 0
 
@@ -367,6 +368,12 @@ def parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("config", nargs="?", help="YAML file")
     pl.add_argument("overrides", nargs="*", help="section.key=value")
+    pl.add_argument("--lengths", type=int, nargs="+", default=None,
+                    help="sequence lengths to plan (default: half the window, then doublings to "
+                         "the context target)")  # fmt: skip
+    pl.add_argument("--memory-only", action="store_true",
+                    help="no seconds per step (they come from this machine's measured rates: "
+                         "for planning another machine, such as a GPU, only the memory applies)")  # fmt: skip
     pl.set_defaults(fn=cmd_plan)
     return p
 

@@ -1,6 +1,7 @@
 """`lorasft plan`: the memory estimate is exact on a config small enough to work out by hand,
 and ordered the way it must be."""
 
+import pytest
 from transformers import LlamaConfig
 
 from lorasft.cli import main
@@ -127,3 +128,43 @@ def test_micro_batch_is_the_largest_divisor_that_fits():
     assert choose_micro_batch(model, cfg6, 16, "fp32", peak(3)) == (3, peak(3))
     with pytest.raises(ConfigError, match="even a micro-batch of 1.*gradient_checkpointing=true"):
         choose_micro_batch(model, cfg, 16, "fp32", peak(1) - 1)
+
+
+def test_the_chunked_loss_holds_one_chunk_of_logits():
+    """Past loss_chunk_tokens positions the logits term stops growing; off (or 0) it is every
+    position's, as before."""
+    base = ["lora.r=2", "lora.target_modules=[q_proj,v_proj]", "train.batch_size=1"]
+    chunked = load_config(None, [*base, "train.loss_chunk_tokens=4"])
+    whole = load_config(None, [*base, "train.fused_loss=off"])
+    (c,) = memory_table(tiny_config(), chunked, [16], "fp32")
+    (w,) = memory_table(tiny_config(), whole, [16], "fp32")
+    assert w.activations - c.activations == (16 - 4) * 100 * 16
+
+
+def test_plan_answers_for_a_folder_with_only_a_config(tmp_path, capsys):
+    """No weights, no tokenizer: the model is built on the meta device. The 8B's 4-bit base is
+    its linear layers at 4.127 bits plus embeddings and head in fp32."""
+    import json
+    from pathlib import Path
+
+    llama = Path(__file__).resolve().parents[2] / "examples" / "plan" / "llama-3.1-8b"
+    assert sorted(p.name for p in llama.iterdir()) == ["config.json"]
+    args = ["plan", f"model.path={llama}", "train.batch_size=1", "train.precision=fp32",
+            "train.gradient_checkpointing=true"]  # fmt: skip
+    flags = ["--lengths", "8192", "--memory-only"]
+    assert main([*args, *flags]) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "model.quantization=nf4", *flags]) == 0
+    nf4 = capsys.readouterr().out
+    weights = lambda out: float(out.strip().splitlines()[-1].split()[1])  # GiB
+    cfg = json.loads((llama / "config.json").read_text())
+    embed = cfg["vocab_size"] * cfg["hidden_size"]
+    assert weights(plain) * 2**30 == pytest.approx(8_030_261_248 * 4, rel=1e-3)
+    linear = 8_030_261_248 - 2 * embed - (2 * 32 + 1) * cfg["hidden_size"]
+    assert weights(nf4) * 2**30 == pytest.approx(
+        linear * 4.127 / 8 + (8_030_261_248 - linear) * 4, rel=1e-3
+    )
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    assert main(["plan", f"model.path={tmp_path / 'bad'}"]) == 2
+    assert "config.json: not valid JSON" in capsys.readouterr().err

@@ -31,7 +31,7 @@ def release_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
     was not set: another OS or allocator, `MALLOC_MMAP_THRESHOLD_` already set, or
     `LORASFT_MALLOC_THRESHOLD=0`."""
     wanted = os.environ.get("LORASFT_MALLOC_THRESHOLD")
-    if wanted is not None:
+    if wanted:
         threshold = int(wanted)
     if threshold <= 0 or not sys.platform.startswith("linux"):
         return False

@@ -67,6 +67,20 @@ def resolve_model_path(path: str) -> Path:
     return p
 
 
+def config_folder(path: str) -> Path | None:
+    """A Hugging Face folder holding at least a valid config.json (weights not needed: `lorasft
+    plan` builds the model on the meta device), or None for anything else (the default model, a
+    GGUF file: resolve_model_path's business)."""
+    p = Path(path).expanduser()
+    if path == "default" or not p.is_dir() or not (p / "config.json").is_file():
+        return None
+    try:
+        json.loads((p / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{p / 'config.json'}: not valid JSON ({e})") from e
+    return p
+
+
 def check_hf_folder(p: Path) -> None:
     cfg = p / "config.json"
     if not cfg.is_file():

@@ -215,21 +215,39 @@ def memory_table(
     ]
 
 
-def describe_plan(config, cfg: Config, precision: str) -> list[str]:
+def base_kind(cfg: Config, precision: str) -> str:
+    if cfg.model.quantization != "none":
+        return f"{cfg.model.quantization} (QLoRA)"
+    return (
+        cfg.model.dtype
+        if cfg.model.dtype != "auto"
+        else {"fp32": "float32"}.get(precision, "16-bit")
+    )
+
+
+def loss_kind(cfg: Config) -> str:
+    chunk = loss_chunk(cfg)
+    return f"loss in chunks of {chunk}" if chunk else "loss on all positions at once"
+
+
+def describe_plan(
+    config, cfg: Config, precision: str, lengths: list[int] | None = None, timed: bool = True
+) -> list[str]:
     ctx: ContextPlan | None = plan_context(config, cfg.context)
     original = ctx.original if ctx else context_window(config)
     lines = [f"model window: {original} tokens"]
     if ctx:
         factor = f", factor {ctx.factor:g}" if ctx.factor else ""
         lines.append(f"context: {ctx.method} to {ctx.target} tokens{factor}")
-    lengths = length_ladder(original, ctx.target if ctx else None)
+    lengths = lengths or length_ladder(original, ctx.target if ctx else None)
     rows = memory_table(config, cfg, lengths, precision)
     lines.append(f"LoRA rank {cfg.lora.r} on {cfg.lora.target_modules}: "
                  f"{rows[0].trainable // TRAINABLE_BYTES:,} trainable parameters")  # fmt: skip
     gib = 2**30
     lines.append(
         f"peak memory per sequence length (batch {cfg.train.batch_size}, {precision}, "
-        f"{cfg.model.attn_implementation} attention; GiB):"
+        f"{cfg.model.attn_implementation} attention, base {base_kind(cfg, precision)}, "
+        f"{loss_kind(cfg)}; GiB):"
     )
     lines.append(
         f"{'length':>8} {'weights':>8} {'lora+opt':>8} {'act':>8} {'act ckpt':>8} {'peak':>8} {'peak ckpt':>9}"
@@ -239,7 +257,7 @@ def describe_plan(config, cfg: Config, precision: str) -> list[str]:
             f"{r.length:>8} {r.weights / gib:>8.3f} {r.trainable / gib:>8.3f} {r.activations / gib:>8.3f} "
             f"{r.activations_checkpointed / gib:>8.3f} {r.peak / gib:>8.3f} {r.peak_checkpointed / gib:>9.3f}"
         )
-    return lines + describe_time(config, cfg, precision, lengths)
+    return lines + (describe_time(config, cfg, precision, lengths) if timed else [])
 
 
 def describe_time(config, cfg: Config, precision: str, lengths: list[int]) -> list[str]:
