@@ -158,8 +158,9 @@ def test_a_chunk_boundary_off_by_one_is_caught(tiny_llama_dir, precision):
 
 
 def test_the_head_never_sees_more_than_one_chunk(tiny_llama_dir):
-    """Forward and backward (recomputed) logits: no call of the head ever has more rows than a
-    chunk, and the whole-vocabulary path (the control) does."""
+    """No call of the head ever has more rows than a chunk, each chunk runs once (its gradients are
+    taken then, nothing is recomputed in the backward pass), and the whole-vocabulary path (the
+    control) runs the head once on every position."""
     model = _tied_model(tiny_llama_dir, "fp32", ["embed_tokens"])
     head, rows = model.get_output_embeddings(), []
     handle = head.register_forward_hook(
@@ -168,8 +169,8 @@ def test_the_head_never_sees_more_than_one_chunk(tiny_llama_dir):
     batch = _long_batch(model.config.vocab_size)
     _loss_and_grads(model, batch, LossSettings(chunk_tokens=8))
     n = int(supervised_positions(batch["labels"]).sum())
-    # the forward's own call (0 rows), then each chunk in the forward and again in the backward
-    assert rows[0] == 0 and max(rows) == 8 and sum(rows) == 2 * n
+    # the forward's own call (0 rows), then each chunk once
+    assert rows[0] == 0 and max(rows) == 8 and sum(rows) == n
     rows.clear()
     _loss_and_grads(model, batch, OFF)
     handle.remove()

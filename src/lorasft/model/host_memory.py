@@ -6,8 +6,10 @@ starts at 128 KiB but rises to the size of every mapped block freed, up to 32 Mi
 first long forward pass every activation under 32 MiB comes from the heaps; with two threads'
 arenas and tensors of changing sizes the heaps fragment, and resident memory climbs to several
 times what is alive. Measured with one training step of the default model at 8,192 tokens on a
-2-core CPU (bench/long_step.py, fp32): 9.06 GiB peak resident with glibc's moving threshold,
-2.21 GiB with it fixed (README: "The loss at long lengths"). Fixing it is glibc's documented
+2-core AVX2 CPU (bench/long_step.py, fp32): 9.2-10.2 GiB peak resident with glibc's moving
+threshold; fixed at 4 MiB 2.3 GiB but 5% slower (mapping and zeroing pages for every block
+over 4 MiB), at 16 MiB with a 128 MiB trim threshold 3.0 GiB and as fast as before (README:
+"The loss at long lengths"). Fixing it is glibc's documented
 `mallopt(M_MMAP_THRESHOLD, ...)`; the environment variable `MALLOC_MMAP_THRESHOLD_` that glibc
 reads at start-up does the same before Python runs, and one set there is left alone, as is a
 process whose allocator is not glibc's (the call is then a no-op that reports False).
@@ -20,10 +22,13 @@ import ctypes.util
 import os
 import sys
 
-M_MMAP_THRESHOLD = -3  # glibc's malloc.h
-MMAP_THRESHOLD = 4 << 20
-"""Blocks of 4 MiB and more are mapped and unmapped on free (a few dozen per layer at long
-lengths); smaller ones stay in the heaps."""
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+MMAP_THRESHOLD = 16 << 20
+"""Blocks of 16 MiB and more are mapped, and unmapped when freed."""
+TRIM_THRESHOLD = 128 << 20
+"""Free space at the top of the heap kept up to 128 MiB (a fixed mmap threshold also stops
+glibc moving this one, and its 128 KiB default gives memory back and asks for it again all the
+time)."""
 
 
 def release_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
@@ -39,6 +44,8 @@ def release_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+            libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
         return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):
         return False

@@ -9,9 +9,9 @@ position is supervised, and `[tokens x vocabulary]` logits with their fp32 copy,
 gradients (about 18 bytes an entry) dominate a step's memory (14 of 16 GiB at 16k tokens on the
 default model). So the model's forward stops before the head (a forward pre-hook on the output
 embeddings captures the head's input and hands the head an empty slice), and the head and
-cross-entropy run on chunks of `chunk_tokens` positions, each chunk under activation
-checkpointing: its logits are freed as soon as its loss is summed and recomputed in the backward
-pass, so at most one chunk's logits live at a time. Losses are summed in fp32.
+cross-entropy run on chunks of `chunk_tokens` positions, each chunk's gradients taken while its
+logits exist and the logits freed before the next chunk (Liger's scheme), so at most one chunk's
+logits live at a time and the head costs no more than before. Losses are summed in fp32.
 
 The head is called as a module (with whatever PEFT or DeepSpeed put around it), so LoRA on the
 head, `modules_to_save` and ZeRO-3's parameter gathering work as in the model's own forward; the
@@ -152,17 +152,59 @@ def _chunk_nll(head: nn.Module, softcap: float | None, hidden: torch.Tensor,
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+class _ChunkedHeadNLL(torch.autograd.Function):
+    """Summed NLL over chunks whose gradients are taken while the chunk's logits exist (as Liger's
+    fused linear cross-entropy does): the forward pass runs each chunk's head, loss and backward
+    and keeps only the gradients (the chunk's hidden states', and the head's own trainable
+    parameters' summed over chunks); the backward pass scales them. No chunk is recomputed, so
+    the head costs what the whole-vocabulary loss costs."""
+
+    @staticmethod
+    def forward(ctx, head, softcap, n, *tensors):
+        hidden, targets, params = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
+        total = torch.zeros((), dtype=torch.float32, device=hidden[0].device)
+        grads_h, grads_p = [], [torch.zeros_like(p) for p in params]
+        for h, t in zip(hidden, targets, strict=True):
+            with torch.enable_grad():
+                h = h.detach().requires_grad_(True)
+                loss = _chunk_nll(head, softcap, h, t)
+                g = torch.autograd.grad(loss, [h, *params])
+            total += loss.detach()
+            grads_h.append(g[0])
+            for acc, gp in zip(grads_p, g[1:]):
+                acc += gp
+        ctx.n, ctx.n_params = n, len(params)
+        ctx.save_for_backward(*grads_h, *grads_p)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = ctx.saved_tensors
+        grads_h, grads_p = saved[: ctx.n], saved[ctx.n :]
+        scaled = lambda gs: [g * grad_out.to(g.dtype) for g in gs]
+        return (None, None, None, *scaled(grads_h), *([None] * ctx.n), *scaled(grads_p))
+
+
 def chunks_nll(
     head: nn.Module, hidden_chunks, target_chunks, softcap: float | None = None
 ) -> torch.Tensor:
-    """Summed NLL (fp32) over paired chunks; each chunk's logits are recomputed in the backward
-    pass rather than kept (only the chunk's input is saved)."""
+    """Summed NLL (fp32) over paired chunks, at most one chunk's logits alive at a time. With
+    gradients: taken per chunk in the forward pass (`_ChunkedHeadNLL`); a head whose parameters
+    ZeRO-3 partitions (gathered only inside a call of the head) instead recomputes each chunk
+    in the backward pass under activation checkpointing."""
     fn = functools.partial(_chunk_nll, head, softcap)
-    grad = torch.is_grad_enabled()
-    total = torch.zeros((), dtype=torch.float32, device=hidden_chunks[0].device)
-    for h, t in zip(hidden_chunks, target_chunks, strict=True):
-        total = total + (checkpoint(fn, h, t, use_reentrant=False) if grad else fn(h, t))
-    return total
+    params = [p for p in head.parameters() if p.requires_grad]
+    needs_grad = any(h.requires_grad for h in hidden_chunks) or bool(params)
+    if not torch.is_grad_enabled() or not needs_grad:
+        total = torch.zeros((), dtype=torch.float32, device=hidden_chunks[0].device)
+        for h, t in zip(hidden_chunks, target_chunks, strict=True):
+            total = total + fn(h, t)
+        return total
+    if any(hasattr(p, "ds_id") for p in params):
+        pairs = zip(hidden_chunks, target_chunks, strict=True)
+        return sum(checkpoint(fn, h, t, use_reentrant=False) for h, t in pairs)
+    n = len(hidden_chunks)
+    return _ChunkedHeadNLL.apply(head, softcap, n, *hidden_chunks, *target_chunks, *params)
 
 
 def chunked_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,

@@ -27,8 +27,8 @@ It counts what the model and training add to the process, not the Python/torch r
 text (every position in the loss) the logits dominate past a few thousand tokens.
 
 Time per step: matrix products (2 FLOPs per weight per token forward, the same again for the
-input gradients, the forward once more under checkpointing, the output head once more when the
-loss runs in chunks) at a matmul rate, plus attention
+input gradients, the forward once more under checkpointing; the chunked loss takes each chunk's
+gradients in its forward pass, so it adds none) at a matmul rate, plus attention
 (causal: 2*s*s*h FLOPs per layer forward, 2*s*G*h with S2-Attn groups of G; backward 2.5x the
 forward) at an attention-kernel rate, both rates measured on this machine in about a second.
 Element-wise work (norms, activations, the loss) is left out: measured at 2k tokens on CPU it
@@ -273,9 +273,8 @@ def describe_time(config, cfg: Config, precision: str, lengths: list[int]) -> li
              f"{'length':>8} {'full':>9} {'S2-Attn':>9} {'group':>7}"]  # fmt: skip
     for n in lengths:
         g = group_tokens(cfg.context.s2_group, n)
-        full, s2 = (step_seconds(config, n, t.batch_size, span, ckpt, rates, weights,
-                                 loss_chunk(cfg) > 0)["seconds"] * t.grad_accum
-                    for span in (n, g))  # fmt: skip
+        full, s2 = (step_seconds(config, n, t.batch_size, span, ckpt, rates, weights)["seconds"]
+                    * t.grad_accum for span in (n, g))  # fmt: skip
         lines.append(f"{n:>8} {full:>9.3g} {s2:>9.3g} {g:>7}")
     return lines
 
@@ -353,14 +352,12 @@ def matmul_parameters(config) -> int:
 
 
 def step_seconds(config, s: int, b: int, span: int, checkpointing: bool, rates: Rates,
-                 weights: int | None = None, chunked: bool = False) -> dict:  # fmt: skip
-    """`weights`: matmul_parameters(config), when the caller has it (it builds a meta model).
-    `chunked`: the loss recomputes the output head in the backward pass (one more head forward)."""
+                 weights: int | None = None) -> dict:  # fmt: skip
+    """`weights`: matmul_parameters(config), when the caller has it (it builds a meta model)."""
     n_layers, h = config.num_hidden_layers, config.hidden_size
     head = config.vocab_size * h
     weights = weights or matmul_parameters(config)
     passes = 2 * weights * 2 + (2 * (weights - head) if checkpointing else 0)
-    passes += 2 * head if chunked else 0
     linear = b * s * passes
     attention = n_layers * b * attention_flops(s, span, h) * ((2 if checkpointing else 1) + 2.5)
     return {"matmul_s": linear / rates.matmul, "attention_s": attention / rates.attention,
@@ -385,8 +382,7 @@ def step_plan(cfg: Config, length: int, config=None, rates: Rates | None = None)
     peak = row.peak_checkpointed if ckpt else row.peak
     span = group_tokens(cfg.context.s2_group, length) if cfg.context.s2_attn else length
     rates = rates or rates_for(config, precision)
-    time_parts = step_seconds(config, length, t.batch_size, span, ckpt, rates,
-                              chunked=loss_chunk(cfg) > 0)  # fmt: skip
+    time_parts = step_seconds(config, length, t.batch_size, span, ckpt, rates)
     time_parts = {k: v * t.grad_accum for k, v in time_parts.items()}
     return {"bytes": peak, "attention": "s2" if cfg.context.s2_attn else cfg.model.attn_implementation,
             "span": span, "rates": {"matmul": rates.matmul, "attention": rates.attention},
