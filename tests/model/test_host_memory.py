@@ -43,7 +43,7 @@ print((rss() - base) >> 20)
 @pytest.mark.parametrize("mode", ["moving", "fixed"])
 def test_freed_blocks_go_back_to_the_system(mode):
     """400 MiB of 20 MiB tensors, freed: with glibc's moving threshold they stay in the heap,
-    with the threshold fixed (16 MiB) they are unmapped."""
+    with the threshold fixed they are unmapped."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("MALLOC_MMAP_THRESHOLD_", "LORASFT_MALLOC_THRESHOLD")}  # fmt: skip
     out = subprocess.run([sys.executable, "-c", FRAGMENT, mode], capture_output=True, text=True,

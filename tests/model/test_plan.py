@@ -26,7 +26,8 @@ def test_estimate_exact_by_hand():
     assert row.weights == 2264 * 4
     assert row.trainable == 2 * (2 * (8 + 8)) * 16  # q_proj and v_proj: r*(in+out) each
     layer = 16 * 8 * 34 * 4 / 2  # sdpa stores no scores: s*b*h*34 * p/2
-    logits = 16 * 100 * 16  # fp32: logits (= their fp32 copy) 4, log-softmax 4, two gradients 4 + 4
+    # the default chunked loss (16 positions < one chunk): fp32 logits 4, log-softmax 4, gradient 4
+    logits = 16 * 100 * 12
     assert row.activations == layer + logits
     assert row.activations_checkpointed == 16 * 8 * 4 + layer + logits
     # eager attention stores the a*s*s scores: s*b*h*(34 + 5as/h) * p/2 = 13824
@@ -34,9 +35,14 @@ def test_estimate_exact_by_hand():
         "lora.r=2", "lora.target_modules=[q_proj,v_proj]", "train.batch_size=1",
         "model.attn_implementation=eager"]), [16], "fp32")  # fmt: skip
     assert eager.activations == 16 * 8 * (34 + 5 * 2 * 16 / 8) * 4 / 2 + logits
-    # bf16: logits 2 bytes, their fp32 copy, log-softmax and two fp32 gradients 16
+    # bf16 in chunks: logits and gradient 2 + 2, their fp32 copies 4 + 4, log-softmax 4: 16
     (half,) = memory_table(tiny_config(), cfg, [16], "bf16")
-    assert half.activations == 16 * 8 * 34 * 2 / 2 + 16 * 100 * 18
+    assert half.activations == 16 * 8 * 34 * 2 / 2 + 16 * 100 * 16
+    # all at once (the loss before chunks): logits 2, fp32 copy and log-softmax, two fp32 gradients
+    off = load_config(None, ["lora.r=2", "lora.target_modules=[q_proj,v_proj]",
+                             "train.batch_size=1", "train.loss_chunk_tokens=0"])  # fmt: skip
+    (whole,) = memory_table(tiny_config(), off, [16], "bf16")
+    assert whole.activations == 16 * 8 * 34 * 2 / 2 + 16 * 100 * 18
 
 
 def test_step_time_by_hand():
@@ -111,7 +117,7 @@ def test_micro_batch_is_the_largest_divisor_that_fits():
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lorasft.config import ConfigError
+    from lorasft.config import DEFAULT_CHUNK_TOKENS, ConfigError
     from lorasft.model.plan import activations, choose_micro_batch
 
     model = get_peft_model(AutoModelForCausalLM.from_config(tiny_config()),
@@ -119,7 +125,7 @@ def test_micro_batch_is_the_largest_divisor_that_fits():
     fixed = 2264 * 4 + 64 * 16  # frozen fp32 weights (by hand above) + LoRA with AdamW state
 
     def peak(m):
-        return fixed + activations(tiny_config(), 16, m, 4, False)
+        return fixed + activations(tiny_config(), 16, m, 4, False, "sdpa", DEFAULT_CHUNK_TOKENS)
 
     cfg = load_config(None, ["train.batch_size=8"])
     assert choose_micro_batch(model, cfg, 16, "fp32", peak(4) - 1) == (2, peak(2))
@@ -138,7 +144,7 @@ def test_the_chunked_loss_holds_one_chunk_of_logits():
     whole = load_config(None, [*base, "train.fused_loss=off"])
     (c,) = memory_table(tiny_config(), chunked, [16], "fp32")
     (w,) = memory_table(tiny_config(), whole, [16], "fp32")
-    assert w.activations - c.activations == (16 - 4) * 100 * 16
+    assert w.activations - c.activations == 16 * 100 * 16 - 4 * 100 * 12
 
 
 def test_plan_answers_for_a_folder_with_only_a_config(tmp_path, capsys):

@@ -23,7 +23,9 @@ def budget_for_micro_batch(model_dir, micro: int, precision: str) -> float:
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     p = 4 if precision == "fp32" else 2
-    peak = frozen * p + trainable * 16 + activations(model.config, longest, micro, p, False)
+    chunk = cfg.train.loss_chunk_tokens
+    peak = frozen * p + trainable * 16 + activations(model.config, longest, micro, p, False,
+                                                     "sdpa", chunk)  # fmt: skip
     return (peak + 1) / 2**30
 
 

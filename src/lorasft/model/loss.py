@@ -254,8 +254,8 @@ def supervised_nll(model, inputs: dict, head_only: bool = True,
     fwd = {k: v for k, v in inputs.items() if k != "labels"}
     targets = labels[:, 1:][keep[:, :-1]]
     inner = unwrapped(model)
-    head = inner.get_output_embeddings()
-    kernel = choose_kernel(model, loss, head) if head_only and head is not None else "off"
+    head = inner.get_output_embeddings() if head_only else None  # head_only: a transformers model
+    kernel = choose_kernel(model, loss, head) if head is not None else "off"
     if kernel == "off":
         nll, outputs = _logits_nll(model, fwd, keep, targets, head_only)
         return nll, targets.numel(), outputs

@@ -13,10 +13,12 @@ p_w bytes and activations of p bytes:
                                                     eager attention, which stores the a*s*s
                                                     scores; sdpa, flash attention and S2-Attn
                                                     around them store none: s*b*h*34 * p/2
-  logits(s)   = n*V*(p + 16) with p = 2, 16*n*V with p = 4, for n = min(b*s, c) positions at once
-                (c: train.loss_chunk_tokens; 0: n = b*s): the loss holds a chunk's logits
-                (p bytes), their fp32 copy and log-softmax (4 + 4), and in the backward pass the
-                fp32 gradients of both (4 + 4); in fp32 the copy is the logits themselves
+  logits(s)   = b*s*V*(p + 16) with p = 2, 16*b*s*V with p = 4, all at once (loss_chunk_tokens
+                0): the logits (p bytes), their fp32 copy and log-softmax (4 + 4), and in the
+                backward pass the fp32 gradients of both (4 + 4); in fp32 the copy is the logits
+                themselves. In chunks of c (the default): n = min(b*s, c) positions, whose
+                gradient is taken at once: n*V*12 in fp32 (logits, log-softmax, gradient), 16 in
+                bf16 (and the 16-bit logits and gradient)
   no checkpointing:   L*layer(s) + logits(s)
   checkpointing:      L*s*b*h*p + layer(s) + logits(s)   (each layer's input kept, one layer
                                                            recomputed at a time)
@@ -88,9 +90,13 @@ def layer_activations(s: int, b: int, h: int, a: int, p: int, attention: str = "
 
 
 def logits_bytes(s: int, b: int, vocab: int, p: int, chunk: int = 0) -> int:
-    """The loss's logits and their fp32 work: all b*s positions at once, or one chunk of them."""
-    rows = min(b * s, chunk) if chunk > 0 else b * s
-    return rows * vocab * (p + 16 if p == 2 else 16)
+    """The loss's logits and their fp32 work: all b*s positions at once, or one chunk of them.
+    A chunk's gradient is taken while its logits exist, so it holds the logits, their log-softmax
+    and the logits' gradient: 12 bytes an entry in fp32 (measured 12.2-12.8 by
+    bench/loss_chunk.py), 16 in bf16 (the bf16 logits and gradient and their fp32 copies)."""
+    if chunk > 0:
+        return min(b * s, chunk) * vocab * (16 if p == 2 else 12)
+    return b * s * vocab * (p + 16 if p == 2 else 16)
 
 
 def activations(config, s: int, b: int, p: int, checkpointing: bool,
