@@ -253,6 +253,12 @@ class EvalSection(Section):
     (32 records, base and tuned, fp32 on a 2-core AVX2 CPU; `bench/eval_speed.py --sizes`) took
     97-99 s against 123-129 s in batches of 8 (32: 91-95 s, for twice the memory) and 353 s one
     at a time, with the same answers (README: Evaluation time)."""
+    batch_tokens: int = Field(default=8192, ge=1)
+    """Perplexity batches hold at most this many tokens, padding included (rows x the longest);
+    a longer record goes alone. Long windows batched together pad, take the masked attention path
+    and hold every row's activations: the default model's two held-out windows of 16,384 tokens in
+    one batch peaked at 4.11 GiB resident and took 431 s, one at a time 1.62 GiB and 243 s (fp32,
+    2-core AVX2 CPU, 2026-12-06). The demo's batches (16 records of at most ~300 tokens) fit."""
     exact_greedy: bool = True
     """Batched greedy answers equal one-at-a-time ones: a row whose batched path passed a near tie
     (where batching's rounding can flip the choice, mostly in bf16) is generated again alone. On

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from lorasft.data.tokenize import IGNORE, Encoded
-from lorasft.eval.perplexity import perplexity
+from lorasft.eval.perplexity import perplexity, token_batches
 from lorasft.model.load import accepts_logits_to_keep
 
 SEQS = [
@@ -77,3 +77,23 @@ def test_chat_stream_raises_instead_of_hanging_when_generation_fails(
 
     with pytest.raises(RuntimeError, match="out of memory"):
         list(stream(Broken(), tiny_tokenizer, [{"role": "user", "content": "hi"}], GenSettings()))
+
+
+def test_token_batches_bound_rows_and_padded_tokens():
+    lengths = [300, 100, 16384, 200, 15457, 100]
+    # shortest first; rows x longest <= 1024; the long windows alone
+    assert token_batches(lengths, 16, 1024) == [[1, 5, 3], [0], [4], [2]]
+    assert token_batches(lengths, 2, 10**6) == [[1, 5], [3, 0], [4, 2]]  # the row cap alone
+    assert token_batches(lengths, 16, 8192) == [[1, 5, 3, 0], [4], [2]]
+    assert token_batches([], 4, 100) == []
+    assert sorted(i for b in token_batches(lengths, 3, 500) for i in b) == list(range(6))
+
+
+# One row per batch (a bound below two rows' padded size) against both rows padded into one
+# batch: the same tokens scored, each row's attention the same up to padding's rounding (fp32:
+# 1e-4, as above).
+def test_a_token_bound_changes_the_batches_not_the_perplexity(tiny_llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    together, alone = perplexity(model, SEQS, 0, 2), perplexity(model, SEQS, 0, 2, batch_tokens=5)
+    assert together["tokens"] == alone["tokens"] == 4
+    assert abs(together["loss"] - alone["loss"]) < 1e-4

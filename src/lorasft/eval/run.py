@@ -27,7 +27,8 @@ def evaluate(model, tok, eval_examples: list[Example], eval_encoded: list[Encode
              ev: EvalSection, loss: LossSettings = DEFAULT_LOSS) -> dict[str, Any]:  # fmt: skip
     start = time.perf_counter()
     out: dict[str, Any] = {"loss_on": "response tokens only (the tokens in the loss mask)"}
-    ppl = lambda: perplexity(model, eval_encoded, tok.pad_token_id, ev.batch_size, loss)
+    ppl = lambda: perplexity(model, eval_encoded, tok.pad_token_id, ev.batch_size, loss,
+                             ev.batch_tokens)  # fmt: skip
     out["tuned"] = {"perplexity": ppl()}
     chats, prompts, refs = chat_samples(eval_examples, ev.num_samples)
     gen = GenSettings.from_config(ev)
