@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from lorasft.model.host_memory import release_freed_memory
+from lorasft.model.host_memory import THP_SWITCH, huge_pages_allowed, release_freed_memory
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 
@@ -14,7 +14,10 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 def test_set_unless_the_environment_says_otherwise(monkeypatch):
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     monkeypatch.delenv("LORASFT_MALLOC_THRESHOLD", raising=False)
+    monkeypatch.setenv(THP_SWITCH, "0")  # restored (unset) after the test
+    monkeypatch.delenv(THP_SWITCH)
     assert release_freed_memory() is True  # mallopt accepted it (returns 1)
+    assert os.environ.get(THP_SWITCH) == ("1" if huge_pages_allowed() else None)
     monkeypatch.setenv("LORASFT_MALLOC_THRESHOLD", "0")
     assert release_freed_memory() is False
     monkeypatch.delenv("LORASFT_MALLOC_THRESHOLD")
@@ -24,7 +27,7 @@ def test_set_unless_the_environment_says_otherwise(monkeypatch):
 
 FRAGMENT = """
 import sys, torch
-from lorasft.model.host_memory import release_freed_memory
+from lorasft.model.host_memory import THP_SWITCH, huge_pages_allowed, release_freed_memory
 if sys.argv[1] == "fixed":
     assert release_freed_memory()
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
@@ -45,8 +48,32 @@ def test_freed_blocks_go_back_to_the_system(mode):
     """400 MiB of 20 MiB tensors, freed: with glibc's moving threshold they stay in the heap,
     with the threshold fixed they are unmapped."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("MALLOC_MMAP_THRESHOLD_", "LORASFT_MALLOC_THRESHOLD")}  # fmt: skip
+           if k not in ("MALLOC_MMAP_THRESHOLD_", "LORASFT_MALLOC_THRESHOLD", THP_SWITCH)}  # fmt: skip
     out = subprocess.run([sys.executable, "-c", FRAGMENT, mode], capture_output=True, text=True,
                          env=env, check=True)  # fmt: skip
     kept = int(out.stdout.strip())
     assert kept > 300 if mode == "moving" else kept < 50
+
+
+HUGE = """
+import re, torch
+from lorasft.model.host_memory import THP_SWITCH, huge_pages_allowed, release_freed_memory
+release_freed_memory()
+x = torch.ones(16 << 20, dtype=torch.uint8)  # 16 MiB, touched
+print(sum(int(k) for k in re.findall(r"AnonHugePages:\\s+(\\d+) kB", open("/proc/self/smaps").read())))
+"""
+
+
+@pytest.mark.skipif(not huge_pages_allowed(), reason="the kernel gives no transparent huge pages")
+@pytest.mark.parametrize("threshold", [None, "0"])
+def test_large_blocks_get_huge_pages_with_the_threshold(threshold):
+    """With lorasft's allocator settings a 16 MiB tensor lies in 2 MiB pages; with
+    LORASFT_MALLOC_THRESHOLD=0 (glibc and PyTorch as they are) in 4 KiB ones."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MALLOC_MMAP_THRESHOLD_", "LORASFT_MALLOC_THRESHOLD", THP_SWITCH)}  # fmt: skip
+    if threshold is not None:
+        env["LORASFT_MALLOC_THRESHOLD"] = threshold
+    out = subprocess.run([sys.executable, "-c", HUGE], capture_output=True, text=True, env=env,
+                         check=True)  # fmt: skip
+    huge_kib = int(out.stdout.strip())
+    assert huge_kib >= 12 * 1024 if threshold is None else huge_kib == 0

@@ -20,6 +20,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from pathlib import Path
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 MMAP_THRESHOLD = 4 << 20
@@ -33,10 +34,29 @@ glibc moving this one, and its 128 KiB default gives memory back and asks for it
 time)."""
 
 
+THP_SWITCH = "THP_MEM_ALLOC_ENABLE"
+"""PyTorch's own switch (c10's CPU allocator): blocks of 2 MiB and more aligned to 2 MiB and
+advised MADV_HUGEPAGE. Each mapped block's pages are then faulted in 2 MiB at a time instead of
+4 KiB: one step at 8,192 tokens took 109.0 s against 120.7 s with the threshold alone, peak
+resident the same (2.28 / 2.27 GiB; bench/long_step.py, 2-core AVX2 CPU, 2026-12-06)."""
+
+
+def huge_pages_allowed() -> bool:
+    """Whether the kernel gives transparent huge pages to a region that asks (`always` or
+    `madvise`, not `never`)."""
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    return "[never]" not in mode
+
+
 def release_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
-    """Fix glibc's mmap threshold at `threshold` bytes for this process (Linux). False where it
-    was not set: another OS or allocator, `MALLOC_MMAP_THRESHOLD_` already set, or
-    `LORASFT_MALLOC_THRESHOLD=0`."""
+    """Fix glibc's mmap threshold at `threshold` bytes for this process (Linux), and ask PyTorch
+    for huge pages on large blocks (`THP_SWITCH`, unless set or the kernel refuses them). False
+    where the threshold was not set: another OS or allocator, `MALLOC_MMAP_THRESHOLD_` already
+    set, or `LORASFT_MALLOC_THRESHOLD=0` (then huge pages are left as they are too). Call it
+    before the first large tensor: PyTorch reads its switch once."""
     wanted = os.environ.get("LORASFT_MALLOC_THRESHOLD")
     if wanted:
         threshold = int(wanted)
@@ -48,6 +68,9 @@ def release_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
             libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+        fixed = bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):
         return False
+    if fixed and huge_pages_allowed():
+        os.environ.setdefault(THP_SWITCH, "1")
+    return fixed
