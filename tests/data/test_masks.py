@@ -82,20 +82,20 @@ def test_one_bos_and_it_survives_truncation(bos_tokenizer):
 def test_generation_prompts_have_one_bos(bos_tokenizer, template):
     """A tokenizer that adds BOS: the template writes it, the encoders add none."""
     from lorasft.data.templates import BUILTIN
-    from lorasft.eval.generate import encode_prompt
+    from lorasft.data.tokenize import prompt_ids
 
     tok = bos_tokenizer
     tok.chat_template = BUILTIN[template]
-    ids = encode_prompt(TWO_TURNS[:3], tok)
+    ids = prompt_ids(TWO_TURNS[:3], tok)
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
     assert encode_conversation(Example("t", TWO_TURNS), tok).input_ids[: len(ids)] == ids
 
 
 def test_the_second_turns_prompt_is_the_training_prefix(tiny_tokenizer):
     """What serving sends before the second answer is exactly what training saw before it."""
-    from lorasft.eval.generate import encode_prompt
+    from lorasft.data.tokenize import prompt_ids
 
     enc = encode_conversation(Example("t", TWO_TURNS), tiny_tokenizer)
-    prompt = encode_prompt(TWO_TURNS[:3], tiny_tokenizer)
+    prompt = prompt_ids(TWO_TURNS[:3], tiny_tokenizer)
     assert enc.input_ids[: enc.response_start] == prompt and len(prompt) > 10
     assert enc.labels[enc.response_start - 1] == IGNORE != enc.labels[enc.response_start]

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lorasft.data.prepare import demo_files
+from lorasft.data.tokenize import prompt_ids
 from lorasft.eval import generate as gen_mod
 from lorasft.eval.generate import GenSettings, generate
 
@@ -60,7 +61,7 @@ def test_a_padded_row_computes_as_it_does_without_padding(tiny_model_dir, tiny_t
     by turning the row-wise attention off)."""
     model = _model(tiny_model_dir, dtype)  # Llama, GPT-2 and OPT
     convs = _conversations(16)
-    prompts = sorted((gen_mod.encode_prompt(c, tiny_tokenizer) for c in convs), key=len)
+    prompts = sorted((prompt_ids(c, tiny_tokenizer) for c in convs), key=len)
     short, long = prompts[0], prompts[-1]
     assert len(long) - len(short) >= 10  # real padding
     gen = GenSettings(max_new_tokens=12)
@@ -100,7 +101,7 @@ def test_a_near_tie_that_batching_flips_is_decided_as_alone(
     `generate` sees that the batch's decoding does not compute as alone, and answers as alone.
     (Exact batches read each prompt alone: the tie is on a token chosen after the first.)"""
     model, convs = _model(tiny_llama_dir, dtype), _conversations(16)
-    prompts = [gen_mod.encode_prompt(c, tiny_tokenizer) for c in convs]
+    prompts = [prompt_ids(c, tiny_tokenizer) for c in convs]
     gen = GenSettings(max_new_tokens=8)
     chosen = [
         t
@@ -161,7 +162,7 @@ def test_a_row_redone_alone_keeps_its_batched_text_only_if_it_agrees(
     near tie (the batched text stands); where it parts, the alone answer is taken whole."""
     model = _model(tiny_llama_dir, torch.float32)
     gen = GenSettings(max_new_tokens=8)
-    prompts = [gen_mod.encode_prompt(c, tiny_tokenizer) for c in _conversations(2)]
+    prompts = [prompt_ids(c, tiny_tokenizer) for c in _conversations(2)]
     batched = gen_mod._generate_batch(model, tiny_tokenizer, prompts, gen)[0]
     alone = gen_mod._generate_batch(model, tiny_tokenizer, prompts[:1], gen)[0]
     assert (

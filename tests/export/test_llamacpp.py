@@ -90,7 +90,7 @@ def test_extended_run_runs_in_llama_cpp_with_its_scaling(
     import gguf as gguf_py
 
     from lorasft.export.llamacpp import LlamaCpp
-    from lorasft.export.verify import long_prompts, prompt_ids
+    from lorasft.export.verify import check_prompt_ids, long_prompts
     from lorasft.model.run import open_run
 
     model_dir = fast_rope_llama(tiny_llama_dir, tmp_path / "model")
@@ -120,7 +120,7 @@ def test_extended_run_runs_in_llama_cpp_with_its_scaling(
     assert long_row and long_row[0][2] == "same", text
 
     opened = open_run(run)
-    prompt = prompt_ids(long_prompts(opened.tok, 450)[0], opened.tok)
+    prompt = check_prompt_ids(long_prompts(opened.tok, 450)[0], opened.tok)
     assert 400 < len(prompt) <= 450
     with torch.no_grad():
         want = opened.model(input_ids=torch.tensor([prompt])).logits[0, -1].float()

@@ -9,7 +9,7 @@ import yaml
 
 from lorasft.cli import main
 from lorasft.data.templates import with_system
-from lorasft.eval.generate import encode_prompt
+from lorasft.data.tokenize import prompt_ids
 from lorasft.model.precision import PRECISION_DTYPES
 from lorasft.model.run import frozen_dtype, open_run
 from lorasft.serve.engine import Params, load_engine
@@ -54,7 +54,7 @@ def test_the_server_answers_as_the_run_did_in_training(run):
         user = [{"role": "user", "content": s["prompt"]}]
         ids = engine.encode_chat(served, user)
         with_prompt = with_system(user, "Answer briefly.")
-        assert ids == encode_prompt(with_prompt, served.tok) != encode_prompt(user, served.tok)
+        assert ids == prompt_ids(with_prompt, served.tok) != prompt_ids(user, served.tok)
         job = engine.submit(served, ids, Params(max_tokens=10, temperature=0.0))
         assert job.text().strip() == s["tuned"]
 

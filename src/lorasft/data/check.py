@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from lorasft.config import DataSection
-from lorasft.data.formats import load_files
+from lorasft.data.formats import Example, load_files
 from lorasft.data.prepare import add_system_prompt, data_files, encode, histogram
+from lorasft.data.templates import spells_control
 from lorasft.data.tokenize import IGNORE, Encoded
 
 
@@ -27,6 +28,20 @@ def show_mask(enc: Encoded, tok) -> str:
         piece = tok.decode(ids, skip_special_tokens=False)
         text += f"[[{piece}]]" if t else piece
     return text
+
+
+def control_text(examples: list[Example], tok) -> list[str]:
+    """'file:line: field spells <|im_end|>' for each record whose text spells one of the
+    tokenizer's control tokens (training reads it as text, never as the token)."""
+    found = []
+    for ex in examples:
+        texts = [("text", ex.text)] if ex.is_text else [
+            (f"{m['role']}.{k}", v) for m in ex.messages for k, v in m.items()
+            if k != "role" and isinstance(v, str)]  # fmt: skip
+        hit = next(((name, t) for name, v in texts if (t := spells_control(v, tok))), None)
+        if hit:
+            found.append(f"{ex.source}: {hit[0]} spells {hit[1]}")
+    return found
 
 
 def check(cfg: DataSection, tok) -> dict[str, Any]:
@@ -53,6 +68,7 @@ def check(cfg: DataSection, tok) -> dict[str, Any]:
         "records": len(res.examples),
         "bad_records": [str(b) for b in res.bad],
         "duplicates": res.duplicates,
+        "control_text": control_text(res.examples, tok),
         "max_length": cfg.max_length,
         "truncation": cfg.truncation,
         "would_drop": len(stats.dropped_too_long),
@@ -76,6 +92,9 @@ def render_report(r: dict[str, Any]) -> str:
     lines.append(f"bad records: {len(r['bad_records'])}")
     lines += [f"  {b}" for b in r["bad_records"][:50]]
     lines.append(f"duplicates dropped: {r['duplicates']}")
+    lines.append(f"records whose text spells a control token (read as text, not as the token): "
+                 f"{len(r['control_text'])}")  # fmt: skip
+    lines += [f"  {c}" for c in r["control_text"][:50]]
     lines.append(f"max_length {r['max_length']} ({r['truncation']}): {r['would_drop']} would be "
                  f"dropped, {r['would_truncate']} prompt-truncated")  # fmt: skip
     if r["long_text"]:

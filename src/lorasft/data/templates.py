@@ -7,6 +7,7 @@ server) renders prompts from that same string.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 # Each assistant turn ends with eos_token so the tuned model learns to stop.
@@ -86,6 +87,64 @@ def render(messages: list[dict[str, Any]], tokenizer, add_generation_prompt: boo
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
         add_bos=adds_bos(tokenizer),
+    )
+
+
+def control_tokens(tokenizer) -> list[str]:
+    """The tokenizer's special added tokens (`<|im_start|>`, `<|endoftext|>`...): what a template
+    writes as markers and what text must never become."""
+    found = {str(t) for t in tokenizer.added_tokens_decoder.values() if t.special}
+    return sorted(found, key=len, reverse=True)
+
+
+def spells_control(text: str, tokenizer) -> str | None:
+    """The first control token `text` spells, or None."""
+    hits = [(text.find(t), t) for t in control_tokens(tokenizer) if t in text]
+    return min(hits)[1] if hits else None
+
+
+_MARK = "\ue000{}\ue001"  # private-use characters around a field's number: no template writes them
+
+
+def _fields(messages: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """(message index, key) of every text a user wrote: each non-empty string field but the role
+    (an empty one stays empty: templates test some, as alpaca's `input`)."""
+    return [(i, k) for i, m in enumerate(messages) for k, v in m.items()
+            if k != "role" and isinstance(v, str) and v]  # fmt: skip
+
+
+def render_with_spans(messages: list[dict[str, Any]], tokenizer, add_generation_prompt: bool,
+                      ) -> tuple[str, list[tuple[int, int]]]:  # fmt: skip
+    """`render`, and the character spans of the rendered text that came from the messages' text
+    (content, and alpaca's instruction/input), so that text can be tokenized as text. Spans are
+    found only when some message text spells a control token (else []): the template is rendered
+    once more with a numbered mark in place of each text and the marks replaced by the texts (or
+    by the texts stripped, as templates that `trim` do); a template that changes message text in
+    another way cannot be traced and is an error when a text spells a control token."""
+    text = render(messages, tokenizer, add_generation_prompt)
+    fields = _fields(messages)
+    forged = [t for i, k in fields if (t := spells_control(messages[i][k], tokenizer))]
+    if not forged:
+        return text, []
+    marked = [dict(m) for m in messages]
+    for n, (i, k) in enumerate(fields):
+        marked[i][k] = _MARK.format(n)
+    template = render(marked, tokenizer, add_generation_prompt)
+    for variant in (str, str.strip):
+        rebuilt, spans = "", []
+        for part in re.split(r"(\ue000\d+\ue001)", template):
+            match = re.fullmatch(r"\ue000(\d+)\ue001", part)
+            if match:
+                i, k = fields[int(match.group(1))]
+                part = variant(messages[i][k])
+                spans.append((len(rebuilt), len(rebuilt) + len(part)))
+            rebuilt += part
+        if rebuilt == text:
+            return text, [sp for sp in spans if sp[0] < sp[1]]
+    raise TemplateError(
+        f"a message spells the control token {forged[0]!r} and this chat template changes message "
+        "text in a way lorasft cannot trace, so that text cannot be kept as text; remove it from "
+        "the message or set data.template to chatml, alpaca or plain"
     )
 
 

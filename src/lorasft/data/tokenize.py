@@ -6,10 +6,17 @@ pad == eos, and that comparison masks out the EOS the model must learn to stop o
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from lorasft.data.formats import Example
-from lorasft.data.templates import TemplateError, adds_bos, render
+from lorasft.data.templates import (
+    TemplateError,
+    adds_bos,
+    control_tokens,
+    render,
+    render_with_spans,
+)
 
 IGNORE = -100
 
@@ -43,6 +50,54 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
+def text_ids(tokenizer, text: str) -> list[int]:
+    """`text` as text: a control token it spells (`<|im_end|>`) becomes the pieces of its
+    characters, never the control token."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+
+
+def _markers(text: str, tokens: list[str], spans: list[tuple[int, int]]) -> list[tuple[int, str]]:
+    """(position, token) of each control token the template wrote: matched leftmost-longest, as
+    the tokenizer does, in the text between message spans only."""
+    found, pattern = [], re.compile("|".join(map(re.escape, tokens)))
+    edges = [0, *(x for sp in spans for x in sp), len(text)]
+    for begin, end in zip(edges[::2], edges[1::2], strict=True):  # the stretches outside spans
+        found += [(m.start(), m.group()) for m in pattern.finditer(text, begin, end)]
+    return found
+
+
+def rendered_ids(tokenizer, text: str, spans: list[tuple[int, int]]) -> list[int]:
+    """Token ids of a rendered conversation whose message text lies at `spans` (sorted, apart):
+    the template's own control tokens are control tokens, and what the messages spell is text.
+    Without spans, exactly the tokenizer's ids. The text between two markers is tokenized as one
+    piece, as the tokenizer does, so ids equal its own wherever no message spells a marker."""
+    if not spans:
+        return _ids(tokenizer, text)
+    ids, pos = [], 0
+    for at, token in _markers(text, control_tokens(tokenizer), spans):
+        ids += text_ids(tokenizer, text[pos:at]) if at > pos else []
+        ids.append(tokenizer.convert_tokens_to_ids(token))
+        pos = at + len(token)
+    return ids + (text_ids(tokenizer, text[pos:]) if pos < len(text) else [])
+
+
+def _piece_ids(
+    tokenizer, text: str, begin: int, end: int, spans: list[tuple[int, int]]
+) -> list[int]:
+    """`rendered_ids` of text[begin:end], the spans cut to it."""
+    inside = [
+        (max(b, begin) - begin, min(e, end) - begin) for b, e in spans if b < end and e > begin
+    ]
+    return rendered_ids(tokenizer, text[begin:end], inside)
+
+
+def prompt_ids(messages: list[dict], tokenizer) -> list[int]:
+    """The generation prompt of a conversation ending with a user turn, as ids: what training
+    puts before an answer, with the messages' text as text. Every path that turns a request or a
+    record into a prompt (generate, chat, eval, serve on every engine, verify) calls this."""
+    return rendered_ids(tokenizer, *render_with_spans(messages, tokenizer, True))
+
+
 def stop_ids(tokenizer) -> list[int]:
     """Token ids that end an assistant turn: EOS plus the chat end-of-turn token if distinct."""
     ids = {tokenizer.eos_token_id}
@@ -70,19 +125,27 @@ def encode_conversation(ex: Example, tokenizer, train_on_prompt: bool = False) -
     mask: list[bool] = []
     done = ""
     response_start = 0
-    for i, msg in enumerate(ex.messages):
-        if msg["role"] != "assistant":
-            continue
+    turns = [i for i, m in enumerate(ex.messages) if m["role"] == "assistant"]
+    # where the messages' text lies in the last answer's rendering, of which every prompt and
+    # answer below is a piece (the growing-prefix check): that text is tokenized as text
+    try:
+        whole, spans = (
+            render_with_spans(ex.messages[: turns[-1] + 1], tokenizer, False) if turns else ("", [])
+        )
+    except TemplateError as e:
+        raise TemplateError(f"{ex.source}: {e}") from None
+    for i in turns:
         prompt = render(ex.messages[:i], tokenizer, add_generation_prompt=True)
         full = render(ex.messages[: i + 1], tokenizer, add_generation_prompt=False)
-        if not (prompt.startswith(done) and full.startswith(prompt)):
+        if not (prompt.startswith(done) and full.startswith(prompt) and whole.startswith(full)):
             raise TemplateError(
                 f"{ex.source}: the chat template does not render this conversation as a growing "
                 "prefix, so prompt and response cannot be separated; set data.template to "
                 "chatml, alpaca or plain"
             )
-        p_ids = _ids(tokenizer, prompt[len(done) :])
-        r_ids, r_mask = _response_mask(_ids(tokenizer, full[len(prompt) :]), stops, eos)
+        p_ids = _piece_ids(tokenizer, whole, len(done), len(prompt), spans)
+        r_ids = _piece_ids(tokenizer, whole, len(prompt), len(full), spans)
+        r_ids, r_mask = _response_mask(r_ids, stops, eos)
         response_start = len(ids) + len(p_ids)
         ids += p_ids + r_ids
         mask += [train_on_prompt] * len(p_ids) + r_mask
@@ -108,8 +171,8 @@ def document_stream(texts: list[str], tokenizer) -> list[int]:
     tokenizer adds one), so no window reads one document as the continuation of another."""
     bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
     stream: list[int] = []
-    for text in texts:
-        stream += bos + _ids(tokenizer, text) + [tokenizer.eos_token_id]
+    for text in texts:  # a control token the text spells is text: only the joins are EOS
+        stream += bos + text_ids(tokenizer, text) + [tokenizer.eos_token_id]
     return stream
 
 

@@ -20,8 +20,7 @@ from transformers import (
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from lorasft.data.templates import build_prompt
-from lorasft.data.tokenize import stop_ids
+from lorasft.data.tokenize import prompt_ids, stop_ids
 from lorasft.model.run import frozen_dtype
 
 
@@ -69,10 +68,6 @@ class GenSettings:
         else:  # keep greedy free of the model's own sampling defaults
             kw.update(temperature=None, top_k=None, top_p=None)
         return kw
-
-
-def encode_prompt(messages: list[dict], tok) -> list[int]:
-    return tok(build_prompt(messages, tok), add_special_tokens=False).input_ids
 
 
 # In a batch whose decoding does not compute as alone (`_decodes_as_alone`):
@@ -188,7 +183,7 @@ def generate(model, tok, conversations: list[list[dict]], gen: GenSettings, base
     (per conversation, its batched path's closest call in `_Margins` units; None where not
     watched)."""
     model.eval()
-    prompts = [encode_prompt(m, tok) for m in conversations]
+    prompts = [prompt_ids(m, tok) for m in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     closest: list[float | None] = [None] * len(prompts)
@@ -474,7 +469,7 @@ def _answer_steps(new: list[int], stops: list[int] | None) -> int:
 
 def stream(model, tok, messages: list[dict], gen: GenSettings) -> Iterator[str]:
     """Text pieces as they are generated (for `lorasft chat`)."""
-    input_ids = torch.tensor([encode_prompt(messages, tok)], device=model.device)
+    input_ids = torch.tensor([prompt_ids(messages, tok)], device=model.device)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                   streamer=streamer, **gen.kwargs(tok))  # fmt: skip

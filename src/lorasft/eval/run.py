@@ -8,9 +8,9 @@ from typing import Any
 from lorasft.config import EvalSection
 from lorasft.data.formats import Example
 from lorasft.data.templates import prompt_messages
-from lorasft.data.tokenize import Encoded
+from lorasft.data.tokenize import Encoded, prompt_ids
 from lorasft.eval import base_cache
-from lorasft.eval.generate import GenSettings, encode_prompt, generate
+from lorasft.eval.generate import GenSettings, generate
 from lorasft.eval.metrics import aggregate, score
 from lorasft.eval.perplexity import perplexity
 from lorasft.model.loss import DEFAULT_LOSS, LossSettings
@@ -66,7 +66,7 @@ def _base_side(model, tok, prompts: list[list[dict]], encoded: list[Encoded], ge
                use_cache: bool, ppl, stats: dict) -> dict[str, Any]:  # fmt: skip
     """The base's perplexity and greedy answers: from the cache when this base was evaluated on
     these very inputs before, else computed (and kept)."""
-    key = base_cache.base_key(model, [encode_prompt(m, tok) for m in prompts], encoded, vars(gen))
+    key = base_cache.base_key(model, [prompt_ids(m, tok) for m in prompts], encoded, vars(gen))
     found = base_cache.load(key) if use_cache else None
     if found is not None:
         return {**found, "cached": True}

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from lorasft.data.templates import adds_bos, build_prompt, prompt_messages
-from lorasft.eval.generate import GenSettings, encode_prompt
+from lorasft.data.tokenize import prompt_ids
+from lorasft.eval.generate import GenSettings
 from lorasft.export.llamacpp import LlamaCpp
 from lorasft.model.context import base_window
 from lorasft.model.load import ModelError
@@ -100,12 +101,12 @@ def long_prompts(tok, length: int) -> list[str]:
     return [passkey_prompt(tok, length, 0.5, 52817).text]
 
 
-def prompt_ids(prompt, tok) -> list[int]:
+def check_prompt_ids(prompt, tok) -> list[int]:
     """A chat prompt through the template; a raw text as the long-context evaluation reads it."""
     if isinstance(prompt, str):
         bos = [tok.bos_token_id] if adds_bos(tok) else []
         return bos + tok(prompt, add_special_tokens=False).input_ids
-    return encode_prompt(prompt, tok)
+    return prompt_ids(prompt, tok)
 
 
 def prompt_text(prompt, tok) -> str:
@@ -236,7 +237,7 @@ def _describe(tok, want: list[int], got: list[int], what: str) -> str:
 
 def compare_model(ref: Target, t: Target, messages: list[dict], ref_ids: list[int],
                   ref_out: list[int], ref_logits, i: int, max_new_tokens: int) -> Row:  # fmt: skip
-    ids = encode_prompt(messages, t.tok)
+    ids = check_prompt_ids(messages, t.tok)
     out = greedy(t, ids, max_new_tokens)
     diff = None
     if t.model.config.vocab_size == ref.model.config.vocab_size:
@@ -337,7 +338,7 @@ def verify(ref: Target, targets: list[Target], prompts: list[list[dict]], max_ne
     for lc in runtimes:
         report.problems += llamacpp_problems(ref, lc)
     for i, messages in enumerate(prompts):
-        ref_ids = prompt_ids(messages, ref.tok)
+        ref_ids = check_prompt_ids(messages, ref.tok)
         ref_out = greedy(ref, ref_ids, max_new_tokens)
         # raw long texts go to llama.cpp only: merged/GGUF/server targets are checked on chats
         chat_targets = [] if isinstance(messages, str) else targets

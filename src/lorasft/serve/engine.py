@@ -26,8 +26,8 @@ from peft import PeftModel
 from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
 from transformers.generation.streamers import BaseStreamer
 
-from lorasft.data.tokenize import stop_ids
-from lorasft.eval.generate import GenSettings, encode_prompt
+from lorasft.data.tokenize import prompt_ids, stop_ids
+from lorasft.eval.generate import GenSettings
 from lorasft.model.context import context_window
 from lorasft.model.load import ModelError
 from lorasft.model.run import RunSpec, open_runs, read_specs
@@ -148,7 +148,7 @@ class Engine:
     def encode_chat(self, served: Served, messages: list[dict]) -> list[int]:
         """The prompt as the run trained on it: its template and its system prompt."""
         with self.tok_lock:
-            return encode_prompt(served.spec.conversation(messages), served.tok)
+            return prompt_ids(served.spec.conversation(messages), served.tok)
 
     def encode_text(self, served: Served, prompt: str) -> list[int]:
         with self.tok_lock:
