@@ -12,9 +12,9 @@ torch, transformers) reported apart. Time: the last step (the first one also pay
     python bench/long_step.py --lengths 512 --steps 2   # smoke
 
 `--whole-run`: instead of the bare step, `lorasft train` itself in a fresh process per length and
-row (`before`: the whole-vocabulary loss, train.loss_chunk_tokens=0, and glibc's moving mmap
-threshold, LORASFT_MALLOC_THRESHOLD=0, as lorasft ran until 2026-12-06; `after`: lorasft's
-defaults), S2-Attn, one step on the long text, its end-of-run
+row (`before`: the whole-vocabulary loss, train.loss_chunk_tokens=0, glibc's moving mmap
+threshold and no huge pages, LORASFT_MALLOC_THRESHOLD=0, and evaluation batches bounded by rows
+only, as lorasft ran until 2026-12-06; `after`: lorasft's defaults), S2-Attn, one step on the long text, its end-of-run
 evaluation included (perplexity of base and tuned over the held-out text's windows of that
 length, then the evaluation by length at that length: perplexity, passkey at depth 0.5, the
 attention check); peak RSS of that whole process, the step's seconds (results.json) and the
@@ -100,7 +100,8 @@ WHOLE_RUN_EVAL = ["eval.num_samples=0", "eval.long_windows=1", "eval.passkey_tri
                   "train.early_stopping_patience=null", "train.logging_steps=1"]  # fmt: skip
 
 
-WHOLE_RUN_ROWS = {"before": (["train.loss_chunk_tokens=0"], {"LORASFT_MALLOC_THRESHOLD": "0"}),
+WHOLE_RUN_ROWS = {"before": (["train.loss_chunk_tokens=0", "eval.batch_tokens=1000000000"],
+                              {"LORASFT_MALLOC_THRESHOLD": "0"}),
                   "after": ([], {})}  # fmt: skip
 
 
