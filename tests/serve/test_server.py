@@ -174,6 +174,16 @@ BAD = [
     (json.dumps({**CHAT_OK, "messages": []}).encode(), 400, "messages"),
     (json.dumps({**CHAT_OK, "stop": ["a", "b", "c", "d", "e"]}).encode(), 400, "stop"),
     (json.dumps({**CHAT_OK, "n": 2}).encode(), 400, "n"),
+    # what a client relies on and lorasft does not do is refused by name, never dropped
+    (
+        json.dumps({**CHAT_OK, "response_format": {"type": "json_object"}}).encode(),
+        400,
+        "response_format",
+    ),
+    (json.dumps({**CHAT_OK, "logit_bias": {"5": 10}}).encode(), 400, "logit_bias"),
+    (json.dumps({**CHAT_OK, "presence_penalty": 0.5}).encode(), 400, "presence_penalty"),
+    (json.dumps({**CHAT_OK, "tools": [{"type": "function"}]}).encode(), 400, "tools"),
+    (json.dumps({**CHAT_OK, "max_completion_tokens": 0}).encode(), 400, "max_completion_tokens"),
     (b"[1, 2]", 400, None),
     (json.dumps({**CHAT_OK, "pad": "x" * 30_000}).encode(), 413, None),
 ]
@@ -223,6 +233,33 @@ def _prompt_of(engine, n: int) -> list[dict]:
     messages = [{"role": "user", "content": " a" * words}]
     assert len(engine.encode_chat(engine.served["a"], messages)) == n
     return messages
+
+
+def test_max_completion_tokens_bounds_the_answer(client):
+    # the field today's SDKs document; with max_tokens too, the smaller bound holds
+    assert ask(client, "a", max_tokens=None, max_completion_tokens=5).usage.completion_tokens == 5
+    r = ask(client, "a", max_tokens=7, max_completion_tokens=3)
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+    assert ask(client, "a", max_tokens=2, max_completion_tokens=9).usage.completion_tokens == 2
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, "a", max_tokens=None, max_completion_tokens=65)
+    assert (
+        e.value.body["param"] == "max_completion_tokens" and "cap of 64" in e.value.body["message"]
+    )
+    text = client.completions.create(model="a", prompt="hello", max_tokens=None, temperature=0,
+                                     extra_body={"max_completion_tokens": 4})  # fmt: skip
+    assert text.usage.completion_tokens == 4
+
+
+def test_the_defaults_of_refused_fields_are_accepted(client):
+    # clients send these with their "not used" values: accepted, the answer as without them
+    plain = ask(client, "a").choices[0].message.content
+    same = ask(client, "a", presence_penalty=0, frequency_penalty=0, logit_bias={}, tools=None,
+               response_format={"type": "text"}).choices[0].message.content  # fmt: skip
+    assert same == plain
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="a", prompt="hello", echo=True)
+    assert e.value.body["param"] == "echo"
 
 
 def test_prompt_plus_max_tokens_over_the_window(client, engine):

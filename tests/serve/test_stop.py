@@ -45,3 +45,11 @@ def test_the_streamed_answer_ends_at_eos(stopping_client):
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert text == "hi" and "<|im_end|>" not in text
     assert finishes[-1] == "stop" and 0 < chunks[-1].usage.completion_tokens < 20
+
+
+def test_ignore_eos_generates_to_the_bound(stopping_client):
+    """What load generators send to measure fixed lengths: past EOS, up to max_tokens."""
+    r = stopping_client.chat.completions.create(model="hi", messages=ASK, max_tokens=12,
+                                                temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+    assert r.usage.completion_tokens == 12 and r.choices[0].finish_reason == "length"
+    assert r.choices[0].message.content.startswith("hi")

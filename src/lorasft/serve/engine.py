@@ -59,6 +59,11 @@ class Params:
     top_p: float = 1.0
     stop: list[str] | None = None
     seed: int | None = None
+    ignore_eos: bool = False
+    """Generate past the run's stop ids, up to max_tokens (stop strings still end it)."""
+
+    def stop_ids(self, served: Served) -> list[int]:
+        return [] if self.ignore_eos else stop_ids(served.tok)
 
     def settings(self) -> GenSettings:
         return GenSettings(max_new_tokens=self.max_tokens, top_k=0).with_temperature(
@@ -86,7 +91,7 @@ class Generation:
         return len(self.prompt_ids)
 
     async def stream(self) -> AsyncIterator[str]:
-        stops = set(stop_ids(self.served.tok))
+        stops = set(self.params.stop_ids(self.served))
         cutter, last = TextCutter(self.served.tok, self.params.stop), None
         tokens = self._tokens()
         try:
@@ -265,7 +270,8 @@ class TransformersEngine(Engine):
                 if job.params.seed is not None:
                     set_seed(job.params.seed)
                 self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                    streamer=job.out, **job.params.settings().kwargs(tok),
+                                    streamer=job.out,
+                                    **job.params.settings().kwargs(tok, job.params.stop_ids(job.served)),
                                     stopping_criteria=StoppingCriteriaList([_Cancelled(job.cancel)]))  # fmt: skip
         except Exception as e:  # noqa: BLE001 (reported to the one request that caused it; the server goes on)
             job.out.q.put(e)

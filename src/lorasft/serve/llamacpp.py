@@ -229,7 +229,8 @@ class LlamaCppEngine(RemoteEngine):
         body = {"prompt": prompt_ids, "n_predict": params.max_tokens, "return_tokens": True,
                 "cache_prompt": True, **NEUTRAL_SAMPLING,
                 "temperature": params.temperature, "top_p": params.top_p,
-                "seed": params.seed if params.seed is not None else -1}  # fmt: skip
+                "seed": params.seed if params.seed is not None else -1,
+                "ignore_eos": params.ignore_eos}  # fmt: skip
         if self.lora_ids:  # every adapter named: scale 1 for this one, 0 for the others
             mine = self.lora_ids.get(adapter) if adapter is not None else None
             body["lora"] = [{"id": i, "scale": 1.0 if i == mine else 0.0}

@@ -39,15 +39,19 @@ def _params(request: Request, req: Sampling, n_prompt: int, field: str) -> Param
         raise APIError(400, f"the prompt is {n_prompt} tokens; model {req.model!r} has a context "
                        f"window of {window} tokens: shorten the {field}", field,
                        "context_length_exceeded")  # fmt: skip
-    max_tokens = req.max_tokens if req.max_tokens is not None else min(cap, room)
+    bound = req.answer_bound()
+    name = (
+        "max_tokens" if bound is not None and bound == req.max_tokens else "max_completion_tokens"
+    )
+    max_tokens = bound if bound is not None else min(cap, room)
     if max_tokens > cap:
-        raise APIError(400, f"max_tokens={max_tokens} is above this server's cap of {cap} "
-                       "(--max-tokens-cap)", "max_tokens")  # fmt: skip
+        raise APIError(400, f"{name}={max_tokens} is above this server's cap of {cap} "
+                       "(--max-tokens-cap)", name)  # fmt: skip
     if max_tokens > room:
-        raise APIError(400, f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the "
-                       f"context window of {window} tokens: lower max_tokens to {room} or less",
-                       "max_tokens", "context_length_exceeded")  # fmt: skip
-    return Params(max_tokens, req.temperature, req.top_p, req.stop, req.seed)
+        raise APIError(400, f"prompt ({n_prompt} tokens) + {name} ({max_tokens}) exceeds the "
+                       f"context window of {window} tokens: lower {name} to {room} or less",
+                       name, "context_length_exceeded")  # fmt: skip
+    return Params(max_tokens, req.temperature, req.top_p, req.stop, req.seed, req.ignore_eos)
 
 
 def _encode_chat(engine: Engine, served: Served, messages: list[dict]) -> list[int]:
