@@ -16,6 +16,10 @@ from typing import Any
 
 FORMATS = ("alpaca", "chat", "sharegpt", "text")
 TEXT_SUFFIXES = (".txt", ".md")
+# byte-order marks of the encodings that are not UTF-8 (UTF-32's first: it starts as UTF-16's)
+OTHER_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32 LE"), (b"\x00\x00\xfe\xff", "UTF-32 BE"),
+              (b"\xff\xfe", "UTF-16 LE"), (b"\xfe\xff", "UTF-16 BE"))  # fmt: skip
+TOO_DEEP = "nested too deeply to read (over Python's recursion limit)"
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "chatgpt": "assistant", "bing": "assistant"}  # fmt: skip
 
@@ -71,6 +75,7 @@ def read_records(path: Path) -> tuple[list[tuple[str, Any]], list[BadRecord], bo
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     raw = path.read_bytes()
+    check_encoding(path, raw)
     bom = raw.startswith(b"\xef\xbb\xbf")
     raw = raw[3:] if bom else raw
     if path.suffix.lower() in TEXT_SUFFIXES:  # a plain text file is one raw-text document
@@ -88,7 +93,21 @@ def read_records(path: Path) -> tuple[list[tuple[str, Any]], list[BadRecord], bo
             bad.append(BadRecord(src, "<line>", f"invalid UTF-8 at byte {e.start}"))
         except json.JSONDecodeError as e:
             bad.append(BadRecord(src, "<line>", f"malformed JSON: {e.msg} at column {e.colno}"))
+        except RecursionError:
+            bad.append(BadRecord(src, "<line>", TOO_DEEP))
     return records, bad, bom
+
+
+def check_encoding(path: Path, raw: bytes) -> None:
+    """UTF-8 (with or without BOM) is read; a file in UTF-16 or UTF-32 (a BOM, or the NUL bytes
+    of ASCII text in them) is an error naming the encoding, never misread as records."""
+    found = next((name for bom, name in OTHER_BOMS if raw.startswith(bom)), None)
+    head = raw[:2048]
+    if found is None and len(head) >= 4 and head.count(0) * 3 >= len(head):
+        found = "UTF-16 or UTF-32 (no byte-order mark)"  # ASCII in them is every 2nd/4th byte NUL
+    if found:
+        raise DataError(f"{path}: the file is encoded as {found}; lorasft reads UTF-8: save it as "
+                        "UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")  # fmt: skip
 
 
 def _decode(path: Path, raw: bytes) -> str:
@@ -106,10 +125,13 @@ def _read_json_array(path: Path, raw: bytes) -> list[tuple[str, Any]]:
         raise DataError(
             f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"
         ) from e
+    except RecursionError:
+        raise DataError(f"{path}: {TOO_DEEP}") from None
     return [(f"{path}[{i}]", rec) for i, rec in enumerate(data)]
 
 
-def detect_format(records: list[tuple[str, Any]], path: Path) -> str:
+def detect_format(records: list[tuple[str, Any]], path: Path,
+                  bad: list[BadRecord] | None = None) -> str:  # fmt: skip
     for _, rec in records:
         if not isinstance(rec, dict):
             continue
@@ -121,6 +143,9 @@ def detect_format(records: list[tuple[str, Any]], path: Path) -> str:
             return "alpaca"
         if "text" in rec:
             return "text"
+    if bad and not any(isinstance(rec, dict) for _, rec in records):  # nothing parsed: say why
+        raise DataError(f"{path}: cannot detect the format: no record could be read; the first "
+                        f"bad one: {bad[0]}{_listed(bad[1:], 4)}")  # fmt: skip
     raise DataError(
         f"{path}: cannot detect the format: no record has 'instruction'/'output' (alpaca), "
         "'messages' (chat), 'conversations' (ShareGPT) or 'text'; set data.format"
@@ -246,7 +271,7 @@ def load_file(
     records, bad, bom = read_records(path)
     if not records and not bad:
         raise DataError(f"{path}: no records")
-    fmt = detect_format(records, path) if fmt == "auto" else fmt
+    fmt = detect_format(records, path, bad) if fmt == "auto" else fmt
     report = FileReport(str(path), fmt, bom=bom)
     examples = []
     for src, rec in records:
@@ -259,8 +284,14 @@ def load_file(
         report.crlf_records += _fix_crlf(ex)
         examples.append(ex)
     report.records = len(examples)
-    bad.sort(key=lambda b: int(re.findall(r"\d+", b.source)[-1]))  # file order
+    bad.sort(key=_position)  # file order
     return examples, bad, report
+
+
+def _position(b: BadRecord) -> int:
+    """A bad record's line or index in its file ("f.jsonl:7", "f.json[3]"); 0 for a whole file."""
+    m = re.search(r"(?::(\d+)|\[(\d+)\])$", b.source)
+    return int(m.group(1) or m.group(2)) if m else 0
 
 
 def load_files(paths: list[str], fmt: str, on_bad_record: str, dedup: bool) -> LoadResult:

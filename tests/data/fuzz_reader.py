@@ -1,0 +1,89 @@
+"""The data reader's fuzzing target, shared by tests/data/test_fuzz_reader.py (a small fixed
+budget in `make test`) and bench/fuzz.py (minutes): files built from random bytes and from
+random records of every format (wrong types in every field, deep nesting, control characters,
+encodings and BOMs, CRLF, empty and huge lines), each read by `load_files` as `lorasft train` and
+`lorasft data check` read them. The property: the file is read (its records usable or counted as
+bad, each located), or it is refused with a `DataError` that names the file; never another
+exception, never a hang."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from hypothesis import strategies as st
+
+from lorasft.data.formats import DataError, load_files
+
+KEYS = ["instruction", "input", "output", "system", "history", "messages", "conversations",
+        "text", "role", "content", "from", "value"]  # fmt: skip
+ROLES = ["system", "user", "assistant", "human", "gpt", "robot", ""]
+SUFFIXES = [".jsonl", ".json", ".txt"]
+ENCODINGS = ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-32", "latin-1"]
+
+text = st.text(alphabet=st.characters(codec="utf-8"), max_size=40) | st.sampled_from(
+    ["", " ", "\r\n", "\x00", "\u2028", "<|im_end|>", "答案", "\ufeff"]
+)
+scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | text
+json_values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.sampled_from(KEYS) | text, inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+turn = st.fixed_dictionaries(
+    {},
+    optional={"role": st.sampled_from(ROLES) | scalars, "content": json_values,
+              "from": st.sampled_from(ROLES), "value": json_values},
+)  # fmt: skip
+record = (
+    st.fixed_dictionaries({}, optional={k: json_values for k in ("instruction", "input", "output", "system")})
+    | st.fixed_dictionaries({"messages": st.lists(turn, max_size=4) | json_values})
+    | st.fixed_dictionaries({"conversations": st.lists(turn, max_size=4) | json_values})
+    | st.fixed_dictionaries({"text": json_values})
+    | json_values
+)  # fmt: skip
+
+
+@st.composite
+def record_files(draw) -> tuple[str, bytes]:
+    """(suffix, bytes): random records as JSONL or a JSON array, in a random encoding."""
+    records = draw(st.lists(record, max_size=5))
+    as_array = draw(st.booleans())
+    body = (json.dumps(records, ensure_ascii=draw(st.booleans())) if as_array else
+            "\n".join(json.dumps(r, ensure_ascii=draw(st.booleans())) for r in records))  # fmt: skip
+    if draw(st.booleans()):
+        body = body.replace("\n", "\r\n")
+    extra = draw(st.sampled_from(["", "\n\n", "{broken", "[" * 3000, "\x00", "x" * 70_000]))
+    body += draw(st.sampled_from(["", "\n"])) + extra
+    data = body.encode(draw(st.sampled_from(ENCODINGS)), errors="replace")
+    return draw(st.sampled_from(SUFFIXES[:2])), data
+
+
+byte_files = st.tuples(st.sampled_from(SUFFIXES), st.binary(max_size=512))
+deep_files = st.builds(
+    lambda depth, wrap: (".json" if wrap else ".jsonl", ("[" * depth + "]" * depth).encode()),
+    st.integers(1, 200_000),
+    st.booleans(),
+)
+files = record_files() | byte_files | deep_files
+
+
+def read_or_refuse(suffix: str, data: bytes, fmt: str = "auto") -> str:
+    """Write the file and read it; 'read' or 'refused'. Anything but a DataError naming the file
+    propagates (the fuzzers' failure)."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / f"data{suffix}"
+        path.write_bytes(data)
+        try:
+            res = load_files([str(path)], fmt, "skip", True)
+        except DataError as e:
+            assert str(path) in str(e), f"the error does not name the file: {e}"
+            return "refused"
+        for bad in res.bad:  # every bad record located in this file, with a reason
+            assert bad.source.startswith(str(path)) and bad.reason, bad
+        assert res.examples and all(ex.is_text or ex.messages for ex in res.examples)
+        return "read"
