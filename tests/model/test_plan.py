@@ -29,7 +29,9 @@ def test_estimate_exact_by_hand():
     # the default chunked loss (16 positions < one chunk): fp32 logits 4, log-softmax 4, gradient 4
     logits = 16 * 100 * 12
     assert row.activations == layer + logits
-    assert row.activations_checkpointed == 16 * 8 * 4 + layer + logits
+    # checkpointing: the layers' inputs, then the loss's chunk or one recomputed layer, not both
+    # (the chunk's gradients are taken before the backward pass)
+    assert row.activations_checkpointed == 16 * 8 * 4 + max(layer, logits) == 16 * 8 * 4 + logits
     # eager attention stores the a*s*s scores: s*b*h*(34 + 5as/h) * p/2 = 13824
     (eager,) = memory_table(tiny_config(), load_config(None, [
         "lora.r=2", "lora.target_modules=[q_proj,v_proj]", "train.batch_size=1",
@@ -43,6 +45,8 @@ def test_estimate_exact_by_hand():
                              "train.batch_size=1", "train.loss_chunk_tokens=0"])  # fmt: skip
     (whole,) = memory_table(tiny_config(), off, [16], "bf16")
     assert whole.activations == 16 * 8 * 34 * 2 / 2 + 16 * 100 * 18
+    # whole logits live on into the backward pass, beside the recomputed layer
+    assert whole.activations_checkpointed == 16 * 8 * 2 + 16 * 8 * 34 * 2 / 2 + 16 * 100 * 18
 
 
 def test_step_time_by_hand():

@@ -21,7 +21,9 @@ p_w bytes and activations of p bytes:
                 bf16 (and the 16-bit logits and gradient)
   no checkpointing:   L*layer(s) + logits(s)
   checkpointing:      L*s*b*h*p + layer(s) + logits(s)   (each layer's input kept, one layer
-                                                           recomputed at a time)
+                                                           recomputed at a time), with the
+                      chunked loss L*s*b*h*p + max(layer(s), logits(s)): its chunks take their
+                      gradients in the forward pass and are gone before any layer is recomputed
   peak = weights + trainable + activations
 
 It counts what the model and training add to the process, not the Python/torch runtime itself
@@ -104,9 +106,11 @@ def activations(config, s: int, b: int, p: int, checkpointing: bool,
     h, a, n = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
     logits = logits_bytes(s, b, config.vocab_size, p, chunk)
     layer = layer_activations(s, b, h, a, p, attention)
-    if checkpointing:
-        return n * s * b * h * p + layer + logits
-    return n * layer + logits
+    if not checkpointing:
+        return n * layer + logits
+    # a chunked loss is done (its gradients taken) before the backward pass recomputes a layer;
+    # the whole-vocabulary logits and their gradients live on into it
+    return n * s * b * h * p + (max(layer, logits) if chunk > 0 else layer + logits)
 
 
 def peak_bytes(config, base: int, trainable: int, s: int, b: int, p: int, p_w: int,
