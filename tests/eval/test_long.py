@@ -184,6 +184,22 @@ def test_eval_long_after_training_and_from_cli(tiny_llama_dir, tmp_path):
     assert lc["perplexity"]["base"]["512"] != lc["perplexity"]["base_scaled"]["512"]
     assert len(lc["passkey"]["accuracy"]) == 3 and len(lc["passkey"]["accuracy"][0]) == 2
     assert len(lc["passkey_base"]["accuracy"]) == 3  # the before: base + scaling, untrained
+    # the report card, from the rows above: the control against the scaled base at 128 and 512,
+    # the last doubling (512 / 256), the base's passkey inside its 256-token window
+    ppl = {m: {n: lc["perplexity"][m][str(n)]["perplexity"] for n in (128, 256, 512)}
+           for m in lc["perplexity"]}  # fmt: skip
+    card = lc["card"]
+    assert card["control"]["untrained"] == "base_scaled"
+    assert card["control"]["ratio_short"] == round(ppl["tuned"][128] / ppl["base_scaled"][128], 4)
+    assert card["control"]["ratio_long"] == round(ppl["tuned"][512] / ppl["base_scaled"][512], 4)
+    assert card["doubling"]["tuned"] == round(ppl["tuned"][512] / ppl["tuned"][256], 4)
+    assert card["doubling"]["base"] == round(ppl["base"][256] / ppl["base"][128], 4)
+    assert card["retention"]["ratio"] == round(ppl["tuned"][128] / ppl["base"][128], 4)
+    assert lc["passkey_base_window"]["lengths"] == [256]
+    assert card["passkey"]["base_in_window"]["trials"] == 2  # 1 trial x 2 depths
+    assert card["passkey"]["tuned"]["length"] == 512 and card["passkey"]["met"] is not None
+    page = (run / "report.html").read_text()
+    assert "<ul id=card>" in page and "(d) retention" in page
     for name in ("ppl_by_length.png", "passkey.png", "attention_by_distance.png"):
         assert (run / name).read_bytes()[:8] == PNG, name
     text = tmp_path / "long.txt"

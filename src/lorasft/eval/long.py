@@ -12,6 +12,7 @@ from typing import Any
 
 from lorasft.config import Config, EvalSection
 from lorasft.eval.attention import attention_by_distance
+from lorasft.eval.long_card import report_card
 from lorasft.eval.long_data import read_documents, token_stream
 from lorasft.eval.long_models import base_variants, eager_attention, position_limit, window_and_plan
 from lorasft.eval.passkey import passkey_grid
@@ -75,9 +76,10 @@ def _ppl_row(model, ids: list[int], lengths: list[int], s: LongSettings,
 
 
 def _by_model(tuned, cfg: Config, plan, ids: list[int], lengths: list[int], pk_lengths: list[int],
-              tok, s: LongSettings) -> tuple[dict, dict, dict]:  # fmt: skip
+              tok, s: LongSettings, window: int) -> tuple[dict, dict, dict]:  # fmt: skip
     """Perplexity rows for every base variant and the tuned run; passkey grids for the tuned run
-    and (passkey_base) the base with the scaling untrained."""
+    and (passkey_base) the base with the scaling untrained, and the base inside its own
+    `window` (the report card's reference rate)."""
     ppl, labels, passkey = {}, {}, {}
     loss = LossSettings.from_train(cfg.train)
     for name, (label, load) in base_variants(cfg, plan, frozen_dtype(tuned)).items():
@@ -85,6 +87,8 @@ def _by_model(tuned, cfg: Config, plan, ids: list[int], lengths: list[int], pk_l
         ppl[name], labels[name] = _ppl_row(model, ids, lengths, s, loss), label
         if name == "base_scaled" and s.passkey_base:
             passkey[name] = passkey_grid(model, tok, pk_lengths, s.depths, s.trials, s.seed)
+        if name == "base" and s.passkey_base and window in pk_lengths:
+            passkey["base_window"] = passkey_grid(model, tok, [window], s.depths, s.trials, s.seed)
         del model
         gc.collect()
     ppl["tuned"], labels["tuned"] = _ppl_row(tuned, ids, lengths, s, loss), "tuned run"
@@ -105,7 +109,7 @@ def evaluate_long(tuned, tok, cfg: Config, settings: LongSettings | None = None,
     tuned.eval()
     limit = position_limit(tuned)
     pk_lengths = [n for n in s.passkey_lengths or lengths if limit is None or n <= limit]
-    ppl, labels, passkey = _by_model(tuned, cfg, plan, ids, lengths, pk_lengths, tok, s)
+    ppl, labels, passkey = _by_model(tuned, cfg, plan, ids, lengths, pk_lengths, tok, s, original)
     res: dict[str, Any] = {
         "original_window": original, "target_length": target,
         "method": plan.method if plan else None, "factor": plan.factor if plan else None,
@@ -114,7 +118,9 @@ def evaluate_long(tuned, tok, cfg: Config, settings: LongSettings | None = None,
         "stride": None if s.protocol == "same_tokens" else s.stride or "half of each length",
         "max_windows": s.max_windows, "lengths": lengths, "labels": labels, "perplexity": ppl,
         "passkey": passkey["tuned"], "passkey_base": passkey.get("base_scaled"),
+        "passkey_base_window": passkey.get("base_window"),
     }  # fmt: skip
+    res["card"] = report_card(res)
     n_attn = s.attention_length or min(max(lengths), 4096)
     with eager_attention(tuned):
         res["attention"] = attention_by_distance(tuned, ids[:n_attn])

@@ -308,6 +308,13 @@ def long_section(long: dict | None, run_dir: Path | None = None) -> str:
              f"window {esc(long.get('original_window'))} to {esc(long.get('target_length'))} "
              f"tokens; protocol {esc(long.get('protocol'))}</p>"
              f"<table id=long><tr><th>perplexity</th>{head}</tr>{rows}</table>")]  # fmt: skip
+    if long.get("card"):
+        from lorasft.eval.long_card import card_lines
+
+        items = "".join(f"<li>{esc(line)}</li>" for line in card_lines(long["card"]))
+        parts.append(
+            f"<h3>Report card: did the run use the longer context?</h3><ul id=card>{items}</ul>"
+        )
     for name in long.get("plots") or []:
         png = run_dir / name if run_dir else None
         if png is not None and png.is_file():

@@ -113,5 +113,11 @@ def print_long(res: dict[str, Any]) -> None:
         for n, row in zip(pk["lengths"], pk["accuracy"]):
             p.add_row(str(n), *[f"{a:.0%}" for a in row])
         console.print(p)
+    if res.get("card"):
+        from lorasft.eval.long_card import card_lines
+
+        console.print("report card (did the run use the longer context?):")
+        for line in card_lines(res["card"]):
+            console.print(f"  {line}", highlight=False, markup=False)
     for name in res.get("plots", []):
         console.print(f"written: {name}")
