@@ -7,8 +7,9 @@ first long forward pass every activation under 32 MiB comes from the heaps; with
 arenas and tensors of changing sizes the heaps fragment, and resident memory climbs to several
 times what is alive. Measured with one training step of the default model at 8,192 tokens on a
 2-core AVX2 CPU (bench/long_step.py, fp32): 9.2-10.2 GiB peak resident with glibc's moving
-threshold; fixed at 4 MiB 2.3 GiB, about 5% slower (mapping and zeroing pages for every block
-over 4 MiB); at 16 MiB 3.0 GiB and as fast as before (README: "The loss at long lengths"). Fixing it is glibc's documented
+threshold; fixed at 4 MiB 2.3 GiB, about 5% slower (the kernel faults in and zeroes a fresh
+mapping for every block over 4 MiB, 4 KiB at a time), which huge pages (`THP_SWITCH`) more than
+win back; at 16 MiB 3.0 GiB (README: "The loss at long lengths"). Fixing it is glibc's documented
 `mallopt(M_MMAP_THRESHOLD, ...)`; the environment variable `MALLOC_MMAP_THRESHOLD_` that glibc
 reads at start-up does the same before Python runs, and one set there is left alone, as is a
 process whose allocator is not glibc's (the call is then a no-op that reports False).
@@ -26,8 +27,8 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 MMAP_THRESHOLD = 4 << 20
 """Blocks of 4 MiB and more are mapped, and unmapped when freed. 16 MiB was as fast as glibc's
 own but left `lorasft train` at 8,192 tokens, its evaluation included, at 3.73 GiB (4 MiB:
-2.81); 4 MiB costs about 5% of a long step (LORASFT_MALLOC_THRESHOLD=16777216 for the other
-trade)."""
+2.81); 4 MiB alone costs about 5% of a long step, huge pages win it back
+(LORASFT_MALLOC_THRESHOLD=16777216 for the other trade)."""
 TRIM_THRESHOLD = 128 << 20
 """Free space at the top of the heap kept up to 128 MiB (a fixed mmap threshold also stops
 glibc moving this one, and its 128 KiB default gives memory back and asks for it again all the
