@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +24,14 @@ def test_set_unless_the_environment_says_otherwise(monkeypatch):
     monkeypatch.delenv("LORASFT_MALLOC_THRESHOLD")
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # glibc read it at start-up
     assert release_freed_memory() is False
+
+
+def clean_env() -> dict[str, str]:
+    """The allocator as a fresh shell gives it: no variable glibc's malloc or PyTorch's reads.
+    (In the full suite the 'moving' case once kept 300 MiB or less; glibc reads MALLOC_*_ and
+    GLIBC_TUNABLES at start-up, and MALLOC_TOP_PAD_=0 alone turns its 407 MiB into 7.)"""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("MALLOC_", "GLIBC_", "LD_PRELOAD", "LORASFT_MALLOC", "THP_"))}  # fmt: skip
 
 
 FRAGMENT = """
@@ -47,33 +56,40 @@ print((rss() - base) >> 20)
 def test_freed_blocks_go_back_to_the_system(mode):
     """400 MiB of 20 MiB tensors, freed: with glibc's moving threshold they stay in the heap,
     with the threshold fixed they are unmapped."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MALLOC_MMAP_THRESHOLD_", "LORASFT_MALLOC_THRESHOLD", THP_SWITCH)}  # fmt: skip
     out = subprocess.run([sys.executable, "-c", FRAGMENT, mode], capture_output=True, text=True,
-                         env=env, check=True)  # fmt: skip
+                         env=clean_env(), check=True)  # fmt: skip
     kept = int(out.stdout.strip())
     assert kept > 300 if mode == "moving" else kept < 50
 
 
 HUGE = """
-import re, torch
-from lorasft.model.host_memory import THP_SWITCH, huge_pages_allowed, release_freed_memory
+import torch
+from lorasft.model.host_memory import release_freed_memory
 release_freed_memory()
 x = torch.ones(16 << 20, dtype=torch.uint8)  # 16 MiB, touched
-print(sum(int(k) for k in re.findall(r"AnonHugePages:\\s+(\\d+) kB", open("/proc/self/smaps").read())))
+addr, eligible, inside = x.data_ptr(), None, False
+for line in open("/proc/self/smaps"):
+    head = line.split()[0]
+    if "-" in head and not head.endswith(":"):
+        lo, hi = (int(v, 16) for v in head.split("-"))
+        inside = lo <= addr < hi
+    elif inside and head == "THPeligible:":
+        eligible = int(line.split()[1])
+print(eligible)
 """
 
 
 @pytest.mark.skipif(not huge_pages_allowed(), reason="the kernel gives no transparent huge pages")
 @pytest.mark.parametrize("threshold", [None, "0"])
-def test_large_blocks_get_huge_pages_with_the_threshold(threshold):
-    """With lorasft's allocator settings a 16 MiB tensor lies in 2 MiB pages; with
-    LORASFT_MALLOC_THRESHOLD=0 (glibc and PyTorch as they are) in 4 KiB ones."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MALLOC_MMAP_THRESHOLD_", "LORASFT_MALLOC_THRESHOLD", THP_SWITCH)}  # fmt: skip
+def test_large_blocks_are_advised_huge_pages_with_the_threshold(threshold):
+    """With lorasft's allocator settings a 16 MiB tensor's mapping is eligible for 2 MiB pages
+    (PyTorch advised it); with LORASFT_MALLOC_THRESHOLD=0 (glibc and PyTorch as they are) only
+    where the kernel gives them to every mapping (`always`). Whether the kernel then finds free
+    2 MiB pages is its business, so the advice is what is checked."""
+    env = clean_env()
     if threshold is not None:
         env["LORASFT_MALLOC_THRESHOLD"] = threshold
     out = subprocess.run([sys.executable, "-c", HUGE], capture_output=True, text=True, env=env,
                          check=True)  # fmt: skip
-    huge_kib = int(out.stdout.strip())
-    assert huge_kib >= 12 * 1024 if threshold is None else huge_kib == 0
+    always = "[always]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    assert int(out.stdout.strip()) == (1 if threshold is None or always else 0)
