@@ -26,7 +26,7 @@ from peft import PeftModel
 from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
 from transformers.generation.streamers import BaseStreamer
 
-from lorasft.data.tokenize import prompt_ids, stop_ids
+from lorasft.data.tokenize import prompt_ids
 from lorasft.eval.generate import GenSettings
 from lorasft.model.context import context_window
 from lorasft.model.load import ModelError
@@ -63,7 +63,7 @@ class Params:
     """Generate past the run's stop ids, up to max_tokens (stop strings still end it)."""
 
     def stop_ids(self, served: Served) -> list[int]:
-        return [] if self.ignore_eos else stop_ids(served.tok)
+        return [] if self.ignore_eos else served.spec.stops
 
     def settings(self) -> GenSettings:
         return GenSettings(max_new_tokens=self.max_tokens, top_k=0).with_temperature(

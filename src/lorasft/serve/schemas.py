@@ -11,6 +11,7 @@ run's stop tokens up to the bound.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -50,6 +51,25 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "logprobs": (lambda v: v not in (None, False), "logprobs are not supported by lorasft serve"),
+    "response_format": (lambda v: v is not None and v.get("type", "text") != "text",
+                        "response_format: lorasft serve answers plain text only (type 'text')"),
+    "tools": (bool, "tools are not supported by lorasft serve"),
+    "functions": (bool, "functions are not supported by lorasft serve"),
+    "tool_choice": (lambda v: v not in (None, "none", "auto"),
+                    "tool_choice: lorasft serve calls no tools"),
+    "logit_bias": (bool, "logit_bias is not supported by lorasft serve"),
+    "presence_penalty": (bool, "presence_penalty is not supported by lorasft serve (give 0)"),
+    "frequency_penalty": (bool, "frequency_penalty is not supported by lorasft serve (give 0)"),
+    "best_of": (lambda v: v not in (None, 1), "best_of > 1 is not supported by lorasft serve"),
+    "echo": (bool, "echo is not supported by lorasft serve"),
+    "suffix": (bool, "suffix (insertion) is not supported by lorasft serve"),
+}  # fmt: skip
+"""Fields a client relies on that lorasft does not do: field -> (is the value one that asks for
+it, the 400's message). Their "not used" values (None, 0, {}, false, type 'text') pass."""
+
+
 class Sampling(BaseModel):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
@@ -67,8 +87,7 @@ class Sampling(BaseModel):
     logprobs: Any = None
     max_completion_tokens: int | None = Field(default=None, ge=1)
     ignore_eos: bool = False
-    # what a client relies on and lorasft does not do: refused when set to anything but the
-    # value that means "not used"
+    # REFUSED, when set to anything but a "not used" value
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -78,40 +97,13 @@ class Sampling(BaseModel):
     frequency_penalty: float = 0.0
     best_of: int | None = None
 
-    @field_validator("response_format")
+    @field_validator(*REFUSED, check_fields=False)
     @classmethod
-    def _text_only(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None and v.get("type", "text") != "text":
-            raise ValueError(f"response_format type {v.get('type')!r} is not supported by "
-                             "lorasft serve (plain text only)")  # fmt: skip
-        return v
-
-    @field_validator("tools", "functions", "logit_bias")
-    @classmethod
-    def _unused(cls, v: Any, info) -> Any:
-        if v:
-            raise ValueError(f"{info.field_name} is not supported by lorasft serve")
-        return v
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, v: Any) -> Any:
-        if v not in (None, "none", "auto"):
-            raise ValueError("tool_choice: lorasft serve calls no tools")
-        return v
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, v: float, info) -> float:
-        if v != 0:
-            raise ValueError(f"{info.field_name} is not supported by lorasft serve (give 0)")
-        return v
-
-    @field_validator("best_of")
-    @classmethod
-    def _one_best(cls, v: int | None) -> int | None:
-        if v not in (None, 1):
-            raise ValueError("best_of > 1 is not supported by lorasft serve")
+    def _refused(cls, v: Any, info) -> Any:
+        """One check for every field in REFUSED (CompletionRequest's echo and suffix too)."""
+        used, why = REFUSED[info.field_name]
+        if used(v):
+            raise ValueError(why)
         return v
 
     def answer_bound(self) -> int | None:
@@ -126,13 +118,6 @@ class Sampling(BaseModel):
         if stops is not None and (len(stops) > 4 or any(not s for s in stops)):
             raise ValueError("stop takes at most 4 non-empty strings")
         return stops
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v: Any) -> Any:
-        if v not in (None, False):
-            raise ValueError("logprobs are not supported by lorasft serve")
-        return v
 
 
 class ChatRequest(Sampling):
@@ -149,20 +134,6 @@ class CompletionRequest(Sampling):
         """As chat's, and 16 when neither is given (OpenAI's default for completions)."""
         bound = super().answer_bound()
         return 16 if bound is None else bound
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported by lorasft serve")
-        return v
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, v: str | None) -> str | None:
-        if v:
-            raise ValueError("suffix (insertion) is not supported by lorasft serve")
-        return v
 
     @field_validator("prompt")
     @classmethod

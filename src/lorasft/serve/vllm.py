@@ -112,7 +112,7 @@ class VllmEngine(RemoteEngine):
                 "max_tokens": params.max_tokens, "temperature": params.temperature,
                 "top_p": params.top_p, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0,
                 "seed": params.seed, "return_token_ids": True, "skip_special_tokens": False,
-                "stop_token_ids": [] if params.ignore_eos else served.spec.stops,
+                "stop_token_ids": params.stop_ids(served),
                 "ignore_eos": params.ignore_eos}  # fmt: skip
         return VllmGeneration(served, prompt_ids, params, self, body=body)
 
