@@ -7,7 +7,7 @@ from typing import Any
 from lorasft.config import DataSection
 from lorasft.data.formats import Example, load_files
 from lorasft.data.prepare import add_system_prompt, data_files, encode, histogram
-from lorasft.data.templates import spells_control
+from lorasft.data.templates import control_tokens, message_texts, spells_control
 from lorasft.data.tokenize import IGNORE, Encoded
 
 
@@ -33,12 +33,12 @@ def show_mask(enc: Encoded, tok) -> str:
 def control_text(examples: list[Example], tok) -> list[str]:
     """'file:line: field spells <|im_end|>' for each record whose text spells one of the
     tokenizer's control tokens (training reads it as text, never as the token)."""
-    found = []
+    found, tokens = [], control_tokens(tok)
     for ex in examples:
+        msgs = ex.messages
         texts = [("text", ex.text)] if ex.is_text else [
-            (f"{m['role']}.{k}", v) for m in ex.messages for k, v in m.items()
-            if k != "role" and isinstance(v, str)]  # fmt: skip
-        hit = next(((name, t) for name, v in texts if (t := spells_control(v, tok))), None)
+            (f"{msgs[i]['role']}.{k}", msgs[i][k]) for i, k in message_texts(msgs)]  # fmt: skip
+        hit = next(((name, t) for name, v in texts if (t := spells_control(v, tokens))), None)
         if hit:
             found.append(f"{ex.source}: {hit[0]} spells {hit[1]}")
     return found

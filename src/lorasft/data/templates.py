@@ -97,16 +97,17 @@ def control_tokens(tokenizer) -> list[str]:
     return sorted(found, key=len, reverse=True)
 
 
-def spells_control(text: str, tokenizer) -> str | None:
-    """The first control token `text` spells, or None."""
-    hits = [(text.find(t), t) for t in control_tokens(tokenizer) if t in text]
+def spells_control(text: str, tokens: list[str]) -> str | None:
+    """The first of the control `tokens` (`control_tokens`, read once per caller) that `text`
+    spells, or None."""
+    hits = [(text.find(t), t) for t in tokens if t in text]
     return min(hits)[1] if hits else None
 
 
 _MARK = "\ue000{}\ue001"  # private-use characters around a field's number: no template writes them
 
 
-def _fields(messages: list[dict[str, Any]]) -> list[tuple[int, str]]:
+def message_texts(messages: list[dict[str, Any]]) -> list[tuple[int, str]]:
     """(message index, key) of every text a user wrote: each non-empty string field but the role
     (an empty one stays empty: templates test some, as alpaca's `input`)."""
     return [(i, k) for i, m in enumerate(messages) for k, v in m.items()
@@ -122,8 +123,9 @@ def render_with_spans(messages: list[dict[str, Any]], tokenizer, add_generation_
     by the texts stripped, as templates that `trim` do); a template that changes message text in
     another way cannot be traced and is an error when a text spells a control token."""
     text = render(messages, tokenizer, add_generation_prompt)
-    fields = _fields(messages)
-    forged = [t for i, k in fields if (t := spells_control(messages[i][k], tokenizer))]
+    fields = message_texts(messages)
+    tokens = control_tokens(tokenizer)
+    forged = [t for i, k in fields if (t := spells_control(messages[i][k], tokens))]
     if not forged:
         return text, []
     marked = [dict(m) for m in messages]
