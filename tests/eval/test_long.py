@@ -153,11 +153,15 @@ def test_lengths_and_long_data(tmp_path, tiny_tokenizer):
         read_documents([bad])
 
 
-def test_eval_long_after_training_and_from_cli(tiny_llama_dir, tmp_path):
+# fp32 and bf16 forced: the rows are recomputed below on the reopened run in the dtype it trained
+# in, the same computation, so the 1e-4 bound holds in both
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_eval_long_after_training_and_from_cli(tiny_llama_dir, tmp_path, precision):
     run = tmp_path / "run"
     args = tiny_args(tiny_llama_dir, run, "eval.num_samples=0", "eval.compare_base=false",
                      "context.target_length=512", "context.method=linear",
-                     "eval.passkey_trials=1", "eval.passkey_depths=[0.0,1.0]")  # fmt: skip
+                     "eval.passkey_trials=1", "eval.passkey_depths=[0.0,1.0]",
+                     f"train.precision={precision}")  # fmt: skip
     assert main(args) == 0
     lc = json.loads((run / "results.json").read_text())["long_context"]
     assert lc["original_window"] == 256 and lc["lengths"] == [128, 256, 512] and lc["factor"] == 2.0
