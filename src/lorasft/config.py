@@ -175,8 +175,9 @@ class TrainSection(Section):
     gradient_checkpointing: bool = False
     loss_chunk_tokens: int = Field(default=DEFAULT_CHUNK_TOKENS, ge=0)
     """Positions per chunk of the output head and cross-entropy (training, eval perplexity, long
-    evaluation): at most one chunk's logits live at a time, recomputed in the backward pass.
-    0: the logits of every supervised position at once (tokens x vocabulary in fp32)."""
+    evaluation): at most one chunk's logits live at a time, each chunk's gradients taken while its
+    logits exist (nothing recomputed). 0: the logits of every supervised position at once
+    (tokens x vocabulary in fp32)."""
     fused_loss: Literal["auto", "chunked", "liger", "cce", "off"] = "auto"
     """auto: Cut Cross-Entropy or Liger's fused linear cross-entropy on CUDA where installed
     (`lorasft[cce]`, `lorasft[liger]`), else chunked; chunked: lorasft's own, any device; liger,
