@@ -444,3 +444,57 @@ def test_auto_takes_llama_cpp_here_and_says_why_not_otherwise(two_runs, tmp_path
     assert choose_engine(None, [("odd", str(odd))], EngineOptions()) == "transformers"
     said = capsys.readouterr().err
     assert "llama.cpp not used" in said and "DoRA" in said
+
+
+# --- Log-probabilities ---------------------------------------------------------------------
+
+
+def test_logprobs_are_llama_cpp_s_and_the_run_s(lc_live, two_runs):
+    """llama-server's log-probabilities of a greedy answer equal the run's own (opened in fp32,
+    the GGUF's type: both sides f32, summed in other orders, so agreement to ~1e-5 on this tiny
+    model; 1e-3 leaves room, an adapter or position mix-up moves them by >0.1), and the echo
+    scorer (llama.cpp's binding on the same GGUF files) gives llama-server's numbers."""
+    import asyncio
+
+    from lorasft.model.run import open_run
+    from lorasft.serve.engine import Params
+
+    engine = lc_live.engine
+    for run, name in zip(two_runs, "ab"):
+        served = engine.served[name]
+        prompt = engine.encode_chat(served, [{"role": "user", "content": "Who lives in Paris?"}])
+        job = engine.submit(served, prompt, Params(max_tokens=6, temperature=0.0, logprobs=3))
+        job.text()
+        scores = job.take_scores()
+        assert len(scores) == job.completion_tokens
+        ids = prompt + [s.token for s in scores]
+        model = open_run(run, dtype="float32").model
+        with torch.no_grad():
+            ref = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        for i, s in enumerate(scores):
+            at = ref[len(prompt) + i - 1]
+            assert s.logprob == pytest.approx(at[s.token].item(), abs=1e-3)
+            assert [lp for _, lp in s.top] == pytest.approx(at.topk(3).values.tolist(), abs=1e-3)
+        echo = asyncio.run(engine.prompt_scores(served, ids, 3))
+        assert echo[0].logprob is None and len(echo) == len(ids)
+        for i, s in enumerate(scores):
+            assert echo[len(prompt) + i].logprob == pytest.approx(s.logprob, abs=1e-4)
+
+
+def test_completion_echo_with_logprobs_on_llama_cpp(lc_live):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{lc_live.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    ids = lc_live.engine.encode_text(lc_live.engine.served["b"], "The cat sat on the mat")
+    r = client.completions.create(model="b", prompt=ids, echo=True, logprobs=1, max_tokens=1,
+                                  temperature=0)  # fmt: skip
+    lp = r.choices[0].logprobs
+    assert len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None
+    assert all(x <= 0 for x in lp.token_logprobs[1:])
+    assert all(len(t) == 1 for t in lp.top_logprobs[1:])
+    chat = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=4, temperature=0, logprobs=True,
+                                          top_logprobs=2, stream=True)  # fmt: skip
+    entries = [e for c in chat if c.choices and c.choices[0].logprobs
+               for e in c.choices[0].logprobs.content]  # fmt: skip
+    assert len(entries) == 4 and all(len(e.top_logprobs) == 2 for e in entries)

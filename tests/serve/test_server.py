@@ -258,8 +258,8 @@ def test_the_defaults_of_refused_fields_are_accepted(client):
                response_format={"type": "text"}).choices[0].message.content  # fmt: skip
     assert same == plain
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model="a", prompt="hello", echo=True)
-    assert e.value.body["param"] == "echo"
+        client.completions.create(model="a", prompt="hello", suffix="!")
+    assert e.value.body["param"] == "suffix"
 
 
 def test_prompt_plus_max_tokens_over_the_window(client, engine):

@@ -16,7 +16,7 @@ import asyncio
 import queue
 import threading
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -32,6 +32,7 @@ from lorasft.model.context import context_window
 from lorasft.model.load import ModelError
 from lorasft.model.run import RunSpec, open_runs, read_specs
 from lorasft.serve import DEFAULT_MAX_QUEUE
+from lorasft.serve.logprobs import TokenScore, scores_from_logits
 from lorasft.serve.schemas import APIError
 from lorasft.serve.textstream import TextCutter
 
@@ -61,6 +62,8 @@ class Params:
     seed: int | None = None
     ignore_eos: bool = False
     """Generate past the run's stop ids, up to max_tokens (stop strings still end it)."""
+    logprobs: int | None = None
+    """None: no log-probabilities; k: each generated token's, with the k most likely."""
 
     def stop_ids(self, served: Served) -> list[int]:
         return [] if self.ignore_eos else served.spec.stops
@@ -84,6 +87,9 @@ class Generation:
     finish_reason: str | None = None
     ended_at_stop: bool = False  # the engine stopped at an end-of-generation token it withheld
     engine_count: int | None = None  # tokens generated, as the engine counted them
+    scores: list[TokenScore] = field(default_factory=list)  # params.logprobs: one per token
+    consumed: int = 0  # tokens the answer read (an engine may send more than a stop string lets in)
+    _taken: int = field(default=0, repr=False)
     _closed: bool = field(default=False, repr=False)
 
     @property
@@ -97,6 +103,7 @@ class Generation:
         try:
             async for token in tokens:
                 self.completion_tokens, last = self.completion_tokens + 1, token
+                self.consumed += 1
                 if text := cutter.add(token):
                     yield text
                 if cutter.stopped or token in stops:
@@ -113,6 +120,13 @@ class Generation:
 
     async def atext(self) -> str:
         return "".join([piece async for piece in self.stream()])
+
+    def take_scores(self) -> list[TokenScore]:
+        """The log-probabilities of the answer's tokens read since the last call, a final stop
+        token included (its text is not in the answer; vLLM and llama-server also list it)."""
+        end = min(self.consumed, len(self.scores))
+        new, self._taken = self.scores[self._taken : end], max(self._taken, end)
+        return new
 
     def text(self) -> str:
         """The whole answer, for synchronous callers (scripts, tests); from inside a running
@@ -184,6 +198,15 @@ class Engine:
     def _start(self, served: Served, prompt_ids: list[int], params: Params) -> Generation:
         raise NotImplementedError
 
+    async def prompt_scores(self, served: Served, ids: list[int], k: int) -> list[TokenScore]:
+        """The log-probability of each prompt token given those before it (the first has
+        none), with the k most likely tokens at each position: what `echo` returns."""
+        raise APIError(400, f"echo with logprobs: the {self.name} engine cannot score a prompt; "
+                       "serve with --engine transformers", "echo")  # fmt: skip
+
+    def check_params(self, params: Params) -> None:
+        """An APIError (400) naming a field this engine cannot honour."""
+
     def health(self) -> dict:
         """What /health reports beyond the served names; `ok` False turns it into a 503."""
         return {"ok": True, "engine": self.name, "slots": self.slots, "in_flight": self.in_flight}
@@ -193,18 +216,30 @@ class Engine:
 
 
 class _IdQueue(BaseStreamer):
-    """Hands generated ids to the request; the first `put` is the prompt and is skipped."""
+    """Hands generated ids to the request; the first `put` is the prompt and is skipped. With
+    `logits` (the last logits the model computed, filled by a hook on its output layer) each
+    id's log-probabilities go to `scores` first."""
 
     def __init__(self):
         self.q: queue.Queue = queue.Queue()
         self._prompt = True
+        self.top: int | None = None
+        self.logits: list[torch.Tensor] = []
+        self.scores: list[TokenScore] | None = None
 
     def put(self, value) -> None:
         if self._prompt:
             self._prompt = False
             return
-        for t in value.reshape(-1).tolist():
+        tokens = value.reshape(-1).tolist()
+        if self.scores is not None and self.logits:
+            self.scores += scores_from_logits(self.logits.pop()[None], tokens[-1:], self.top)
+        for t in tokens:
             self.q.put(t)
+
+    def keep_logits(self, module, args, output) -> None:
+        """Forward hook on the output layer: the logits of the last position of this step."""
+        self.logits[:] = [output[0, -1].detach()]
 
     def end(self) -> None:
         self.q.put(None)
@@ -236,6 +271,16 @@ class LocalGeneration(Generation):
         self.cancel.set()
 
 
+@dataclass
+class _Scoring:
+    """A prompt to score on the worker thread (echo): the answer comes back through `done`."""
+
+    served: Served
+    ids: list[int]
+    k: int
+    done: Future = field(default_factory=Future)
+
+
 class TransformersEngine(Engine):
     """The model with its adapters in transformers, and one worker thread: the model is not
     thread-safe and switching adapters is a model-wide change, so requests run one at a time."""
@@ -246,7 +291,7 @@ class TransformersEngine(Engine):
                  max_queue: int = DEFAULT_MAX_QUEUE):  # fmt: skip
         super().__init__(served, context_window, slots=1, max_queue=max_queue)
         self.model = model
-        self.jobs: queue.Queue[LocalGeneration] = queue.Queue()
+        self.jobs: queue.Queue[LocalGeneration | _Scoring] = queue.Queue()
         threading.Thread(target=self._work, daemon=True, name="lorasft-generate").start()
 
     def _start(self, served: Served, prompt_ids: list[int], params: Params) -> Generation:
@@ -257,14 +302,26 @@ class TransformersEngine(Engine):
     def _work(self) -> None:
         while True:
             job = self.jobs.get()
-            if job.cancel.is_set():  # a client that left while queued costs nothing
+            if isinstance(job, _Scoring):
+                self._score(job)
+            elif job.cancel.is_set():  # a client that left while queued costs nothing
                 job.out.q.put(None)
             else:
                 self._run(job)
 
+    async def prompt_scores(self, served: Served, ids: list[int], k: int) -> list[TokenScore]:
+        job = _Scoring(served, ids, k)
+        self.jobs.put(job)
+        return await anyio.to_thread.run_sync(job.done.result)
+
     def _run(self, job: LocalGeneration) -> None:
         tok = job.served.tok
         ids = torch.tensor([job.prompt_ids], device=self.model.device)
+        hook = None
+        if job.params.logprobs is not None:
+            job.out.top, job.out.scores = job.params.logprobs, job.scores
+            head = self.model.get_output_embeddings()
+            hook = head.register_forward_hook(job.out.keep_logits)
         try:
             with self._adapter(job.served), torch.no_grad():
                 if job.params.seed is not None:
@@ -275,7 +332,20 @@ class TransformersEngine(Engine):
                                     stopping_criteria=StoppingCriteriaList([_Cancelled(job.cancel)]))  # fmt: skip
         except Exception as e:  # noqa: BLE001 (reported to the one request that caused it; the server goes on)
             job.out.q.put(e)
+        finally:
+            if hook is not None:
+                hook.remove()
         job.out.q.put(None)
+
+    def _score(self, job: _Scoring) -> None:
+        try:
+            with self._adapter(job.served), torch.no_grad():
+                ids = torch.tensor([job.ids], device=self.model.device)
+                logits = self.model(input_ids=ids).logits[0, :-1]
+            first = TokenScore(job.ids[0], None, [])
+            job.done.set_result([first, *scores_from_logits(logits, job.ids[1:], job.k)])
+        except Exception as e:  # noqa: BLE001 (reported to the request)
+            job.done.set_exception(e)
 
     def _adapter(self, served: Served):
         if not isinstance(self.model, PeftModel):

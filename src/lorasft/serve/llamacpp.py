@@ -22,12 +22,16 @@ import json
 import os
 import shutil
 import sys
+import threading
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import anyio
 import httpx
+import torch
 
 from lorasft.export.gguf import TYPES, check_llama, source_pre_type, write_gguf
 from lorasft.export.gguf_lora import ADAPTER_CONFIG, ADAPTER_FILE, check_lora, write_lora_gguf
@@ -36,7 +40,9 @@ from lorasft.model.load import ModelError, cache_root, weights_stamp
 from lorasft.model.run import RunSpec, open_base, read_specs, say, served_context
 from lorasft.serve import DEFAULT_MAX_QUEUE
 from lorasft.serve.engine import Generation, Params, served_names
+from lorasft.serve.logprobs import TokenScore, scores_from_logits
 from lorasft.serve.process import EngineProcess, RemoteEngine, RemoteGeneration
+from lorasft.serve.schemas import APIError
 from lorasft.serve.textstream import REPLACEMENT, byte_token_ids, bytes_as_tokens
 
 BINARY_ENV = "LORASFT_LLAMA_SERVER"
@@ -158,6 +164,7 @@ class LlamaGeneration(RemoteGeneration):
         try:
             async with aclosing(_post(self.engine, body)) as messages:
                 async for msg in messages:
+                    self._keep_scores(msg)
                     if self.whole:
                         for token in msg.get("tokens") or []:
                             yield token
@@ -171,6 +178,16 @@ class LlamaGeneration(RemoteGeneration):
         except httpx.TransportError as e:
             alive = "" if server.alive() else f" (it exited: {server.log_tail(4)})"
             raise self.engine.error(f"cannot reach llama-server: {e!r}{alive}") from e
+
+    def _keep_scores(self, msg: dict) -> None:
+        """llama-server's `completion_probabilities` (asked for with `n_probs`): the model's
+        log-probabilities before sampling, as lorasft reports them."""
+        k = self.params.logprobs
+        if k is None:
+            return
+        for p in msg.get("completion_probabilities") or []:
+            top = [(t["id"], t["logprob"]) for t in p.get("top_logprobs", [])[:k]]
+            self.scores.append(TokenScore(p["id"], p["logprob"], top))
 
     def _streamed(self, msg: dict) -> list[int]:
         tokens, count = msg.get("tokens") or [], msg.get("tokens_predicted")
@@ -224,6 +241,8 @@ class LlamaCppEngine(RemoteEngine):
         adapters = [s.adapter for s in served if s.adapter is not None]
         self.lora_ids = {name: i for i, name in enumerate(adapters)}
         self.byte_ids = {s.name: byte_token_ids(s.tok) for s in served}
+        self.scorers: dict[str, GgufScorer] = {}
+        self._scorer_lock = threading.Lock()
 
     def request_body(self, adapter: str | None, prompt_ids: list[int], params: Params) -> dict:
         body = {"prompt": prompt_ids, "n_predict": params.max_tokens, "return_tokens": True,
@@ -231,6 +250,8 @@ class LlamaCppEngine(RemoteEngine):
                 "temperature": params.temperature, "top_p": params.top_p,
                 "seed": params.seed if params.seed is not None else -1,
                 "ignore_eos": params.ignore_eos}  # fmt: skip
+        if params.logprobs is not None:  # 1 at least: the chosen token's own comes with the top
+            body["n_probs"] = max(1, params.logprobs)
         if self.lora_ids:  # every adapter named: scale 1 for this one, 0 for the others
             mine = self.lora_ids.get(adapter) if adapter is not None else None
             body["lora"] = [{"id": i, "scale": 1.0 if i == mine else 0.0}
@@ -240,6 +261,49 @@ class LlamaCppEngine(RemoteEngine):
     def _start(self, served, prompt_ids, params) -> Generation:
         body = self.request_body(served.adapter, prompt_ids, params)
         return LlamaGeneration(served, prompt_ids, params, self, body=body)
+
+    async def prompt_scores(self, served, ids: list[int], k: int) -> list[TokenScore]:
+        """llama-server scores no prompt (it has no `echo`), so llama.cpp's Python binding,
+        built from the same source, reads the same GGUF files in this process: one scorer per
+        served name, made on its first echo request (the weights are mapped, not copied)."""
+        scorer = await anyio.to_thread.run_sync(self._scorer, served)
+        return await anyio.to_thread.run_sync(scorer.score, ids, k)
+
+    def _scorer(self, served) -> GgufScorer:
+        with self._scorer_lock:
+            if served.name not in self.scorers:
+                lora = self.server.loras[self.lora_ids[served.adapter]] if served.adapter else None
+                self.scorers[served.name] = GgufScorer.open(
+                    self.server.model, lora, self.context_window, self.server.threads
+                )
+            return self.scorers[served.name]
+
+
+@dataclass
+class GgufScorer:
+    """A GGUF base (with a GGUF LoRA) in llama.cpp's binding, every position's logits kept."""
+
+    llm: Any
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one prompt at a time
+
+    @classmethod
+    def open(cls, model: Path, lora: Path | None, window: int, threads: int | None) -> GgufScorer:
+        try:
+            from llama_cpp import Llama
+        except ImportError as e:
+            raise APIError(400, "echo with logprobs on the llama.cpp engine needs llama.cpp's "
+                           "Python binding: pip install 'lorasft[llamacpp]' (or serve with "
+                           "--engine transformers)", "echo") from e  # fmt: skip
+        llm = Llama(model_path=str(model), lora_path=str(lora) if lora else None, n_ctx=window,
+                    logits_all=True, n_threads=threads or os.cpu_count(), verbose=False)  # fmt: skip
+        return cls(llm)
+
+    def score(self, ids: list[int], k: int) -> list[TokenScore]:
+        with self.lock:
+            self.llm.reset()
+            self.llm.eval(ids)
+            logits = torch.from_numpy(self.llm.scores[: len(ids) - 1].copy())
+        return [TokenScore(ids[0], None, []), *scores_from_logits(logits, ids[1:], k)]
 
 
 def served_config(spec: RunSpec, runs: list[RunSpec]):

@@ -7,6 +7,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -15,6 +16,7 @@ from jinja2 import TemplateError as JinjaError
 from starlette.background import BackgroundTask
 
 from lorasft.serve.engine import Engine, Generation, Params, Served
+from lorasft.serve.logprobs import TokenScore, chat_content, completion_logprobs
 from lorasft.serve.schemas import APIError, ChatRequest, CompletionRequest, Sampling, error_body
 
 router = APIRouter()
@@ -51,7 +53,10 @@ def _params(request: Request, req: Sampling, n_prompt: int, field: str) -> Param
         raise APIError(400, f"prompt ({n_prompt} tokens) + {name} ({max_tokens}) exceeds the "
                        f"context window of {window} tokens: lower {name} to {room} or less",
                        name, "context_length_exceeded")  # fmt: skip
-    return Params(max_tokens, req.temperature, req.top_p, req.stop, req.seed, req.ignore_eos)
+    params = Params(max_tokens, req.temperature, req.top_p, req.stop, req.seed, req.ignore_eos,
+                    req.logprobs_wanted())  # fmt: skip
+    _engine(request).check_params(params)
+    return params
 
 
 def _encode_chat(engine: Engine, served: Served, messages: list[dict]) -> list[int]:
@@ -92,24 +97,64 @@ async def chat_completions(req: ChatRequest, request: Request):
         return _sse(_chat_chunks(job, {**head, "object": "chat.completion.chunk"}, usage), job)
     text = await _answer(request, job)
     choice = {"index": 0, "message": {"role": "assistant", "content": text},
-              "finish_reason": job.finish_reason, "logprobs": None}  # fmt: skip
+              "finish_reason": job.finish_reason, "logprobs": _chat_logprobs(job)}  # fmt: skip
     return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(job)}
+
+
+def _chat_logprobs(job: Generation) -> dict | None:
+    """The scores of the tokens read since the last call, as a chat choice's `logprobs`."""
+    if job.params.logprobs is None:
+        return None
+    return {"content": chat_content(job.served.tok, job.take_scores()), "refusal": None}
+
+
+def _prompt_ids(engine: Engine, served: Served, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        return engine.encode_text(served, prompt)
+    vocab = len(served.tok)
+    bad = next((t for t in prompt if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise APIError(400, f"prompt: token id {bad} is outside the vocabulary of model "
+                       f"{served.name!r} (ids 0-{vocab - 1})", "prompt")  # fmt: skip
+    return list(prompt)
 
 
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request):
     engine = _engine(request)
     served = _served(engine, req.model)
-    ids = await run_in_threadpool(engine.encode_text, served, req.prompt)
-    job = engine.submit(served, ids, _params(request, req, len(ids), "prompt"))
+    ids = await run_in_threadpool(_prompt_ids, engine, served, req.prompt)
+    params = _params(request, req, len(ids), "prompt")
+    echoed = _Echo(served.tok.decode(ids) if req.echo else "")
+    if req.echo and params.logprobs is not None:
+        echoed.scores = await engine.prompt_scores(served, ids, params.logprobs)
+    job = engine.submit(served, ids, params)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
             "created": int(time.time()), "model": req.model}  # fmt: skip
     if req.stream:
         usage = req.stream_options is not None and req.stream_options.include_usage
-        return _sse(_text_chunks(job, head, usage), job)
+        return _sse(_text_chunks(job, head, usage, echoed), job)
     text = await _answer(request, job)
-    choice = {"index": 0, "text": text, "finish_reason": job.finish_reason, "logprobs": None}
+    choice = {"index": 0, "text": echoed.text + text, "finish_reason": job.finish_reason,
+              "logprobs": _text_logprobs(job, echoed)}  # fmt: skip
     return {**head, "choices": [choice], "usage": _usage(job)}
+
+
+@dataclass
+class _Echo:
+    """What `echo` puts before the answer: the prompt's text and (with logprobs) its scores."""
+
+    text: str
+    scores: list[TokenScore] = field(default_factory=list)
+
+
+def _text_logprobs(job: Generation, echoed: _Echo, offset: int = 0) -> dict | None:
+    """A text choice's `logprobs`: the echoed prompt's scores (then emptied) and the scores of
+    the answer's tokens read since the last call; offsets count from `offset` characters."""
+    if job.params.logprobs is None:
+        return None
+    scores, echoed.scores = [*echoed.scores, *job.take_scores()], []
+    return completion_logprobs(job.served.tok, scores, offset)
 
 
 def _usage(job: Generation) -> dict:
@@ -132,7 +177,10 @@ async def _answer(request: Request, job: Generation) -> str:
 
 async def _chat_chunks(job: Generation, head: dict, usage: bool) -> AsyncIterator[dict]:
     def chunk(delta: dict, finish: str | None = None) -> dict:
-        return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        if job.params.logprobs is not None:
+            choice["logprobs"] = _chat_logprobs(job)
+        return {**head, "choices": [choice]}
 
     yield chunk({"role": "assistant", "content": ""})
     async for piece in job.stream():
@@ -142,11 +190,18 @@ async def _chat_chunks(job: Generation, head: dict, usage: bool) -> AsyncIterato
         yield {**head, "choices": [], "usage": _usage(job)}
 
 
-async def _text_chunks(job: Generation, head: dict, usage: bool) -> AsyncIterator[dict]:
-    def chunk(text: str, finish: str | None = None) -> dict:
-        return {**head, "choices": [{"index": 0, "text": text, "finish_reason": finish,
-                                     "logprobs": None}]}  # fmt: skip
+async def _text_chunks(job: Generation, head: dict, usage: bool,
+                       echoed: _Echo) -> AsyncIterator[dict]:  # fmt: skip
+    sent = 0
 
+    def chunk(text: str, finish: str | None = None) -> dict:
+        nonlocal sent
+        logprobs, sent = _text_logprobs(job, echoed, sent), sent + len(text)
+        return {**head, "choices": [{"index": 0, "text": text, "finish_reason": finish,
+                                     "logprobs": logprobs}]}  # fmt: skip
+
+    if echoed.text:
+        yield chunk(echoed.text)
     async for piece in job.stream():
         yield chunk(piece)
     yield chunk("", job.finish_reason)

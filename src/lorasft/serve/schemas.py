@@ -1,9 +1,10 @@
 """Request bodies of the OpenAI API subset the server answers, and its error body.
 
 Unknown fields are ignored (clients send many optional ones, and OpenAI ignores some itself);
-a field a client relies on, given a value lorasft cannot honour (`n` > 1, `logprobs`, `echo`, a
-JSON `response_format`, tools, a logit bias, penalties, `best_of` > 1, a `suffix`), is refused
-with a 400 that names it, never dropped in silence. `max_completion_tokens` (the name today's
+a field a client relies on, given a value lorasft cannot honour (`n` > 1, a JSON
+`response_format`, tools, a logit bias, penalties, `best_of` > 1, a `suffix`), is refused with a
+400 that names it, never dropped in silence. `logprobs` (chat: with `top_logprobs`; completions:
+a number of alternatives, with `echo` for the prompt's) are the model's own, before sampling. `max_completion_tokens` (the name today's
 SDKs send) and `max_tokens` (its older name) both bound the answer: given both, the smaller.
 `ignore_eos` (vLLM's and llama.cpp's extension, sent by load generators) generates past the
 run's stop tokens up to the bound.
@@ -15,6 +16,8 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from lorasft.serve.logprobs import MAX_TOP
 
 
 class APIError(Exception):
@@ -52,7 +55,6 @@ class StreamOptions(BaseModel):
 
 
 REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "logprobs": (lambda v: v not in (None, False), "logprobs are not supported by lorasft serve"),
     "response_format": (lambda v: v is not None and v.get("type", "text") != "text",
                         "response_format: lorasft serve answers plain text only (type 'text')"),
     "tools": (bool, "tools are not supported by lorasft serve"),
@@ -63,7 +65,6 @@ REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "presence_penalty": (bool, "presence_penalty is not supported by lorasft serve (give 0)"),
     "frequency_penalty": (bool, "frequency_penalty is not supported by lorasft serve (give 0)"),
     "best_of": (lambda v: v not in (None, 1), "best_of > 1 is not supported by lorasft serve"),
-    "echo": (bool, "echo is not supported by lorasft serve"),
     "suffix": (bool, "suffix (insertion) is not supported by lorasft serve"),
 }  # fmt: skip
 """Fields a client relies on that lorasft does not do: field -> (is the value one that asks for
@@ -122,13 +123,31 @@ class Sampling(BaseModel):
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, v: int | None, info) -> int | None:
+        if v and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
+
+    def logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
+    """Text, or token ids of the served model's tokenizer (as lm-eval sends them)."""
     max_tokens: int | None = Field(default=None, ge=1)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP)
     echo: bool = False
+    """The prompt in front of the answer; with logprobs, the prompt tokens' too."""
     suffix: str | None = None
+
+    def logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
     def answer_bound(self) -> int:
         """As chat's, and 16 when neither is given (OpenAI's default for completions)."""
@@ -137,9 +156,11 @@ class CompletionRequest(Sampling):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: str | list[str]) -> str:
-        if isinstance(v, list):
+    def _one_prompt(cls, v: str | list) -> str | list[int]:
+        if isinstance(v, list) and v and not isinstance(v[0], int):
             if len(v) != 1:
-                raise ValueError("give one prompt string (batches of prompts are not supported)")
+                raise ValueError("give one prompt (batches of prompts are not supported)")
             v = v[0]
+        if isinstance(v, list) and not v:
+            raise ValueError("the prompt is empty")
         return v

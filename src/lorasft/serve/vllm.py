@@ -28,6 +28,7 @@ from lorasft.serve import DEFAULT_MAX_QUEUE
 from lorasft.serve.engine import Generation, served_names
 from lorasft.serve.llamacpp import served_config
 from lorasft.serve.process import EngineProcess, RemoteEngine, RemoteGeneration
+from lorasft.serve.schemas import APIError
 
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
@@ -106,6 +107,12 @@ class VllmEngine(RemoteEngine):
                  max_queue: int = DEFAULT_MAX_QUEUE):  # fmt: skip
         super().__init__(served, window, server, max_queue)
         self.weights = {"bfloat16": "BF16", "float16": "F16"}.get(server.dtype, "F32")
+
+    def check_params(self, params) -> None:
+        if params.logprobs is not None:
+            raise APIError(400, "logprobs: the vllm engine does not return log-probabilities "
+                           "through lorasft yet; serve with --engine llama.cpp or transformers",
+                           "logprobs")  # fmt: skip
 
     def _start(self, served, prompt_ids, params) -> Generation:
         body = {"model": served.adapter or self.server.base_name, "prompt": prompt_ids,
