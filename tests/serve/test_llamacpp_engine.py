@@ -498,3 +498,32 @@ def test_completion_echo_with_logprobs_on_llama_cpp(lc_live):
     entries = [e for c in chat if c.choices and c.choices[0].logprobs
                for e in c.choices[0].logprobs.content]  # fmt: skip
     assert len(entries) == 4 and all(len(e.top_logprobs) == 2 for e in entries)
+
+
+# --- JSON answers --------------------------------------------------------------------------
+
+SCHEMA = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
+          "required": ["city"], "additionalProperties": False}  # fmt: skip
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_response_format_constrains_the_answer_to_json(lc_live, stream):
+    """The tiny model's free answer is not JSON; through llama.cpp's grammar it parses, and
+    follows the schema when one is given."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{lc_live.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    msgs = [{"role": "user", "content": "Where is the Louvre?"}]
+
+    def answer(**kw) -> str:
+        r = client.chat.completions.create(model="a", messages=msgs, max_tokens=60,
+                                           temperature=0, stream=stream, **kw)  # fmt: skip
+        if stream:
+            return "".join(c.choices[0].delta.content or "" for c in r if c.choices)
+        return r.choices[0].message.content
+
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(answer())
+    assert isinstance(json.loads(answer(response_format={"type": "json_object"})), dict)
+    fmt = {"type": "json_schema", "json_schema": {"name": "place", "schema": SCHEMA}}
+    assert json.loads(answer(response_format=fmt))["city"] in ("Paris", "Rome")

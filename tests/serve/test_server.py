@@ -175,8 +175,21 @@ BAD = [
     (json.dumps({**CHAT_OK, "stop": ["a", "b", "c", "d", "e"]}).encode(), 400, "stop"),
     (json.dumps({**CHAT_OK, "n": 2}).encode(), 400, "n"),
     # what a client relies on and lorasft does not do is refused by name, never dropped
+    # the transformers engine cannot constrain an answer to JSON (llama.cpp can: its tests)
     (
         json.dumps({**CHAT_OK, "response_format": {"type": "json_object"}}).encode(),
+        400,
+        "response_format",
+    ),
+    (
+        json.dumps({**CHAT_OK, "response_format": {"type": "yaml"}}).encode(),
+        400,
+        "response_format",
+    ),
+    (
+        json.dumps(
+            {**CHAT_OK, "response_format": {"type": "json_schema", "json_schema": 3}}
+        ).encode(),
         400,
         "response_format",
     ),

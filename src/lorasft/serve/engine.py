@@ -64,6 +64,8 @@ class Params:
     """Generate past the run's stop ids, up to max_tokens (stop strings still end it)."""
     logprobs: int | None = None
     """None: no log-probabilities; k: each generated token's, with the k most likely."""
+    json_schema: dict | None = None
+    """The JSON schema the answer must follow (response_format); None: free text."""
 
     def stop_ids(self, served: Served) -> list[int]:
         return [] if self.ignore_eos else served.spec.stops
@@ -286,6 +288,12 @@ class TransformersEngine(Engine):
     thread-safe and switching adapters is a model-wide change, so requests run one at a time."""
 
     name = "transformers"
+
+    def check_params(self, params: Params) -> None:
+        if params.json_schema is not None:
+            raise APIError(400, "response_format: the transformers engine cannot constrain an "
+                           "answer to JSON; serve with --engine llama.cpp (the default on a CPU "
+                           "where llama-server is installed) or vllm", "response_format")  # fmt: skip
 
     def __init__(self, model, served: list[Served], context_window: int,
                  max_queue: int = DEFAULT_MAX_QUEUE):  # fmt: skip

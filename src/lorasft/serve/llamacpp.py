@@ -252,6 +252,8 @@ class LlamaCppEngine(RemoteEngine):
                 "ignore_eos": params.ignore_eos}  # fmt: skip
         if params.logprobs is not None:  # 1 at least: the chosen token's own comes with the top
             body["n_probs"] = max(1, params.logprobs)
+        if params.json_schema is not None:  # llama-server turns it into a grammar
+            body["json_schema"] = params.json_schema
         if self.lora_ids:  # every adapter named: scale 1 for this one, 0 for the others
             mine = self.lora_ids.get(adapter) if adapter is not None else None
             body["lora"] = [{"id": i, "scale": 1.0 if i == mine else 0.0}

@@ -54,7 +54,7 @@ def _params(request: Request, req: Sampling, n_prompt: int, field: str) -> Param
                        f"context window of {window} tokens: lower {name} to {room} or less",
                        name, "context_length_exceeded")  # fmt: skip
     params = Params(max_tokens, req.temperature, req.top_p, req.stop, req.seed, req.ignore_eos,
-                    req.logprobs_wanted())  # fmt: skip
+                    req.logprobs_wanted(), req.json_schema())  # fmt: skip
     _engine(request).check_params(params)
     return params
 

@@ -1,9 +1,9 @@
 """Request bodies of the OpenAI API subset the server answers, and its error body.
 
 Unknown fields are ignored (clients send many optional ones, and OpenAI ignores some itself);
-a field a client relies on, given a value lorasft cannot honour (`n` > 1, a JSON
-`response_format`, tools, a logit bias, penalties, `best_of` > 1, a `suffix`), is refused with a
-400 that names it, never dropped in silence. `logprobs` (chat: with `top_logprobs`; completions:
+a field a client relies on, given a value lorasft cannot honour (`n` > 1, tools, a logit bias,
+penalties, `best_of` > 1, a `suffix`; a JSON `response_format` on an engine that cannot constrain
+its answer), is refused with a 400 that names it, never dropped in silence. `logprobs` (chat: with `top_logprobs`; completions:
 a number of alternatives, with `echo` for the prompt's) are the model's own, before sampling. `max_completion_tokens` (the name today's
 SDKs send) and `max_tokens` (its older name) both bound the answer: given both, the smaller.
 `ignore_eos` (vLLM's and llama.cpp's extension, sent by load generators) generates past the
@@ -55,8 +55,6 @@ class StreamOptions(BaseModel):
 
 
 REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "response_format": (lambda v: v is not None and v.get("type", "text") != "text",
-                        "response_format: lorasft serve answers plain text only (type 'text')"),
     "tools": (bool, "tools are not supported by lorasft serve"),
     "functions": (bool, "functions are not supported by lorasft serve"),
     "tool_choice": (lambda v: v not in (None, "none", "auto"),
@@ -90,6 +88,8 @@ class Sampling(BaseModel):
     ignore_eos: bool = False
     # REFUSED, when set to anything but a "not used" value
     response_format: dict[str, Any] | None = None
+    """text (the default), json_object or json_schema: the answer constrained to JSON by the
+    engine (llama.cpp's grammar, vLLM's structured outputs); the transformers engine refuses it."""
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -106,6 +106,25 @@ class Sampling(BaseModel):
         if used(v):
             raise ValueError(why)
         return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _known_format(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        kind = (v or {}).get("type", "text")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError(f"type {kind!r}: expected text, json_object or json_schema")
+        spec = v.get("json_schema") if kind == "json_schema" else {"schema": {}}
+        if not (isinstance(spec, dict) and isinstance(spec.get("schema"), dict)):
+            # a ValueError (not TypeError): pydantic turns only that into the 400 naming the field
+            raise ValueError("json_schema: give {'name': ..., 'schema': {a JSON schema object}}")  # noqa: TRY004
+        return v
+
+    def json_schema(self) -> dict[str, Any] | None:
+        """The schema the answer must follow (json_object: any object); None: free text."""
+        kind = (self.response_format or {}).get("type", "text")
+        if kind == "json_object":
+            return {"type": "object"}
+        return self.response_format["json_schema"]["schema"] if kind == "json_schema" else None
 
     def answer_bound(self) -> int | None:
         """The answer's token bound: max_completion_tokens and max_tokens, the smaller if both."""

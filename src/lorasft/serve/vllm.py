@@ -121,6 +121,9 @@ class VllmEngine(RemoteEngine):
                 "seed": params.seed, "return_token_ids": True, "skip_special_tokens": False,
                 "stop_token_ids": params.stop_ids(served),
                 "ignore_eos": params.ignore_eos}  # fmt: skip
+        if params.json_schema is not None:  # vLLM's structured outputs (guided decoding)
+            body["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "answer", "schema": params.json_schema}}  # fmt: skip
         return VllmGeneration(served, prompt_ids, params, self, body=body)
 
 
