@@ -298,7 +298,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     kinds = [k for k in ("rope", "learned") if any(r["model"] == k for r in rows)]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 6), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         mine = [r for r in rows if r["model"] == kind]
         methods = list(dict.fromkeys(r["method"] for r in mine))
@@ -318,11 +318,21 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.set_xlabel("tokens of context (same scored tokens)")
         ax.set_ylabel("perplexity, other domain")
         ax.set_title(f"{kind}: window {mine[0]['window']}")
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(0, -0.15))
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def cpu_name() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        return next(
+            x.split(":", 1)[1].strip() for x in info.splitlines() if x.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -349,7 +359,7 @@ def main() -> None:
     start = time.perf_counter()
     rows, info = lab(a, work)
     wall = time.perf_counter() - start
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    machine = f"{cpu_name()}, {torch.get_num_threads()} threads"
     checks = expectations(rows, a.window)
     settings = {k: v for k, v in vars(a).items() if k not in ("out", "plot", "work")}
     a.out.write_text(json.dumps({"rows": rows, "settings": settings, "info": info,
