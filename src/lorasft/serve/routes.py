@@ -110,7 +110,10 @@ def _chat_logprobs(job: Generation) -> dict | None:
 
 def _prompt_ids(engine: Engine, served: Served, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
-        return engine.encode_text(served, prompt)
+        ids = engine.encode_text(served, prompt)
+        if not ids:  # nothing to continue from (a tokenizer without BOS, an empty string)
+            raise APIError(400, "prompt: the prompt is empty (no tokens)", "prompt")
+        return ids
     vocab = len(served.tok)
     bad = next((t for t in prompt if not 0 <= t < vocab), None)
     if bad is not None:
