@@ -483,29 +483,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def _resolve_paths(cfg: Config, base_dir: Path) -> Config:
     """Relative data and model paths in a YAML file are relative to that file."""
 
-    def fix(p: str) -> str:
-        q = Path(p).expanduser()
+    def fix(p: str, key: str) -> str:
+        if "\x00" in p:
+            raise ConfigError(f"{key}={p!r}: a path cannot contain a NUL character")
+        try:
+            q = Path(p).expanduser()
+        except RuntimeError as e:  # ~name of a user this machine does not know
+            raise ConfigError(f"{key}={p!r}: {e}") from None
         if not q.is_absolute() and (base_dir / q).exists():
             q = base_dir / q
         return str(q.resolve())
 
-    for name in ("train_file", "eval_file"):
-        value = getattr(cfg.data, name)
+    def fixed(value: Any, key: str) -> Any:
         if isinstance(value, str):
-            setattr(cfg.data, name, fix(value))
-        elif isinstance(value, list):
-            setattr(cfg.data, name, [fix(v) for v in value])
-    for stage in cfg.stages:
+            return fix(value, key)
+        return [fix(v, key) for v in value] if isinstance(value, list) else value
+
+    for name in ("train_file", "eval_file"):
+        setattr(cfg.data, name, fixed(getattr(cfg.data, name), f"data.{name}"))
+    for i, stage in enumerate(cfg.stages):
         for name in ("train_file", "eval_file"):
-            value = stage.data.get(name)
-            if isinstance(value, str):
-                stage.data[name] = fix(value)
-            elif isinstance(value, list):
-                stage.data[name] = [fix(v) for v in value]
+            if name in stage.data:
+                stage.data[name] = fixed(stage.data[name], f"stages.{i}.data.{name}")
     if cfg.model.path != "default":
-        cfg.model.path = fix(cfg.model.path)
+        cfg.model.path = fix(cfg.model.path, "model.path")
     if cfg.train.deepspeed:
-        cfg.train.deepspeed = fix(cfg.train.deepspeed)
+        cfg.train.deepspeed = fix(cfg.train.deepspeed, "train.deepspeed")
     return cfg
 
 

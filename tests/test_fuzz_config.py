@@ -1,0 +1,127 @@
+"""The config loader, fuzzed (Hypothesis): YAML files of random sections, keys (every key the
+config knows, and others) and values (wrong types, nesting, control characters, odd paths),
+random text that is not a mapping, and `section.key=value` overrides. The property: `load_config`
+returns a Config (which `dump_config` writes and `load_config` reads back unchanged) or raises a
+ConfigError; never another exception."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
+
+from lorasft.config import Config, ConfigError, dump_config, load_config
+
+BUDGET = settings(max_examples=300, deadline=None, derandomize=True, database=None)
+
+
+def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    out = []
+    for name, field in model.model_fields.items():
+        out.append(prefix + name)
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            out += _keys(kind, f"{prefix}{name}.")
+    return out
+
+
+KEYS = _keys(Config)
+SECTIONS = list(Config.model_fields)
+text = st.text(max_size=20) | st.sampled_from(
+    ["", "~", "~nobody_here/x", "a\x00b", "../..", "/", "auto", "none", "1e-3", "-1", "yes"]
+)
+scalars = st.none() | st.booleans() | st.integers(-(10**12), 10**12) | st.floats() | text
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
+                      | st.dictionaries(text | st.sampled_from(KEYS), inner, max_size=3),
+                      max_leaves=8)  # fmt: skip
+
+
+@st.composite
+def documents(draw):
+    doc: dict = {}
+    for key in draw(st.lists(st.sampled_from(KEYS), max_size=5)):
+        section, *rest = key.split(".")
+        if not rest:
+            doc[section] = draw(values | st.just({}))
+            continue
+        node = doc.setdefault(section, {})
+        if isinstance(node, dict):
+            node[rest[-1]] = draw(values)
+    if draw(st.integers(0, 9)) == 0:
+        doc[draw(text)] = draw(values)  # an unknown section
+    if draw(st.integers(0, 9)) == 0:
+        doc["stages"] = draw(st.lists(st.dictionaries(st.sampled_from(["name", "data", "train",
+                                                                       "lora"]), values,
+                                                      max_size=3), max_size=2))  # fmt: skip
+    return doc
+
+
+PATH_KEYS = ["data.train_file", "data.eval_file", "model.path", "train.deepspeed"]
+odd_paths = text | st.sampled_from(["a\x00b", "~nobody_here/x", "~", "[a, b]", "[~nobody_here]"])
+overrides = st.lists(
+    st.builds(lambda k, v: f"{k}={v}", st.sampled_from(KEYS) | text, text)
+    | st.builds(lambda k, v: f"{k}={v}", st.sampled_from(PATH_KEYS), odd_paths)
+    | text,
+    max_size=3,
+)
+
+
+def load_or_refuse(path: Path | None, items: list[str]) -> Config | None:
+    try:
+        return load_config(path, items)
+    except ConfigError as e:
+        assert str(e)
+        return None
+
+
+def round_trips(cfg: Config, folder: Path) -> None:
+    out = folder / "dumped.yaml"
+    dump_config(cfg, out)
+    assert load_config(out).model_dump() == cfg.model_dump()
+
+
+@BUDGET
+@given(documents(), overrides)
+def test_any_yaml_and_overrides_load_or_are_refused(doc, items):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "c.yaml"
+        try:
+            path.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
+        except (yaml.YAMLError, UnicodeEncodeError):  # surrogates: not text a file can hold
+            return
+        cfg = load_or_refuse(path, items)
+        if cfg is not None:
+            round_trips(cfg, Path(tmp))
+
+
+@BUDGET
+@given(st.sampled_from(PATH_KEYS), odd_paths)
+def test_odd_paths_load_or_are_refused(key, path):
+    load_or_refuse(None, [f"{key}={path}"])
+
+
+def test_regressions():
+    """Overrides that crashed the loader (ValueError, RuntimeError), now ConfigErrors naming the key."""
+    for item in ["data.train_file=a\x00b", "model.path=~nobody_here/x", "model.path=a\x00b"]:
+        try:
+            load_config(None, [item])
+        except ConfigError as e:
+            assert item.split("=")[0] in str(e)
+        else:
+            raise AssertionError(f"{item!r} loaded")
+
+
+@BUDGET
+@given(st.text(max_size=200))
+def test_any_text_file_loads_or_is_refused(body):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "c.yaml"
+        try:
+            path.write_text(body, encoding="utf-8")
+        except UnicodeEncodeError:
+            return
+        load_or_refuse(path, [])
