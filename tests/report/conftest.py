@@ -29,3 +29,15 @@ def second_run(tiny_llama_dir, runs_root):
                      "train.learning_rate=5e-3", "eval.num_samples=4", "eval.max_new_tokens=8")  # fmt: skip
     assert main(args) == 0
     return run
+
+
+@pytest.fixture
+def ui(runs_root, finished_run):
+    """`lorasft ui` on the runs folder (key "k"), chat on the transformers engine."""
+    from lorasft.serve.engines import EngineOptions
+    from lorasft.serve.ui import create_ui
+    from tests.serve.conftest import LiveServer
+
+    app = create_ui(runs_root, EngineOptions(engine="transformers"), api_key="k")
+    with LiveServer(app) as server:
+        yield server

@@ -64,17 +64,6 @@ def test_differences_are_marked_per_word_and_per_cjk_character():
     assert marked_diff("the cat sat", "the dog sat") == "the <del>cat</del><ins>dog</ins> sat"
 
 
-@pytest.fixture
-def ui(runs_root, finished_run):
-    from lorasft.serve.engines import EngineOptions
-    from lorasft.serve.ui import create_ui
-    from tests.serve.conftest import LiveServer
-
-    app = create_ui(runs_root, EngineOptions(engine="transformers"), api_key="k")
-    with LiveServer(app) as server:
-        yield server
-
-
 @pytest.mark.parametrize("path", ["/runs/..%2F..%2Fetc/report", "/runs/%2E%2E/report",
                                   "/runs/../../etc/passwd", "/api/runs/..%2Fx/curve",
                                   "/compare?runs=tiny-a,..%2F..%2Fetc", "/runs/nope/report"])  # fmt: skip

@@ -1,0 +1,51 @@
+"""The dashboard (`lorasft ui`), fuzzed (Hypothesis): random paths under every route (run names
+with separators, dots, encodings, control characters), random query strings for /compare, and
+random chat bodies. The property: a 2xx, or a 4xx with a reason; never a 5xx, and nothing from
+outside the runs folder."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+import httpx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+AUTH = {"Authorization": "Bearer k"}
+BUDGET = settings(max_examples=150, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+
+names = st.text(max_size=12) | st.sampled_from(
+    ["tiny-a", "..", ".", "../..", "..%2F..%2Fetc", "%2E%2E", "a/b", "\x00", "~", "tiny-a/..", ""]
+)
+values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False)
+    | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                 max_size=3),
+    max_leaves=6,
+)  # fmt: skip
+chat_bodies = st.fixed_dictionaries(
+    {}, optional={"run": names | values, "message": st.text(max_size=40) | values,
+                  "max_tokens": st.integers(-1, 3) | values, "with_base": st.booleans() | values},
+)  # fmt: skip
+
+
+def ok(r: httpx.Response) -> None:
+    assert r.status_code < 500, (r.request.url, r.status_code, r.text[:300])
+    assert "root:" not in r.text and "/etc/passwd" not in r.text
+
+
+@BUDGET
+@given(names, st.sampled_from(["/runs/{}/report", "/api/runs/{}/curve", "/compare?runs={}",
+                               "/compare?runs=tiny-a,{}"]))  # fmt: skip
+def test_any_path_is_answered_without_a_5xx(ui, name, route):
+    ok(httpx.get(ui.url + route.format(quote(name, safe="")), headers=AUTH))
+
+
+@BUDGET
+@given(chat_bodies)
+def test_any_chat_body_is_answered_without_a_5xx(ui, body):
+    if body.get("run") == "tiny-a" and isinstance(body.get("message"), str) and body["message"]:
+        body["max_tokens"] = 1  # a real answer: keep it short
+    ok(httpx.post(ui.url + "/api/chat", json=body, headers=AUTH, timeout=120))
