@@ -52,16 +52,27 @@ print((rss() - base) >> 20)
 """
 
 
-@pytest.mark.parametrize("mode", ["moving", "fixed"])
-def test_freed_blocks_go_back_to_the_system(mode):
-    """400 MiB of 20 MiB tensors, freed: with glibc's moving threshold they stay in the heap,
-    with the threshold fixed they are unmapped. Two threads, as training on this machine runs
-    (`make test` sets OMP_NUM_THREADS=1, and with one thread glibc's own case kept 46-406 MiB
-    from run to run; with two, 406 every time)."""
+def kept_mib(mode: str) -> int:
     out = subprocess.run([sys.executable, "-c", FRAGMENT, mode], capture_output=True, text=True,
                          env={**clean_env(), "OMP_NUM_THREADS": "2"}, check=True)  # fmt: skip
-    kept = int(out.stdout.strip())
-    assert kept > 300 if mode == "moving" else kept < 50
+    return int(out.stdout.strip())
+
+
+def test_freed_blocks_go_back_to_the_system():
+    """400 MiB of 20 MiB tensors, freed: with the threshold fixed they are unmapped, every time;
+    with glibc's moving threshold they can stay in the heap. That control varies from run to run
+    on this machine: standalone it kept 401-406 MiB in 12 of 12 runs, but inside full-suite runs,
+    beside the other worker, it fell below 300 MiB now and then (46 MiB the lowest seen; one
+    fresh-clone `make test` of 2026-12-06 among them). So it must keep them in one of three runs:
+    glibc's case shown able to hold the memory, lorasft's fixed threshold never."""
+    assert kept_mib("fixed") < 50
+    controls = []
+    for _ in range(3):
+        controls.append(kept_mib("moving"))
+        if controls[-1] > 300:
+            break
+    assert max(controls) > 300, controls
+    assert kept_mib("fixed") < 50
 
 
 HUGE = """
