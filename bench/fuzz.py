@@ -6,7 +6,10 @@ cases tried and the crashes found (each with Hypothesis's shrunk example).
 
 Targets: `reader`, the data reader (`tests/data/fuzz_reader.py`: random bytes, random records of
 every format, encodings, deep nesting, huge lines; the property: read with every bad record
-located, or refused with an error naming the file). Rounds of 500 cases with seeds 0, 1, 2...
+located, or refused with an error naming the file); `config`, the config loader
+(`tests/test_fuzz_config.py`: random YAML sections, keys, values and overrides; the property: a
+Config that dump_config round-trips, or a ConfigError). The HTTP harnesses need a live server
+and run in `make test` only (tests/serve/test_fuzz_http.py, tests/report/test_fuzz_ui.py). Rounds of 500 cases with seeds 0, 1, 2...
 until the time is up, so a run is reproducible by its seed and length.
 """
 
@@ -20,10 +23,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import strategies as st
 
 from tests.data.fuzz_reader import files, read_or_refuse
+from tests.test_fuzz_config import documents, load_document, overrides
 
-TARGETS = {"reader": (files, read_or_refuse)}
+TARGETS = {"reader": (files, read_or_refuse),
+           "config": (st.tuples(documents(), overrides), load_document)}  # fmt: skip
 
 
 def fuzz(name: str, minutes: float, first_seed: int = 0) -> tuple[int, list[str]]:

@@ -87,6 +87,11 @@ def round_trips(cfg: Config, folder: Path) -> None:
 @BUDGET
 @given(documents(), overrides)
 def test_any_yaml_and_overrides_load_or_are_refused(doc, items):
+    load_document(doc, items)
+
+
+def load_document(doc: dict, items: list[str]) -> None:
+    """The property for one case (also bench/fuzz.py's `config` target)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "c.yaml"
         try:
