@@ -36,23 +36,20 @@ from lorasft.data.prepare import data_files
 from lorasft.model.run import open_run, read_run
 from lorasft.serve.process import free_port
 
-GEN_TASK = """task: lorasft_gen
+# lm-eval task files: the local JSONL (one head for both), then what each task does with it.
+TASK_HEAD = """task: {name}
 dataset_path: json
 dataset_kwargs: {{data_files: {{test: {data}}}}}
 test_split: test
-output_type: generate_until
+"""
+GEN_TASK = """output_type: generate_until
 doc_to_text: "{{{{prompt}}}}"
 doc_to_target: "{{{{answer}}}}"
 generation_kwargs: {{until: [], max_gen_toks: {max_new}, do_sample: false, temperature: 0}}
 metric_list:
   - {{metric: exact_match, aggregation: mean, higher_is_better: true}}
 """
-
-MC_TASK = """task: lorasft_mc
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {data}}}}}
-test_split: test
-output_type: multiple_choice
+MC_TASK = """output_type: multiple_choice
 doc_to_text: "{{{{context}}}}"
 doc_to_choice: "{{{{choices}}}}"
 doc_to_target: "{{{{label}}}}"
@@ -92,10 +89,9 @@ def write_tasks(spec, recs, work: Path, max_new: int, seed: int = 0) -> None:
     for name, rows in (("gen", gen), ("mc", mc)):
         (work / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                     for r in rows))  # fmt: skip
-    (work / "lorasft_gen.yaml").write_text(
-        GEN_TASK.format(data=work / "gen.jsonl", max_new=max_new)
-    )
-    (work / "lorasft_mc.yaml").write_text(MC_TASK.format(data=work / "mc.jsonl"))
+    for name, body in (("gen", GEN_TASK.format(max_new=max_new)), ("mc", MC_TASK.format())):
+        head = TASK_HEAD.format(name=f"lorasft_{name}", data=work / f"{name}.jsonl")
+        (work / f"lorasft_{name}.yaml").write_text(head + body)
 
 
 def serve(run: Path, port: int, engine: str, log: Path) -> tuple[subprocess.Popen, dict]:

@@ -46,6 +46,7 @@ import torch
 
 from lorasft.config import ContextSection
 from lorasft.data.tokenize import document_stream
+from lorasft.eval.long_models import position_limit
 from lorasft.eval.sliding import same_tokens_perplexity
 from lorasft.model.context import ROPE_METHODS, TABLE_METHODS, apply_context
 from lorasft.model.load import load_model, load_tokenizer
@@ -153,7 +154,7 @@ def pretrain(kind: str, tok, stream: list[int], window: int, steps: int, batch: 
 
 def score(model, ids: list[int], lengths: list[int], a) -> dict[int, float]:
     """Perplexity of the same final tokens at each length the model can read."""
-    limit = getattr(model.config, "n_positions", None)  # a learned table stops at its last row
+    limit = position_limit(model)  # a learned table stops at its last row
     fits = [n for n in lengths if limit is None or n <= limit]
     res = same_tokens_perplexity(model, ids, fits, a.window // 2, a.ends, max(lengths))
     return {n: res[str(n)]["perplexity"] for n in fits}

@@ -32,7 +32,7 @@ from lorasft.model.context import context_window
 from lorasft.model.load import ModelError
 from lorasft.model.run import RunSpec, open_runs, read_specs
 from lorasft.serve import DEFAULT_MAX_QUEUE
-from lorasft.serve.logprobs import TokenScore, scores_from_logits
+from lorasft.serve.logprobs import TokenScore, prompt_scores_from_logits, scores_from_logits
 from lorasft.serve.schemas import APIError
 from lorasft.serve.textstream import TextCutter
 
@@ -349,9 +349,8 @@ class TransformersEngine(Engine):
         try:
             with self._adapter(job.served), torch.no_grad():
                 ids = torch.tensor([job.ids], device=self.model.device)
-                logits = self.model(input_ids=ids).logits[0, :-1]
-            first = TokenScore(job.ids[0], None, [])
-            job.done.set_result([first, *scores_from_logits(logits, job.ids[1:], job.k)])
+                logits = self.model(input_ids=ids).logits[0]
+            job.done.set_result(prompt_scores_from_logits(logits, job.ids, job.k))
         except Exception as e:  # noqa: BLE001 (reported to the request)
             job.done.set_exception(e)
 

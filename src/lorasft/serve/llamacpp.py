@@ -40,7 +40,7 @@ from lorasft.model.load import ModelError, cache_root, weights_stamp
 from lorasft.model.run import RunSpec, open_base, read_specs, say, served_context
 from lorasft.serve import DEFAULT_MAX_QUEUE
 from lorasft.serve.engine import Generation, Params, served_names
-from lorasft.serve.logprobs import TokenScore, scores_from_logits
+from lorasft.serve.logprobs import TokenScore, prompt_scores_from_logits
 from lorasft.serve.process import EngineProcess, RemoteEngine, RemoteGeneration
 from lorasft.serve.schemas import APIError
 from lorasft.serve.textstream import REPLACEMENT, byte_token_ids, bytes_as_tokens
@@ -206,7 +206,7 @@ async def _post(engine: LlamaCppEngine, body: dict) -> AsyncIterator[dict]:
     """llama-server's `/completion` answer: each server-sent event, or the one JSON body. A kept
     connection that the engine closed while idle is retried once on a new one."""
     server, http = engine.server, engine.http()
-    headers = {"Authorization": f"Bearer {server.key}"}
+    headers = server.auth()
     for attempt in (1, 2):
         started = False
         try:
@@ -304,8 +304,8 @@ class GgufScorer:
         with self.lock:
             self.llm.reset()
             self.llm.eval(ids)
-            logits = torch.from_numpy(self.llm.scores[: len(ids) - 1].copy())
-        return [TokenScore(ids[0], None, []), *scores_from_logits(logits, ids[1:], k)]
+            logits = torch.from_numpy(self.llm.scores[: len(ids)].copy())
+        return prompt_scores_from_logits(logits, ids, k)
 
 
 def served_config(spec: RunSpec, runs: list[RunSpec]):

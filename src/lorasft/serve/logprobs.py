@@ -34,6 +34,12 @@ def scores_from_logits(logits: torch.Tensor, tokens: list[int], k: int) -> list[
             for t, c, i, v in zip(tokens, chosen, top_i.tolist(), top_v.tolist())]  # fmt: skip
 
 
+def prompt_scores_from_logits(logits: torch.Tensor, ids: list[int], k: int) -> list[TokenScore]:
+    """A prompt's scores from its logits at every position (`logits[i]` predicts `ids[i + 1]`):
+    the first token has none, nothing predicts it; the last position's logits are not used."""
+    return [TokenScore(ids[0], None, []), *scores_from_logits(logits[: len(ids) - 1], ids[1:], k)]
+
+
 _BYTE_OF = {ch: b for b, ch in enumerate(_bytes_to_unicode())}
 
 

@@ -72,6 +72,10 @@ class EngineProcess:
         """Variables added to the engine's environment (its key: never on the command line)."""
         return {}
 
+    def auth(self) -> dict[str, str]:
+        """The header every request to the engine carries: lorasft's key of its own for it."""
+        return {"Authorization": f"Bearer {self.key}"}
+
     def start(self, wait_s: float = 180) -> EngineProcess:
         self.log = cache_root() / "serve" / "logs" / f"{self.label}-{os.getpid()}-{self.port}.log"
         self.log.parent.mkdir(parents=True, exist_ok=True)

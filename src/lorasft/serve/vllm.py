@@ -91,7 +91,7 @@ class VllmGeneration(RemoteGeneration):
     async def _tokens(self) -> AsyncIterator[int]:
         engine: VllmEngine = self.engine
         body = {**self.body, "stream": not self.whole}
-        headers = {"Authorization": f"Bearer {engine.server.key}"}
+        headers = engine.server.auth()
         url = f"{engine.server.url}/v1/completions"
         async with engine.http().stream("POST", url, json=body, headers=headers) as r:
             if r.status_code != 200:
@@ -144,19 +144,23 @@ class VllmEngine(RemoteEngine):
         super().__init__(served, window, server, max_queue)
         self.weights = {"bfloat16": "BF16", "float16": "F16"}.get(server.dtype, "F32")
 
+    def _model(self, served) -> str:
+        """The name vLLM serves it under: the adapter's, or the base's."""
+        return served.adapter or self.server.base_name
+
     async def prompt_scores(self, served, ids: list[int], k: int) -> list[TokenScore]:
         """vLLM scores the prompt itself: `echo` with `logprobs` on its completions route."""
-        body = {"model": served.adapter or self.server.base_name, "prompt": ids, "echo": True,
+        body = {"model": self._model(served), "prompt": ids, "echo": True,
                 "logprobs": max(1, k), "max_tokens": 1, "temperature": 0.0,
                 "return_tokens_as_token_ids": True}  # fmt: skip
         r = await self.http().post(f"{self.server.url}/v1/completions", json=body,
-                                   headers={"Authorization": f"Bearer {self.server.key}"})  # fmt: skip
+                                   headers=self.server.auth())  # fmt: skip
         if r.status_code != 200:
             raise self.error(f"HTTP {r.status_code}: {r.text[:300]}")
         return vllm_scores(r.json()["choices"][0]["logprobs"], k)[: len(ids)]
 
     def _start(self, served, prompt_ids, params) -> Generation:
-        body = {"model": served.adapter or self.server.base_name, "prompt": prompt_ids,
+        body = {"model": self._model(served), "prompt": prompt_ids,
                 "max_tokens": params.max_tokens, "temperature": params.temperature,
                 "top_p": params.top_p, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0,
                 "seed": params.seed, "return_token_ids": True, "skip_special_tokens": False,
