@@ -1,8 +1,10 @@
 """Long real text for training and evaluating past the window, built on this machine from
 Python's own documentation (nothing downloaded, nothing written by us):
 
-- training: the documentation of standard-library modules as `pydoc` renders it from their
-  docstrings (one document per module, 5k to 60k tokens each);
+- training (`kind="pydoc"`): the documentation of standard-library modules as `pydoc` renders it
+  from their docstrings (one document per module, 5k to 60k tokens each); or (`kind="source"`)
+  the Python source code of the same modules (one document per file): code, not prose, so that
+  evaluating on the reference's prose measures what training added beyond the text's domain;
 - evaluation: the Python language reference topics that every CPython install carries
   (`pydoc_data.topics`), a different text from a different source, joined in a fixed order.
 
@@ -39,6 +41,13 @@ def module_documents() -> list[str]:
     return docs
 
 
+def source_documents() -> list[str]:
+    import inspect
+
+    modules = [importlib.import_module(name) for name in TRAIN_MODULES]
+    return [inspect.getsource(m).strip() for m in modules if getattr(m, "__file__", None)]
+
+
 def reference_documents() -> list[str]:
     import pydoc_data.topics
 
@@ -46,10 +55,11 @@ def reference_documents() -> list[str]:
     return [topics[k].strip() for k in sorted(topics) if topics[k].strip()]
 
 
-def write(out: Path) -> tuple[Path, Path]:
+def write(out: Path, kind: str = "pydoc") -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = out / "train.jsonl", out / "eval.jsonl"
-    for path, docs in zip(paths, (module_documents(), reference_documents())):
+    train = source_documents() if kind == "source" else module_documents()
+    for path, docs in zip(paths, (train, reference_documents())):
         path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
     return paths
 
@@ -57,5 +67,7 @@ def write(out: Path) -> tuple[Path, Path]:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)
-    for path in write(p.parse_args().out):
+    p.add_argument("--train", choices=["pydoc", "source"], default="pydoc")
+    a = p.parse_args()
+    for path in write(a.out, a.train):
         print(path, path.stat().st_size, "bytes")

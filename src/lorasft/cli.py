@@ -51,7 +51,7 @@ def _long_settings(args: argparse.Namespace) -> dict:
     """The --long flags given, to apply over the run's own eval.long_* settings."""
     check_long_settings(args)
     names = {"lengths": "lengths", "stride": "stride", "long_data": "data", "protocol": "protocol",
-             "scored": "scored", "max_windows": "max_windows", "trials": "trials", "depths": "depths"}  # fmt: skip
+             "scored": "scored", "max_windows": "max_windows", "trials": "trials", "depths": "depths", "passkey_lengths": "passkey_lengths"}  # fmt: skip
     return {
         key: getattr(args, flag) for flag, key in names.items() if getattr(args, flag) is not None
     }
@@ -59,8 +59,10 @@ def _long_settings(args: argparse.Namespace) -> dict:
 
 def check_long_settings(args: argparse.Namespace) -> None:
     """Bad --long arguments are user errors with a message, not tracebacks from deep inside."""
-    if args.lengths and min(args.lengths) < 2:
-        raise ConfigError(f"--lengths {args.lengths}: every length must be at least 2 tokens")
+    for flag in ("lengths", "passkey_lengths"):
+        if getattr(args, flag) and min(getattr(args, flag)) < 2:
+            raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: every length "
+                              "must be at least 2 tokens")  # fmt: skip
     if args.stride is not None and (
         args.stride < 1 or (args.lengths and args.stride > min(args.lengths))
     ):
@@ -95,6 +97,8 @@ def _long_args(e: argparse.ArgumentParser) -> None:
                    help="end points (same_tokens) or windows per length (sliding); default: the "
                         "run's eval.long_windows")  # fmt: skip
     g.add_argument("--trials", type=int, help="passkey trials per length x depth (default 2)")
+    g.add_argument("--passkey-lengths", nargs="+", type=int,
+                   help="passkey lengths (default: the perplexity lengths)")  # fmt: skip
     g.add_argument(
         "--depths", nargs="+", type=float, help="passkey depths, 0-1 (default 0 .25 .5 .75 1)"
     )

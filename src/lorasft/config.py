@@ -272,7 +272,7 @@ class EvalSection(Section):
     attention check (eval.long_* settings; `lorasft eval RUN --long` runs it later)."""
     long_data: list[str] | None = None
     """Long documents (text files or JSONL with `text`); None: the text lorasft ships."""
-    long_lengths: list[int] | None = None
+    long_lengths: list[Annotated[int, Field(ge=2)]] | None = None
     """Context lengths; None: half the window, then doublings from the window to the target."""
     long_windows: int = Field(default=2, ge=1)
     """End points at which the same final tokens are scored with each length of context."""
@@ -281,6 +281,9 @@ class EvalSection(Section):
     passkey_trials: int = Field(default=2, ge=1)
     """Passkey trials per length and depth (5 depths by default: 10 per length)."""
     passkey_depths: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    passkey_lengths: list[Annotated[int, Field(ge=2)]] | None = None
+    """Lengths for passkey retrieval; None: the perplexity lengths. (A trial at 16k is one 16k-token
+    forward pass: naming only the longest length makes 50+ trials affordable on a CPU.)"""
 
 
 class ContextSection(Section):

@@ -53,7 +53,8 @@ def long_settings(ev: EvalSection, **overrides: Any) -> LongSettings:
     """The run's evaluation by length (its `eval.long_*` settings), with `overrides` (the
     `lorasft eval --long` flags given) on top."""
     s = LongSettings(lengths=ev.long_lengths, scored=ev.long_scored, max_windows=ev.long_windows,
-                     data=ev.long_data, depths=list(ev.passkey_depths), trials=ev.passkey_trials)  # fmt: skip
+                     data=ev.long_data, depths=list(ev.passkey_depths), trials=ev.passkey_trials,
+                     passkey_lengths=ev.passkey_lengths)  # fmt: skip
     for name, value in overrides.items():
         setattr(s, name, value)
     return s
@@ -79,7 +80,7 @@ def _by_model(tuned, cfg: Config, plan, ids: list[int], lengths: list[int], pk_l
               tok, s: LongSettings, window: int) -> tuple[dict, dict, dict]:  # fmt: skip
     """Perplexity rows for every base variant and the tuned run; passkey grids for the tuned run
     and (passkey_base) the base with the scaling untrained, and the base inside its own
-    `window` (the report card's reference rate)."""
+    `window` (the report card's reference rate, whenever passkey reaches the window)."""
     ppl, labels, passkey = {}, {}, {}
     loss = LossSettings.from_train(cfg.train)
     for name, (label, load) in base_variants(cfg, plan, frozen_dtype(tuned)).items():
@@ -87,7 +88,7 @@ def _by_model(tuned, cfg: Config, plan, ids: list[int], lengths: list[int], pk_l
         ppl[name], labels[name] = _ppl_row(model, ids, lengths, s, loss), label
         if name == "base_scaled" and s.passkey_base:
             passkey[name] = passkey_grid(model, tok, pk_lengths, s.depths, s.trials, s.seed)
-        if name == "base" and s.passkey_base and window in pk_lengths:
+        if name == "base" and s.passkey_base and pk_lengths and window <= max(pk_lengths):
             passkey["base_window"] = passkey_grid(model, tok, [window], s.depths, s.trials, s.seed)
         del model
         gc.collect()
