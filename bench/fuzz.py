@@ -8,58 +8,69 @@ Targets: `reader`, the data reader (`tests/data/fuzz_reader.py`: random bytes, r
 every format, encodings, deep nesting, huge lines; the property: read with every bad record
 located, or refused with an error naming the file); `config`, the config loader
 (`tests/test_fuzz_config.py`: random YAML sections, keys, values and overrides; the property: a
-Config that dump_config round-trips, or a ConfigError). The HTTP harnesses need a live server
-and run in `make test` only (tests/serve/test_fuzz_http.py, tests/report/test_fuzz_ui.py). Rounds of 500 cases with seeds 0, 1, 2...
-until the time is up, so a run is reproducible by its seed and length.
+Config that dump_config round-trips, or a ConfigError); `serve` and `ui`, the HTTP servers on the
+wire (`tests/serve/test_fuzz_wire.py`, `tests/report/test_fuzz_ui.py`: any method, route, headers,
+key, content type and body, slow, chunked, truncated or abandoned; the property: only documented
+statuses, and the same good request answered the same after every request), run through pytest
+for the live server its fixtures build (LORASFT_FUZZ_MINUTES). Rounds of 500 cases with seeds 0,
+1, 2... until the time is up (tests/fuzzing.py), so a run is reproducible by its seed and length.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from tests.data.fuzz_reader import files, read_or_refuse
+from tests.fuzzing import rounds
 from tests.test_fuzz_config import documents, load_document, overrides
 
-TARGETS = {"reader": (files, read_or_refuse),
-           "config": (st.tuples(documents(), overrides), load_document)}  # fmt: skip
+IN_PROCESS = {"reader": (files, lambda case: read_or_refuse(*case)),
+              "config": (st.tuples(documents(), overrides), lambda case: load_document(*case))}  # fmt: skip
+SERVED = {"serve": "tests/serve/test_fuzz_wire.py::test_no_request_on_the_wire_breaks_the_server",
+          "ui": "tests/report/test_fuzz_ui.py::test_no_request_on_the_wire_breaks_the_ui"}  # fmt: skip
+TARGETS = [*IN_PROCESS, *SERVED]
+
+
+def fuzz_served(name: str, minutes: float, first_seed: int) -> tuple[int, list[str]]:
+    """A server target: its pytest test with the time budget in the environment."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.jsonl"
+        env = {**os.environ, "LORASFT_FUZZ_MINUTES": str(minutes),
+               "LORASFT_FUZZ_SEED": str(first_seed), "LORASFT_FUZZ_REPORT": str(report)}  # fmt: skip
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", SERVED[name]]
+        done = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True)
+        if not report.is_file():  # the server never came up: not a fuzz result
+            raise SystemExit(
+                f"{name}: the test did not run\n{done.stdout[-3000:]}{done.stderr[-2000:]}"
+            )
+        row = json.loads(report.read_text().splitlines()[-1])
+    return row["tried"], row["crashes"]
 
 
 def fuzz(name: str, minutes: float, first_seed: int = 0) -> tuple[int, list[str]]:
     """Cases tried and crashes (the failure, with its shrunk example) within `minutes`."""
-    strategy, prop = TARGETS[name]
-    tried, crashes, k = 0, [], first_seed
-    end = time.monotonic() + 60 * minutes
-
-    def check(case):
-        nonlocal tried
-        tried += 1
-        prop(*case)
-
-    while time.monotonic() < end:
-        test = settings(max_examples=500, deadline=None, database=None,
-                        phases=[Phase.generate, Phase.shrink],
-                        suppress_health_check=list(HealthCheck))(given(strategy)(check))  # fmt: skip
-        try:
-            seed(k)(test)()
-        except Exception as e:  # noqa: BLE001 (a crash found: kept and reported, the run goes on)
-            notes = "\n".join(getattr(e, "__notes__", []))
-            crashes.append(f"seed {k}: {type(e).__name__}: {e}\n{notes}")
-        k += 1
-    return tried, crashes
+    if name in SERVED:
+        return fuzz_served(name, minutes, first_seed)
+    strategy, prop = IN_PROCESS[name]
+    return rounds(strategy, prop, minutes=minutes, first_seed=first_seed)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=10.0, help="per target")
-    p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    p.add_argument("--targets", nargs="+", default=TARGETS, choices=TARGETS)
     p.add_argument("--seed", type=int, default=0, help="the first round's seed")
     a = p.parse_args()
     for name in a.targets:

@@ -48,8 +48,8 @@ class RequireKey:
 class BodyLimit:
     """413 for a body over `max_bytes`, declared (Content-Length) or streamed (chunked)."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, hint: str = " (--max-request-bytes)"):
+        self.app, self.max_bytes, self.hint = app, max_bytes, hint
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -69,7 +69,7 @@ class BodyLimit:
         await self.app(scope, _replay(body, receive), send)
 
     async def _too_large(self, scope, receive, send) -> None:
-        await _reply(scope, receive, send, 413, f"request body over {self.max_bytes} bytes (--max-request-bytes)",
+        await _reply(scope, receive, send, 413, f"request body over {self.max_bytes} bytes{self.hint}",
                      "invalid_request_error", "request_too_large")  # fmt: skip
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lorasft.serve.logprobs import MAX_TOP
 
@@ -33,6 +33,37 @@ class APIError(Exception):
 
 def error_body(message: str, kind: str, param: str | None = None, code: Any = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def surrogate_at(value: Any, where: str = "") -> str | None:
+    """Where in a parsed JSON body a string holds a lone UTF-16 surrogate (JSON allows the escape
+    "\\ud800"; no tokenizer can encode it), as a dotted path; None when there is none."""
+    if isinstance(value, str):
+        return where or "body" if any("\ud800" <= c <= "\udfff" for c in value) else None
+    items = (
+        value.items()
+        if isinstance(value, dict)
+        else enumerate(value)
+        if isinstance(value, list)
+        else ()
+    )
+    for key, inner in items:
+        found = surrogate_at(inner, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
+
+
+class ValidText(BaseModel):
+    """A request body whose strings are all valid Unicode text."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_surrogates(cls, data: Any) -> Any:
+        where = surrogate_at(data)
+        if where:
+            raise ValueError(f"{where}: a lone UTF-16 surrogate is not text (send valid Unicode)")
+        return data
 
 
 class TextPart(BaseModel):
@@ -69,7 +100,7 @@ REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
 it, the 400's message). Their "not used" values (None, 0, {}, false, type 'text') pass."""
 
 
-class Sampling(BaseModel):
+class Sampling(ValidText):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
     model_config = ConfigDict(extra="ignore")

@@ -6,7 +6,8 @@ as `lorasft serve`.
 No build step and no network: one HTML page with a little plain JavaScript that polls JSON; the
 charts are the report's SVG, drawn by the server. Bound to 127.0.0.1 unless told otherwise;
 with an API key every request needs it (header `Authorization: Bearer KEY`, or `?key=KEY` once,
-which sets a cookie); only run folders that are direct children of the runs folder are served.
+which sets a cookie); only run folders that are direct children of the runs folder are served;
+request bodies over 200 kB get a 413 before they are parsed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from lorasft.model.load import ModelError
 from lorasft.report.html import (
@@ -30,13 +31,15 @@ from lorasft.report.html import (
     run_report,
 )
 from lorasft.report.runs import is_run, progress_of, runs_table
+from lorasft.serve.app import BodyLimit
 from lorasft.serve.engines import EngineOptions, open_engine
-from lorasft.serve.schemas import APIError
+from lorasft.serve.schemas import APIError, ValidText
 
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+MAX_REQUEST_BYTES = 200_000  # a 20,000-character message, every character escaped, fits
 
 
-class ChatBody(BaseModel):
+class ChatBody(ValidText):
     run: str
     message: str = Field(min_length=1, max_length=20_000)
     max_tokens: int = Field(default=64, ge=1, le=1024)
@@ -92,6 +95,9 @@ def create_ui(root: str | Path, opts: EngineOptions | None = None,
     app.include_router(router)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(ModelError, _model_error)
+    # Outermost last: the key is checked first, then the body is bounded before it is parsed.
+    app.add_middleware(BodyLimit, max_bytes=MAX_REQUEST_BYTES, hint=": a chat message is at most "
+                       "20,000 characters")  # fmt: skip
     if api_key:
         app.middleware("http")(_key_check(api_key))
     return app
