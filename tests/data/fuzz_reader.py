@@ -87,3 +87,55 @@ def read_or_refuse(suffix: str, data: bytes, fmt: str = "auto") -> str:
             assert bad.source.startswith(str(path)) and bad.reason, bad
         assert res.examples and all(ex.is_text or ex.messages for ex in res.examples)
         return "read"
+
+
+words = st.text(st.characters(codec="utf-8", exclude_categories=["Cs", "Cc"]), min_size=1,
+                max_size=30).filter(str.strip)  # fmt: skip
+good_records = (
+    st.fixed_dictionaries({"instruction": words, "output": words}, optional={"input": words})
+    | st.builds(lambda q, a: {"messages": [{"role": "user", "content": q},
+                                           {"role": "assistant", "content": a}]}, words, words)
+)  # fmt: skip
+good_files = st.lists(good_records, min_size=1, max_size=4).map(
+    lambda rs: (".jsonl", "".join(json.dumps(r) + "\n" for r in rs).encode())
+) | words.map(lambda t: (".txt", t.encode()))
+"""Files that are read whole: valid alpaca or chat records, or a text document."""
+
+
+@st.composite
+def folders(draw) -> list[tuple[str, bytes]]:
+    """(name, bytes) of 1-4 files for one folder: mixed formats, suffixes and encodings, empty
+    and binary files among them."""
+    any_file = files | st.just((".jsonl", b"")) | st.just((".txt", b""))
+    picked = draw(st.lists(good_files | good_files | any_file, min_size=1, max_size=4))
+    return [(f"f{i}{suffix}", data) for i, (suffix, data) in enumerate(picked)]
+
+
+def check_folder(folder: list[tuple[str, bytes]], model_dir: Path) -> int:
+    """`lorasft data check DIR` on the folder, in this process: its exit code, 0 (clean), 1 (the
+    report lists the bad records, each located in a file of the folder) or 2 (an `error:` line
+    naming a file of the folder, or the folder); anything else, an exception above all,
+    propagates (the fuzzers' failure)."""
+    import contextlib
+    import io
+
+    from lorasft.cli import main
+
+    with tempfile.TemporaryDirectory() as d:
+        for name, data in folder:
+            (Path(d) / name).write_bytes(data)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            code = main(["data", "check", d, f"model.path={model_dir}", "data.val_ratio=0"])
+    errors = [x for x in err.getvalue().splitlines() if x.startswith("error: ")]
+    report = out.getvalue().splitlines()
+    bad = next((int(x.split(": ")[1]) for x in report if x.startswith("bad records: ")), None)
+    assert code in (0, 1, 2), (code, err.getvalue()[-2000:])
+    if code == 2:
+        assert errors and d in errors[0], err.getvalue()[-2000:]
+    elif code == 1:
+        listed = report[report.index(f"bad records: {bad}") + 1 :][: min(bad, 50)]
+        assert bad and all(x.startswith(f"  {d}/") for x in listed), out.getvalue()[-2000:]
+    else:
+        assert bad == 0 and not errors, out.getvalue()[-2000:]
+    return code

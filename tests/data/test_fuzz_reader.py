@@ -11,7 +11,8 @@ from hypothesis import given, settings
 
 from lorasft.cli import main
 from lorasft.data.formats import DataError, load_files
-from tests.data.fuzz_reader import files, read_or_refuse
+from tests.data.fuzz_reader import check_folder, files, folders, read_or_refuse
+from tests.fuzzing import fuzz_target
 
 BUDGET = settings(max_examples=300, deadline=None, derandomize=True, database=None)
 
@@ -95,3 +96,9 @@ def test_data_check_answers_with_an_error_line(tmp_path, tiny_llama_dir):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "error: " in out.stderr and "UTF-16 LE" in out.stderr
     assert main(args) == 2
+
+
+def test_data_check_on_any_folder(tiny_llama_dir):
+    """`lorasft data check` on random folders (mixed formats, empty and binary files): checked,
+    or an error line naming the file; `bench/fuzz.py --targets data-check` runs it for minutes."""
+    fuzz_target("data-check", folders(), lambda f: check_folder(f, tiny_llama_dir), examples=60)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lorasft.config import DataSection
-from lorasft.data.formats import Example, load_files
+from lorasft.data.formats import Example, ignored_line, load_files
 from lorasft.data.prepare import add_system_prompt, data_files, encode, histogram
 from lorasft.data.templates import control_tokens, message_texts, spells_control
 from lorasft.data.tokenize import IGNORE, Encoded
@@ -65,6 +65,7 @@ def check(cfg: DataSection, tok) -> dict[str, Any]:
             }
             for f in res.files
         ],
+        "ignored_files": res.ignored,
         "records": len(res.examples),
         "bad_records": [str(b) for b in res.bad],
         "duplicates": res.duplicates,
@@ -89,6 +90,8 @@ def render_report(r: dict[str, Any]) -> str:
              + (", UTF-8 BOM stripped" if f["bom"] else "")
              + (f", CRLF normalised in {f['crlf_records']}" if f["crlf_records"] else "")
              for f in r["files"]]  # fmt: skip
+    if note := ignored_line(r["ignored_files"]):
+        lines.append(note)
     lines.append(f"bad records: {len(r['bad_records'])}")
     lines += [f"  {b}" for b in r["bad_records"][:50]]
     lines.append(f"duplicates dropped: {r['duplicates']}")

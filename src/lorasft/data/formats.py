@@ -16,6 +16,7 @@ from typing import Any
 
 FORMATS = ("alpaca", "chat", "sharegpt", "text")
 TEXT_SUFFIXES = (".txt", ".md")
+DATA_SUFFIXES = (".json", ".jsonl", *TEXT_SUFFIXES)  # what a folder given as data contributes
 # byte-order marks of the encodings that are not UTF-8 (UTF-32's first: it starts as UTF-16's)
 OTHER_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32 LE"), (b"\x00\x00\xfe\xff", "UTF-32 BE"),
               (b"\xff\xfe", "UTF-16 LE"), (b"\xfe\xff", "UTF-16 BE"))  # fmt: skip
@@ -67,6 +68,8 @@ class LoadResult:
     bad: list[BadRecord] = field(default_factory=list)
     files: list[FileReport] = field(default_factory=list)
     duplicates: int = 0
+    ignored: list[str] = field(default_factory=list)
+    """Files inside folders given as data that were not read (other suffixes)."""
 
 
 def read_records(path: Path) -> tuple[list[tuple[str, Any]], list[BadRecord], bool]:
@@ -294,9 +297,37 @@ def _position(b: BadRecord) -> int:
     return int(m.group(1) or m.group(2)) if m else 0
 
 
+def expand_paths(paths: list[str]) -> tuple[list[Path], list[str]]:
+    """The files to read: a folder becomes the data files under it (recursively, in name order,
+    hidden ones left out), each with its own format; its other files are returned as ignored."""
+    out, ignored = [], []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            out.append(p)
+            continue
+        found = sorted(f for f in p.rglob("*") if f.is_file()
+                       and not any(part.startswith(".") for part in f.relative_to(p).parts))  # fmt: skip
+        data = [f for f in found if f.suffix.lower() in DATA_SUFFIXES]
+        if not data:
+            raise DataError(f"{p}: a folder with no data files (read: {', '.join(DATA_SUFFIXES)})")
+        out += data
+        ignored += [str(f) for f in found if f.suffix.lower() not in DATA_SUFFIXES]
+    return out, ignored
+
+
+def ignored_line(ignored: list[str], limit: int = 5) -> str | None:
+    """The console's note on files in data folders that were not read (None: there were none)."""
+    if not ignored:
+        return None
+    more = f" and {len(ignored) - limit} more" if len(ignored) > limit else ""
+    return (f"not read (in a data folder, not {'/'.join(DATA_SUFFIXES)}): {len(ignored)}: "
+            f"{', '.join(ignored[:limit])}{more}")  # fmt: skip
+
+
 def load_files(paths: list[str], fmt: str, on_bad_record: str, dedup: bool) -> LoadResult:
     result = LoadResult()
-    for p in paths:
+    files, result.ignored = expand_paths(paths)
+    for p in files:
         examples, bad, report = load_file(p, fmt)
         result.examples += examples
         result.bad += bad

@@ -11,7 +11,7 @@ from typing import Any
 
 from lorasft.config import DataSection
 from lorasft.data.augment import augment_examples
-from lorasft.data.formats import DataError, Example, LoadResult, load_files
+from lorasft.data.formats import DataError, Example, LoadResult, ignored_line, load_files
 from lorasft.data.templates import with_system
 from lorasft.data.tokenize import Encoded, EncodeStats, encode_examples
 
@@ -78,6 +78,7 @@ def _load_counts(res: LoadResult) -> dict[str, Any]:
         "bad_records": [str(b) for b in res.bad],
         "skipped_bad": len(res.bad),
         "duplicates_dropped": res.duplicates,
+        "ignored_files": res.ignored,
     }
 
 
@@ -188,6 +189,8 @@ def describe(counts: dict[str, Any]) -> list[str]:
                 f"bad skipped {c['skipped_bad']}, duplicates dropped {c['duplicates_dropped']}"
             )
             lines += [f"  skipped: {b}" for b in c["bad_records"][:10]]
+            if note := ignored_line(c.get("ignored_files", [])):
+                lines.append(f"  {note}")
     for key in ("train", "eval"):
         c = counts[key]
         lines.append(
