@@ -1,14 +1,17 @@
 """The config loader, fuzzed (Hypothesis): YAML files of random sections, keys (every key the
 config knows, and others) and values (wrong types, nesting, control characters, odd paths),
-random text that is not a mapping, and `section.key=value` overrides. The property: `load_config`
-returns a Config (which `dump_config` writes and `load_config` reads back unchanged) or raises a
-ConfigError; never another exception."""
+random text that is not a mapping, YAML anchors and aliases (up to a "billion laughs" and aliases
+inside themselves) and huge values, and `section.key=value` overrides. The property:
+`load_config` returns a Config (which `dump_config` writes and `load_config` reads back
+unchanged) or raises a ConfigError with a bounded message, at once; never another exception."""
 
 from __future__ import annotations
 
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -130,3 +133,59 @@ def test_any_text_file_loads_or_is_refused(body):
         except UnicodeEncodeError:
             return
         load_or_refuse(path, [])
+
+
+@st.composite
+def anchored_yaml(draw) -> str:
+    """YAML text whose values are anchors and aliases: nested repeats (up to a "billion laughs"),
+    an alias inside its own anchor, and huge strings, placed under random keys."""
+    fan, depth = draw(st.integers(1, 12)), draw(st.integers(1, 9))
+    defs = ['  a0: &a0 ["lol", 1, null]']
+    defs += [f"  a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * fan) + "]" for i in range(1, depth)]
+    extra = draw(st.sampled_from(["", "  self: &s [*s]", "  selfmap: &m {k: *m}",
+                                  '  big: &big "' + "x" * 1_000_000 + '"']))  # fmt: skip
+    alias = draw(st.sampled_from([f"*a{depth - 1}", "*a0", "*s" if "self:" in extra else "*a0",
+                                  "*m" if "selfmap" in extra else "*a0",
+                                  "*big" if "big" in extra else "*a0"]))  # fmt: skip
+    key = draw(st.sampled_from(KEYS))
+    section, *rest = key.split(".")
+    place = f"{section}: {alias}" if not rest else f"{section}:\n  {rest[-1]}: {alias}"
+    return "\n".join([draw(st.sampled_from(["_defs:", "x-defs:"])), *defs, extra, place]) + "\n"
+
+
+@settings(max_examples=100, deadline=timedelta(seconds=5), derandomize=True, database=None)
+@given(anchored_yaml())
+def test_anchors_and_aliases_load_or_are_refused_at_once(body):
+    load_text(body)
+
+
+def load_text(body: str) -> None:
+    """The property for YAML text (also bench/fuzz.py's `config` target): loaded, or refused
+    with a bounded message."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "c.yaml"
+        path.write_text(body, encoding="utf-8")
+        try:
+            load_config(path, [])
+        except ConfigError as e:
+            assert len(str(e)) < 4000  # values are quoted bounded, never whole
+
+
+def test_billion_laughs_and_self_aliases_are_refused(tmp_path):
+    """Were a hang: the error message quoted the 9**9-value list whole (and fsdp_config, a free
+    dict, would have taken it and dumped it expanded)."""
+    lol = ['  a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lol += [f"  a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    for place in ["lora: {target_modules: *a8}", "train: {fsdp_config: {x: *a8}}", "zzz: *a8"]:
+        path = tmp_path / "c.yaml"
+        path.write_text("\n".join(["_defs:", *lol, place]) + "\n")
+        with pytest.raises(ConfigError, match=r"c\.yaml: expands to more than 10,000 values"):
+            load_config(path, [])
+    with pytest.raises(ConfigError, match="^override train.fsdp_config: expands"):
+        load_config(None, ["train.fsdp_config=&a {x: *a}"])
+
+
+def test_huge_values_are_quoted_bounded():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["lora.r=" + "9" * 100 + "x" * 1_000_000])
+    assert "lora.r=" in str(e.value) and len(str(e.value)) < 1000

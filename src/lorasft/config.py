@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -29,8 +30,34 @@ _Loader.add_implicit_resolver(
 )
 
 
-def yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
+MAX_YAML_VALUES = 10_000  # a real config holds a few hundred; anchors can expand to billions
+
+
+def yaml_load(text: str, source: str = "the YAML") -> Any:
+    """The document; a ConfigError when anchors and aliases expand it past MAX_YAML_VALUES
+    values ("billion laughs", or an alias inside itself), before anything walks it."""
+    data = yaml.load(text, Loader=_Loader)
+    stack, seen = [data], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_VALUES:
+            raise ConfigError(f"{source}: expands to more than {MAX_YAML_VALUES:,} values (anchors "
+                              "and aliases repeating one another?); write the values out")  # fmt: skip
+        if isinstance(node, dict):
+            stack += [*node.keys(), *node.values()]
+        elif isinstance(node, list):
+            stack += node
+    return data
+
+
+SHOWN = reprlib.Repr()
+SHOWN.maxstring, SHOWN.maxother, SHOWN.maxlist, SHOWN.maxdict, SHOWN.maxlevel = 80, 80, 6, 6, 3
+
+
+def shown(value: Any) -> str:
+    """A value as an error message quotes it: repr, bounded in length and depth."""
+    return SHOWN.repr(value)
 
 
 class ConfigError(ValueError):
@@ -72,7 +99,7 @@ class AugmentSection(Section):
 
 class DataSection(Section):
     train_file: str | list[str] | None = None
-    """JSON or JSONL file(s). None runs the built-in bilingual demo dataset."""
+    """JSON, JSONL or text file(s), or folders of them. None runs the built-in bilingual demo."""
     eval_file: str | list[str] | None = None
     format: Literal["auto", "alpaca", "chat", "sharegpt", "text"] = "auto"
     template: Literal["auto", "model", "alpaca", "chatml", "plain"] = "auto"
@@ -393,7 +420,7 @@ def _stage_error(prefix: str, cls: type[BaseModel], err: ValidationError) -> str
                 f"unknown key '{key}'{_closest(str(e['loc'][-1]), list(cls.model_fields))}"
             )
         else:
-            parts.append(f"{key}={e.get('input')!r}: {e['msg']}")
+            parts.append(f"{key}={shown(e.get('input'))}: {e['msg']}")
     return "; ".join(parts)
 
 
@@ -426,14 +453,14 @@ def _format_errors(err: ValidationError, source: str) -> str:
             lines.append(f"unknown key '{loc}'{hint}")
         else:
             value = e.get("input")
-            lines.append(f"{loc}={value!r}: {e['msg']}")
+            lines.append(f"{loc}={shown(value)}: {e['msg']}")
     return f"invalid configuration ({source}):\n  " + "\n  ".join(lines)
 
 
-def parse_value(text: str) -> Any:
+def parse_value(text: str, key: str = "") -> Any:
     """An override value is read as YAML: `3`, `1e-4`, `true`, `null`, `[q_proj, v_proj]`."""
     try:
-        return yaml_load(text)
+        return yaml_load(text, f"override {key}")
     except yaml.YAMLError:
         return text
 
@@ -453,7 +480,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override '{item}': '{part}' is not a section")
         node = child
-    node[parts[-1]] = parse_value(value)
+    node[parts[-1]] = parse_value(value, key)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -461,7 +488,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        raw = yaml_load(p.read_text(encoding="utf-8")) or {}
+        raw = yaml_load(p.read_text(encoding="utf-8"), str(p)) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from e
     if not isinstance(raw, dict):
@@ -488,11 +515,11 @@ def _resolve_paths(cfg: Config, base_dir: Path) -> Config:
 
     def fix(p: str, key: str) -> str:
         if "\x00" in p:
-            raise ConfigError(f"{key}={p!r}: a path cannot contain a NUL character")
+            raise ConfigError(f"{key}={shown(p)}: a path cannot contain a NUL character")
         try:
             q = Path(p).expanduser()
         except RuntimeError as e:  # ~name of a user this machine does not know
-            raise ConfigError(f"{key}={p!r}: {e}") from None
+            raise ConfigError(f"{key}={shown(p)}: {e}") from None
         if not q.is_absolute() and (base_dir / q).exists():
             q = base_dir / q
         return str(q.resolve())
