@@ -13,7 +13,15 @@ from lorasft.cli import main
 from lorasft.eval.attention import attention_by_distance, default_bands
 from lorasft.eval.long_data import read_documents, token_stream
 from lorasft.eval.long_models import eager_attention
-from lorasft.eval.passkey import FILLER, NEEDLE, build_prompt, first_integer, passkey_grid
+from lorasft.eval.passkey import (
+    FILLER,
+    NEEDLE,
+    build_prompt,
+    first_integer,
+    passkey_grid,
+    prefill,
+    shared_prefix,
+)
 from lorasft.eval.sliding import same_tokens_perplexity, sliding_perplexity, tail_windows, windows
 from lorasft.model.context import length_ladder
 from lorasft.report.long_report import write_long_plots
@@ -109,17 +117,65 @@ class KeyEcho:
 
 def test_passkey_grid_perfect_and_random_models(tiny_tokenizer, llama):
     grid = passkey_grid(
-        KeyEcho(tiny_tokenizer), tiny_tokenizer, [600, 900], [0.0, 0.5, 1.0], trials=3
+        KeyEcho(tiny_tokenizer),
+        tiny_tokenizer,
+        [600, 900],
+        [0.0, 0.5, 1.0],
+        trials=3,
+        reuse_prefix=False,
     )
     assert grid["accuracy"] == [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
     assert len(grid["records"]) == 18 and len({r["key"] for r in grid["records"]}) > 1
     again = passkey_grid(
-        KeyEcho(tiny_tokenizer), tiny_tokenizer, [600, 900], [0.0, 0.5, 1.0], trials=3
+        KeyEcho(tiny_tokenizer),
+        tiny_tokenizer,
+        [600, 900],
+        [0.0, 0.5, 1.0],
+        trials=3,
+        reuse_prefix=False,
     )
     assert [r["key"] for r in again["records"]] == [r["key"] for r in grid["records"]]  # seeded
     # An untrained model does not write the key: 0% in every cell, same shape.
     dumb = passkey_grid(llama, tiny_tokenizer, [600], [0.0, 1.0], trials=1, max_new_tokens=4)
     assert dumb["accuracy"] == [[0.0, 0.0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_cells_shared_prefix_is_read_once_with_the_same_answers(tiny_tokenizer, llama, dtype):
+    """The trials of a cell share the filler before the needle: its KV cache, reused, gives the
+    next-token logits of the whole prompt (fp32 and bf16 alike: the same products, here equal
+    to 1e-5 of logits of size ~0.3) and the grid's answers, key for key; the cache of other
+    tokens (the control) is 0.04 off."""
+    model = llama.to(dtype)
+    try:
+        prompts = [build_prompt(tiny_tokenizer, 600, 0.75, key) for key in (12345, 67890, 55555)]
+        n = shared_prefix([p.ids for p in prompts])
+        assert 300 < n < len(prompts[0].ids) and prompts[0].ids[:n] == prompts[2].ids[:n]
+        ids, other = (
+            prompts[1].ids,
+            torch.randint(5, 250, (n,), generator=torch.Generator().manual_seed(0)),
+        )
+        with torch.no_grad():
+            whole = model(torch.tensor([ids])).logits[0, -1].float()
+            rest = torch.tensor([ids[n:]])
+            cached = model(rest, cache=prefill(model, ids[:n])).logits[0, -1].float()
+            wrong = model(rest, cache=prefill(model, other.tolist())).logits[0, -1].float()
+        assert (cached - whole).abs().max() < 1e-5
+        assert (wrong - whole).abs().max() > 0.01  # the comparison can fail
+        kw = {"lengths": [600, 900], "depths": [0.25, 1.0], "trials": 3, "max_new_tokens": 4}
+        reused = passkey_grid(model, tiny_tokenizer, **kw)
+        assert (
+            reused["records"]
+            == passkey_grid(model, tiny_tokenizer, reuse_prefix=False, **kw)["records"]
+        )
+    finally:
+        llama.to(torch.float32)
+
+
+def test_shared_prefix_leaves_every_prompt_a_token():
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9, 9]]) == 2
+    assert shared_prefix([[1, 2, 3], [1, 2, 3]]) == 2
+    assert shared_prefix([[7, 1], [8, 1]]) == 0
 
 
 def test_attention_bands_sum_to_one_per_layer(llama):
