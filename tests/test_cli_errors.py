@@ -1,6 +1,8 @@
 """Bad input a user can give: each one a clear error (exit 2) or a counted skip."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -159,3 +161,14 @@ def test_unknown_lora_target_is_an_error_line(capsys, tmp_path, tiny_llama_dir):
 def test_unknown_template_is_a_config_error(capsys):
     rc, err = run(capsys, "data", "check", "x.jsonl", "data.template=chatgpt")
     assert rc == 2 and "data.template='chatgpt'" in err and "'alpaca'" in err
+
+
+def test_a_run_prints_no_library_notices(tiny_llama_dir, tmp_path):
+    """PEFT reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning nobody
+    running lorasft can act on): the command line keeps it off the user's console."""
+    args = ["train", f"model.path={tiny_llama_dir}", f"output.run_dir={tmp_path / 'run'}",
+            "train.max_steps=1", "eval.num_samples=0", "eval.compare_base=false"]  # fmt: skip
+    out = subprocess.run([sys.executable, "-m", "lorasft", *args], capture_output=True, text=True,
+                         check=False)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Warning" not in out.stderr + out.stdout, out.stderr[-2000:]

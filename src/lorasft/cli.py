@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from importlib.resources import files
 from pathlib import Path
 
@@ -448,8 +449,16 @@ def no_bars_off_terminal() -> None:
         logging.disable_progress_bar()
 
 
+def quiet_library_notices() -> None:
+    """Warnings one library raises about another's use of it, which no user can act on (PEFT
+    reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model)."""
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
+                            category=FutureWarning)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    quiet_library_notices()
     no_bars_off_terminal()
     release_freed_memory()
     try:
