@@ -87,3 +87,12 @@ def test_no_request_on_the_wire_breaks_the_ui(ui):
 
     fuzz_target("ui", wires(ROUTES, ["", "Bearer k", "Bearer k", "Bearer nope", "k"], chat_bodies),
                 prop, examples=100)  # fmt: skip
+
+
+def test_regressions(ui):
+    """Found by `bench/fuzz.py --targets ui` (10 minutes, seed 18): a chat body that is not
+    UTF-8, sent without a JSON content type, was a 500 (FastAPI's handler echoed the bytes)."""
+    for headers in ((("Authorization", "Bearer k"),),
+                    (("Authorization", "Bearer k"), ("Content-Type", "text/plain"))):  # fmt: skip
+        answer = send(ui.server.config.port, Wire("POST", "/api/chat", headers, b"\x80"))
+        assert answer.status == 422 and "JSON object" in answer.json()["detail"], answer.body

@@ -86,7 +86,7 @@ def _replay(body: bytes, receive):
     return replay
 
 
-def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
+def validation_message(err: RequestValidationError) -> tuple[str, str | None]:
     first = err.errors()[0]
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
@@ -105,7 +105,7 @@ def _install_errors(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
-        message, param = _validation_message(e)
+        message, param = validation_message(e)
         return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)

@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import Field
 
@@ -31,7 +32,7 @@ from lorasft.report.html import (
     run_report,
 )
 from lorasft.report.runs import is_run, progress_of, runs_table
-from lorasft.serve.app import BodyLimit
+from lorasft.serve.app import BodyLimit, validation_message
 from lorasft.serve.engines import EngineOptions, open_engine
 from lorasft.serve.schemas import APIError, ValidText
 
@@ -95,6 +96,7 @@ def create_ui(root: str | Path, opts: EngineOptions | None = None,
     app.include_router(router)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(ModelError, _model_error)
+    app.add_exception_handler(RequestValidationError, _invalid_body)
     # Outermost last: the key is checked first, then the body is bounded before it is parsed.
     app.add_middleware(BodyLimit, max_bytes=MAX_REQUEST_BYTES, hint=": a chat message is at most "
                        "20,000 characters")  # fmt: skip
@@ -105,6 +107,12 @@ def create_ui(root: str | Path, opts: EngineOptions | None = None,
 
 async def _api_error(request: Request, e: APIError):
     return JSONResponse({"detail": e.message}, status_code=e.status, headers=e.headers)
+
+
+async def _invalid_body(request: Request, e: RequestValidationError):
+    """A body that is not the chat's JSON: 422 naming the field. (FastAPI's own handler echoes
+    the body back and fails with a 500 on bytes that are not UTF-8.)"""
+    return JSONResponse({"detail": validation_message(e)[0]}, status_code=422)
 
 
 async def _model_error(request: Request, e: ModelError):  # a run the engine cannot open
