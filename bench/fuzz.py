@@ -6,13 +6,16 @@ cases tried and the crashes found (each with Hypothesis's shrunk example).
 
 Targets: `reader`, the data reader (`tests/data/fuzz_reader.py`: random bytes, random records of
 every format, encodings, deep nesting, huge lines; the property: read with every bad record
-located, or refused with an error naming the file); `config`, the config loader
-(`tests/test_fuzz_config.py`: random YAML sections, keys, values and overrides; the property: a
-Config that dump_config round-trips, or a ConfigError); `serve` and `ui`, the HTTP servers on the
+located, or refused with an error naming the file); `data-check`, `lorasft data check` on
+folders of random files (mixed formats, empty and binary files; exit 0, 1 with each bad record
+located, or 2 with an error naming the file); `config`, the config loader
+(`tests/test_fuzz_config.py`: random YAML sections, keys, values and overrides, anchors and
+aliases, huge values; the property: a Config that dump_config round-trips, or a ConfigError); `serve` and `ui`, the HTTP servers on the
 wire (`tests/serve/test_fuzz_wire.py`, `tests/report/test_fuzz_ui.py`: any method, route, headers,
 key, content type and body, slow, chunked, truncated or abandoned; the property: only documented
-statuses, and the same good request answered the same after every request), run through pytest
-for the live server its fixtures build (LORASFT_FUZZ_MINUTES). Rounds of 500 cases with seeds 0,
+statuses, and the same good request answered the same after every request). `data-check`,
+`serve` and `ui` run through pytest, for the tiny model and live server its fixtures build
+(LORASFT_FUZZ_MINUTES). Rounds of 500 cases with seeds 0,
 1, 2... until the time is up (tests/fuzzing.py), so a run is reproducible by its seed and length.
 """
 
@@ -34,22 +37,41 @@ from hypothesis import strategies as st
 
 from tests.data.fuzz_reader import files, read_or_refuse
 from tests.fuzzing import rounds
-from tests.test_fuzz_config import documents, load_document, overrides
+from tests.test_fuzz_config import anchored_yaml, documents, load_document, load_text, overrides
 
+
+def load_config_case(case) -> None:
+    kind, value = case
+    load_text(value) if kind == "yaml" else load_document(*value)
+
+
+CONFIGS = (st.tuples(st.just("doc"), st.tuples(documents(), overrides))
+           | st.tuples(st.just("yaml"), anchored_yaml()))  # fmt: skip
 IN_PROCESS = {"reader": (files, lambda case: read_or_refuse(*case)),
-              "config": (st.tuples(documents(), overrides), lambda case: load_document(*case))}  # fmt: skip
-SERVED = {"serve": "tests/serve/test_fuzz_wire.py::test_no_request_on_the_wire_breaks_the_server",
+              "config": (CONFIGS, load_config_case)}  # fmt: skip
+IN_PYTEST = {"data-check": "tests/data/test_fuzz_reader.py::test_data_check_on_any_folder",
+          "serve": "tests/serve/test_fuzz_wire.py::test_no_request_on_the_wire_breaks_the_server",
           "ui": "tests/report/test_fuzz_ui.py::test_no_request_on_the_wire_breaks_the_ui"}  # fmt: skip
-TARGETS = [*IN_PROCESS, *SERVED]
+TARGETS = [*IN_PROCESS, *IN_PYTEST]
 
 
-def fuzz_served(name: str, minutes: float, first_seed: int) -> tuple[int, list[str]]:
-    """A server target: its pytest test with the time budget in the environment."""
+def fuzz_in_pytest(name: str, minutes: float, first_seed: int) -> tuple[int, list[str]]:
+    """A target that needs pytest's fixtures (a live server, a tiny model): its test, with the
+    time budget in the environment."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.jsonl"
         env = {**os.environ, "LORASFT_FUZZ_MINUTES": str(minutes),
                "LORASFT_FUZZ_SEED": str(first_seed), "LORASFT_FUZZ_REPORT": str(report)}  # fmt: skip
-        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", SERVED[name]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            IN_PYTEST[name],
+        ]
         done = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True)
         if not report.is_file():  # the server never came up: not a fuzz result
             raise SystemExit(
@@ -61,8 +83,8 @@ def fuzz_served(name: str, minutes: float, first_seed: int) -> tuple[int, list[s
 
 def fuzz(name: str, minutes: float, first_seed: int = 0) -> tuple[int, list[str]]:
     """Cases tried and crashes (the failure, with its shrunk example) within `minutes`."""
-    if name in SERVED:
-        return fuzz_served(name, minutes, first_seed)
+    if name in IN_PYTEST:
+        return fuzz_in_pytest(name, minutes, first_seed)
     strategy, prop = IN_PROCESS[name]
     return rounds(strategy, prop, minutes=minutes, first_seed=first_seed)
 
