@@ -39,6 +39,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from lorasft import config_reference
+
+    print(config_reference.markdown() if args.markdown else config_reference.text(args.section))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from lorasft.eval.finish import evaluate_run
 
@@ -336,8 +343,13 @@ def parser() -> argparse.ArgumentParser:
         "train", help="fine-tune (no config: the built-in demo on the default model)"
     )
     t.add_argument("config", nargs="?", help="YAML file (one experiment)")
-    t.add_argument("overrides", nargs="*", help="section.key=value, or resume=auto")
+    t.add_argument("overrides", nargs="*",
+                   help="section.key=value (every key: `lorasft config`), or resume=auto")  # fmt: skip
     t.set_defaults(fn=cmd_train)
+    k = sub.add_parser("config", help="every config key: type, default, what it does")
+    k.add_argument("section", nargs="?", help="one section (model, data, lora, train, ...)")
+    k.add_argument("--markdown", action="store_true", help="as docs/configuration.md")
+    k.set_defaults(fn=cmd_config)
     e = sub.add_parser("eval", help="evaluate a finished run")
     e.add_argument("run_dir")
     e.add_argument("--data", help="JSON/JSONL file to evaluate on instead of the run's eval split")
@@ -347,7 +359,7 @@ def parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_eval)
     d = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     c = d.add_parser("check", help="formats, bad records, lengths and what the loss sees")
-    c.add_argument("target", help="a config YAML or a data file")
+    c.add_argument("target", help="a config YAML, a data file or a folder of them")
     c.add_argument("overrides", nargs="*")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.set_defaults(fn=cmd_data_check)

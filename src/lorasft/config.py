@@ -65,7 +65,9 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True
+    )
 
 
 class ModelSection(Section):
@@ -91,6 +93,8 @@ class AugmentSection(Section):
     ratio: float = Field(default=0.0, ge=0.0, le=10.0)
     """Augmented copies added per original training record (0 = off). Eval data is never augmented."""
     methods: list[Literal["swap", "delete", "synonym"]] = ["swap", "delete"]
+    """Word-level edits of the instruction/input side (the response is never touched): swap,
+    delete, synonym (needs nltk's WordNet data)."""
     prob: float = Field(default=0.1, gt=0.0, le=1.0)
     """Share of words touched in each augmented copy (instruction/input side only)."""
     neftune_noise_alpha: float | None = Field(default=None, gt=0.0)
@@ -101,15 +105,23 @@ class DataSection(Section):
     train_file: str | list[str] | None = None
     """JSON, JSONL or text file(s), or folders of them. None runs the built-in bilingual demo."""
     eval_file: str | list[str] | None = None
+    """Evaluation file(s) or folders; None: split val_ratio of the training records off (by
+    `seed`)."""
     format: Literal["auto", "alpaca", "chat", "sharegpt", "text"] = "auto"
+    """auto (detected per file from its first record's keys) | alpaca | chat | sharegpt |
+    text."""
     template: Literal["auto", "model", "alpaca", "chatml", "plain"] = "auto"
     """`auto` (the model's chat template, else alpaca), `model`, `alpaca`, `chatml` or `plain`."""
     system_prompt: str | None = None
     """System message for records that have none (None keeps the template's own default)."""
     max_length: int = Field(default=512, ge=8)
+    """Tokens per sequence, prompt and response together; longer records follow `truncation`;
+    raw text is cut into windows of this length."""
     truncation: Literal["drop", "truncate_prompt"] = "drop"
     """Over-long instruction records: dropped, or prompt cut from the left keeping the response."""
     train_on_prompt: bool = False
+    """Also train on the prompt's tokens (off: the loss sees only the responses, EOS
+    included)."""
     keep_tail: bool = True
     """Raw text: keep the last, shorter window of the joined documents (false drops it)."""
     packing: bool = False
@@ -117,9 +129,15 @@ class DataSection(Section):
     Off by default: on CPU there is no variable-length attention kernel, so a packed row computes
     the full max_length x max_length attention; length-grouped batches waste less (bench/)."""
     val_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
+    """Share of the training records held out for evaluation when no eval_file is given (0:
+    none)."""
     seed: int = 42
+    """Seed of the train/validation split and of augmentation."""
     on_bad_record: Literal["error", "skip"] = "error"
+    """error: stop at bad records, listing them | skip: skip them, counted and listed in
+    results.json and on the console."""
     dedup: bool = True
+    """Drop exact duplicate records (counted)."""
     augment: AugmentSection = AugmentSection()
 
     @field_validator("train_file", "eval_file")
@@ -136,15 +154,23 @@ class DataSection(Section):
 # means over nine seeds for the finalists (README: Choosing the defaults; tests/test_config.py).
 class LoraSection(Section):
     r: int = Field(default=8, ge=1)
+    """LoRA rank."""
     alpha: float = Field(default=16, gt=0)
+    """LoRA scaling numerator: updates are scaled by alpha / r (alpha / sqrt(r) with
+    use_rslora)."""
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    """Dropout on LoRA's input."""
     target_modules: list[str] | Literal["attention", "all-linear"] = "attention"
     """Layers that get LoRA: "attention" (the linear layers inside the attention blocks: q, k, v, o
     on Llama-like models), "all-linear" (every linear layer but the output head), or names."""
     bias: Literal["none", "all", "lora_only"] = "none"
+    """none | all | lora_only: which biases train (PEFT's `bias`)."""
     use_rslora: bool = False
+    """Rank-stabilised LoRA: scale by alpha / sqrt(r)."""
     use_dora: bool = False
+    """DoRA: weight-decomposed LoRA (magnitude and direction)."""
     modules_to_save: list[str] | None = None
+    """Modules trained in full and saved with the adapter, e.g. [lm_head]."""
     by_answer_language: bool = True
     """When most of the training answers' characters are Chinese characters (Han), the settings
     left unset among target_modules, r, alpha and data.augment.neftune_noise_alpha take
@@ -185,21 +211,32 @@ DEFAULT_CHUNK_TOKENS = 1024
 
 class TrainSection(Section):
     epochs: float = Field(default=3.0, gt=0)
+    """Passes over the training data (ignored when max_steps > 0)."""
     max_steps: int = Field(default=-1, ge=-1)
     """Stop after this many optimizer steps (-1: run `epochs`)."""
     learning_rate: float = Field(default=1e-3, gt=0)
+    """Peak learning rate of the LoRA weights."""
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    """cosine | linear | constant | constant_with_warmup."""
     warmup_ratio: float = Field(default=0.05, ge=0.0, lt=1.0)
+    """Share of the steps spent warming the learning rate up from 0."""
     weight_decay: float = Field(default=0.0, ge=0.0)
+    """AdamW's decoupled weight decay."""
     batch_size: int = Field(default=8, ge=1)
+    """Sequences per optimizer step and process (before grad_accum); split into micro-batches by
+    memory_budget_gib."""
     grad_accum: int = Field(default=1, ge=1)
+    """Micro-batches accumulated per optimizer step."""
     memory_budget_gib: Annotated[float, Field(gt=0)] | Literal["auto"] | None = None
     """Fit the micro-batch to this much memory per process: batch_size is split into micro-batches
     (a divisor of it) with gradient accumulation making up the rest, chosen from `lorasft plan`'s
     estimate at the longest training sequence. `auto`: 90% of the GPU's memory, or of the RAM
     free at start shared among the processes on this machine. None: batch_size as given."""
     max_grad_norm: float = Field(default=1.0, gt=0)
+    """Gradients clipped to this global norm."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, more time (on by default for
+    stages longer than the model's window)."""
     loss_chunk_tokens: int = Field(default=DEFAULT_CHUNK_TOKENS, ge=0)
     """Positions per chunk of the output head and cross-entropy (training, eval perplexity, long
     evaluation): at most one chunk's logits live at a time, each chunk's gradients taken while its
@@ -212,26 +249,38 @@ class TrainSection(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """`auto`: bf16 on a GPU that has it, fp32 on CPU. bf16/fp16 freeze the base in that dtype."""
     optimizer: Literal["adamw", "adamw_8bit", "sgd", "adafactor"] = "adamw"
+    """adamw | adamw_8bit (bitsandbytes, GPU) | sgd | adafactor."""
     seed: int = 42
+    """Seed of initialisation, data order and dropout."""
     eval_strategy: Literal["steps", "epoch", "no"] = "steps"
+    """steps | epoch | no: when the evaluation loss (and metric_for_best_model) is measured."""
     eval_steps: int = Field(default=20, ge=1)
+    """Steps between evaluations (eval_strategy: steps)."""
     save_steps: int | None = Field(default=None, ge=1)
     """Checkpoint every N steps (None: at each evaluation)."""
     save_total_limit: int | None = Field(default=2, ge=1)
+    """Checkpoints kept (the best one is always kept); null: all."""
     logging_steps: int = Field(default=5, ge=1)
+    """Steps between log lines (loss, learning rate, speed)."""
     early_stopping_patience: int | None = Field(default=3, ge=1)
+    """Evaluations without improvement of metric_for_best_model before training stops; null:
+    never."""
     metric_for_best_model: str = "eval_loss"
     """What picks the best checkpoint and drives early stopping: the eval loss, or a generation
     metric computed on eval.num_samples eval records at every evaluation (exact_match, rouge_l,
     chrf; json_valid and json_fields when the references are JSON objects)."""
     load_best_model_at_end: bool = True
+    """End with the best evaluated checkpoint's weights, not the last step's."""
     group_by_length: bool = True
+    """Batch records of similar length together (less padding)."""
     dataloader_workers: int = Field(default=0, ge=0)
+    """Data loader worker processes (0: in the training process)."""
     torch_compile: bool = False
     """torch.compile the model (transformers' torch_compile); measure before relying on it."""
     fsdp: str | None = None
     """Passed to TrainingArguments.fsdp, e.g. "full_shard auto_wrap" (launch with torchrun)."""
     fsdp_config: dict[str, Any] | None = None
+    """accelerate's FSDP options, with `fsdp` (GPUs; examples/fsdp.yaml)."""
     deepspeed: str | None = None
     """Path to a DeepSpeed JSON config (ZeRO stage etc.), passed to TrainingArguments.deepspeed."""
     resume: str | None = None
@@ -268,14 +317,22 @@ class EvalSection(Section):
     num_samples: int = Field(default=16, ge=0)
     """Eval records to generate on (0 = no generation metrics)."""
     max_new_tokens: int = Field(default=64, ge=1)
+    """Tokens generated per answer at most."""
     do_sample: bool = False
+    """Sample the answers (with temperature, top_k, top_p); false: greedy."""
     temperature: float = Field(default=1.0, gt=0)
+    """Sampling temperature (do_sample only)."""
     top_k: int = Field(default=50, ge=0)
+    """Sampling from the k most likely tokens (do_sample only; 0: all)."""
     top_p: float = Field(default=1.0, gt=0, le=1.0)
+    """Nucleus sampling mass (do_sample only)."""
     compare_base: bool = True
+    """Also evaluate the base model on the same records, side by side."""
     # the base's perplexity and answers, kept for the next evaluation of the same base on the
     # same inputs ($LORASFT_CACHE/eval); false computes them every time
     cache_base: bool = True
+    """Reuse the base's perplexity and answers from an earlier evaluation of the same base on
+    the same inputs ($LORASFT_CACHE/eval)."""
     batch_size: int = Field(default=16, ge=1)
     """Records per batch for perplexity and generation. 16 rather than 8: the demo's evaluation
     (32 records, base and tuned, fp32 on a 2-core AVX2 CPU; `bench/eval_speed.py --sizes`) took
@@ -308,6 +365,8 @@ class EvalSection(Section):
     passkey_trials: int = Field(default=2, ge=1)
     """Passkey trials per length and depth (5 depths by default: 10 per length)."""
     passkey_depths: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    """Where the key sits in the filler, as fractions (0: first, 1: right before the
+    question)."""
     passkey_lengths: list[Annotated[int, Field(ge=2)]] | None = None
     """Lengths for passkey retrieval; None: the perplexity lengths. (A trial at 16k is one 16k-token
     forward pass: naming only the longest length makes 50+ trials affordable on a CPU.)"""
@@ -317,6 +376,7 @@ class ContextSection(Section):
     """Context-window extension (see README). Off unless target_length is set."""
 
     target_length: int | None = Field(default=None, ge=16)
+    """The context length to reach; None: no extension."""
     method: Literal[
         "none", "linear", "dynamic", "yarn", "llama3", "interpolate", "copy", "random"
     ] = "linear"
@@ -348,6 +408,7 @@ class StageSection(Section):
     Each stage starts from the adapter weights the previous stage ended with."""
 
     name: str | None = None
+    """Names the stage's folder, stages/<n>-<name> (None: stages/<n>-stage)."""
     data: dict[str, Any] = {}
     """e.g. {train_file: long.jsonl, format: text, max_length: 4096}"""
     train: dict[str, Any] = {}
@@ -358,7 +419,9 @@ class StageSection(Section):
 
 class OutputSection(Section):
     dir: str = "runs"
+    """Folder that holds the runs."""
     name: str = "demo"
+    """Run name: the run folder is <dir>/<name>-<timestamp>."""
     run_dir: str | None = None
     """Exact run folder; None makes `<dir>/<name>-<timestamp>`."""
 
@@ -417,7 +480,7 @@ def _stage_error(prefix: str, cls: type[BaseModel], err: ValidationError) -> str
         key = f"{prefix}.{'.'.join(map(str, e['loc']))}"
         if e["type"] == "extra_forbidden":
             parts.append(
-                f"unknown key '{key}'{_closest(str(e['loc'][-1]), list(cls.model_fields))}"
+                f"unknown key '{key}'{closest_key(str(e['loc'][-1]), list(cls.model_fields))}"
             )
         else:
             parts.append(f"{key}={shown(e.get('input'))}: {e['msg']}")
@@ -428,7 +491,7 @@ def _stage_error(prefix: str, cls: type[BaseModel], err: ValidationError) -> str
 SHORTHANDS = {"resume": "train.resume"}
 
 
-def _closest(key: str, valid: list[str]) -> str:
+def closest_key(key: str, valid: list[str]) -> str:
     match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(valid)}"
 
@@ -449,7 +512,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
         if not e["loc"]:  # a whole-config check (model_validator) whose message names the keys
             lines.append(str(e["msg"]).removeprefix("Value error, "))
         elif e["type"] == "extra_forbidden":
-            hint = _closest(str(e["loc"][-1]), _section_keys(Config, e["loc"]))
+            hint = closest_key(str(e["loc"][-1]), _section_keys(Config, e["loc"]))
             lines.append(f"unknown key '{loc}'{hint}")
         else:
             value = e.get("input")
@@ -472,7 +535,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     key = SHORTHANDS.get(key.strip(), key.strip())
     parts = key.split(".")
     if len(parts) < 2:
-        hint = _closest(parts[0], list(Config.model_fields))
+        hint = closest_key(parts[0], list(Config.model_fields))
         raise ConfigError(f"override '{item}': expected section.key=value{hint}")
     node = raw
     for part in parts[:-1]:
