@@ -1,5 +1,5 @@
 """Where a lorasft training step spends its time on this machine, and what each dtype's matmul
-gives: the figures behind the README's "What is left on this CPU".
+gives: the figures behind docs/speed-memory.md's "What is left on this CPU".
 
     python bench/profile_step.py [--steps 2]
 

@@ -15,7 +15,7 @@ With several `--seeds` (train.seed: LoRA's initial weights, the order of the bat
 and NEFTune's noise; the validation share stays the same) each cell is the mean over its seeds,
 and the seeds' scores are listed beside it. Every run's row (score, precision, checkpoint step,
 times) is added to OUT/sweep.json (replacing an earlier row of the same task, recipe and seed);
-the rows behind the README's tables are kept in `bench/results/`, and `--rows` prints the
+the rows behind docs/studies/defaults.md's tables are kept in `bench/results/`, and `--rows` prints the
 table of saved rows (only those of the tasks, recipes and seeds named, when named), so a sweep
 continued on another day or machine can be reported with the runs before it.
 """
@@ -60,7 +60,7 @@ def recipe(modules: str, r: int, lr: str, epochs: int = 3, neftune: float | None
 
 
 CHOSEN = "attn-r8-lr1e-3"
-"""lorasft's defaults since the sweep (tests/test_config.py pins them; README: Choosing the defaults)."""
+"""lorasft's defaults since the sweep (tests/test_config.py pins them; docs/studies/defaults.md)."""
 CHOSEN_HAN = "all-r16-lr1e-3-neftune5"
 """What lorasft's defaults become on training answers mostly in Chinese characters
 (`lora.by_answer_language`; tests/test_config.py pins it too)."""

@@ -3,7 +3,7 @@
 For each precision: train the built-in demo, reopen it (`lorasft eval`), merge, export GGUF f32 /
 f16 / q8_0, then `lorasft verify` the merged folder and the f32 file through transformers, all
 three files through llama.cpp itself, and a live `lorasft serve` on each engine (transformers;
-llama.cpp with the adapter as a GGUF LoRA, where llama-server is installed). Prints one table; the README's
+llama.cpp with the adapter as a GGUF LoRA, where llama-server is installed). Prints one table; docs/shipping.md's
 "Ship it" figures come from it.
 
     python bench/ship_parity.py [--precisions auto fp32] [--out /tmp/lorasft-ship]

@@ -161,7 +161,7 @@ def _bench_module(name: str):
 
 def test_defaults_are_the_recipe_the_sweep_chose():
     """lorasft's LoRA and training defaults are the recipe bench/recipe_sweep.py chose, the one the
-    README's sweep table marks: its settings, applied over the defaults, change nothing; on
+    study's sweep table marks (docs/studies/defaults.md): its settings, applied over the defaults, change nothing; on
     answers mostly in Chinese characters the defaults become the recipe chosen for those."""
     sweep = _bench_module("recipe_sweep")
     assert sweep.CHOSEN in sweep.RECIPES and sweep.CHOSEN_HAN in sweep.RECIPES
@@ -173,9 +173,10 @@ def test_defaults_are_the_recipe_the_sweep_chose():
     assert done == {"han_share": 0.9, "applied": {
         "lora.target_modules": "all-linear", "lora.r": 16, "lora.alpha": 32.0,
         "data.augment.neftune_noise_alpha": 5.0}}  # fmt: skip
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    assert f"| `{sweep.CHOSEN}` (chosen) |" in readme
-    assert f"| `{sweep.CHOSEN_HAN}` (chosen for Chinese answers) |" in readme
+    study = Path(__file__).resolve().parents[1] / "docs" / "studies" / "defaults.md"
+    table = study.read_text(encoding="utf-8")
+    assert f"| `{sweep.CHOSEN}` (chosen) |" in table
+    assert f"| `{sweep.CHOSEN_HAN}` (chosen for Chinese answers) |" in table
 
 
 def test_answer_language_rule_fills_only_what_the_user_left_unset():

@@ -27,7 +27,7 @@ from lorasft.model.load import ModelError
 # How far a target's own rounding may move a logit, by the type of its weights: below this plus
 # one step of the run's logit dtype, the run's top two are too close for a different pick to be a
 # defect. Bounds chosen above the margins measured at every differing pick (tiny test models:
-# f16 3e-5, q8_0 up to 0.004; demo fp32 run: 1.3e-4 for f32/f16, 0.07 for q8_0; README "Ship it")
+# f16 3e-5, q8_0 up to 0.004; demo fp32 run: 1.3e-4 for f32/f16, 0.07 for q8_0; docs/shipping.md)
 # and below what a different model gives (tests/export/test_llamacpp.py).
 ROUNDING = {"F32": 1e-3, "F16": 0.05, "BF16": 0.1, "Q8_0": 0.25}
 # What a QLoRA run's own quantized base adds, its targets being merged into the dequantized

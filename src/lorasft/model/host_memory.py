@@ -9,7 +9,7 @@ times what is alive. Measured with one training step of the default model at 8,1
 2-core AVX2 CPU (bench/long_step.py, fp32): 9.2-10.2 GiB peak resident with glibc's moving
 threshold; fixed at 4 MiB 2.3 GiB, about 5% slower (the kernel faults in and zeroes a fresh
 mapping for every block over 4 MiB, 4 KiB at a time), which huge pages (`THP_SWITCH`) more than
-win back; at 16 MiB 3.0 GiB (README: "The loss at long lengths"). Fixing it is glibc's documented
+win back; at 16 MiB 3.0 GiB (docs/long-context.md: "The loss at long lengths"). Fixing it is glibc's documented
 `mallopt(M_MMAP_THRESHOLD, ...)`; the environment variable `MALLOC_MMAP_THRESHOLD_` that glibc
 reads at start-up does the same before Python runs, and one set there is left alone, as is a
 process whose allocator is not glibc's (the call is then a no-op that reports False).

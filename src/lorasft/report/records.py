@@ -1,4 +1,4 @@
-"""results.json and samples.md in the run folder (fields documented in the README)."""
+"""results.json and samples.md in the run folder (fields documented in docs/run-folder.md)."""
 
 from __future__ import annotations
 

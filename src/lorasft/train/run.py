@@ -68,7 +68,7 @@ def settings_for_answers(cfg: Config) -> tuple[Config, dict | None]:
     if done["applied"]:
         settings = ", ".join(f"{k}={v}" for k, v in done["applied"].items())
         say(f"[lorasft] {done['han_share']:.0%} of the training answers' characters are Chinese: "
-            f"{settings} (lora.by_answer_language; README: Choosing the defaults)")  # fmt: skip
+            f"{settings} (lora.by_answer_language; docs/studies/defaults.md)")  # fmt: skip
     return cfg, done
 
 
