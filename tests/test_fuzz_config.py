@@ -189,3 +189,19 @@ def test_huge_values_are_quoted_bounded():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["lora.r=" + "9" * 100 + "x" * 1_000_000])
     assert "lora.r=" in str(e.value) and len(str(e.value)) < 1000
+
+
+def test_many_errors_make_a_bounded_message(tmp_path):
+    """Found by bench/fuzz.py (config, seeds 17-34 of 10 minutes): aliases nested under the
+    expansion bound gave one error line per element, each quoting a deep value (5 kB and more)."""
+    lol = ['  a0: &a0 ["lol", 1, null]']
+    lol += [f"  a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 5) + "]" for i in range(1, 5)]
+    path = tmp_path / "c.yaml"
+    path.write_text("\n".join(["_defs:", *lol, "lora:", "  modules_to_save: *a4"]) + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, [])
+    assert "lora.modules_to_save.0=[[[[" in str(e.value) and len(str(e.value)) < 1500
+    many = [f"train.{k}=x" for k in ("epochs", "max_steps", "learning_rate", "warmup_ratio",
+                                      "weight_decay", "batch_size", "grad_accum")] * 4  # fmt: skip
+    with pytest.raises(ConfigError, match=r"\.\.\. and \d+ more$"):
+        load_config(None, [f"eval.passkey_depths=[{','.join(['x'] * 30)}]"] + many)

@@ -55,9 +55,10 @@ SHOWN = reprlib.Repr()
 SHOWN.maxstring, SHOWN.maxother, SHOWN.maxlist, SHOWN.maxdict, SHOWN.maxlevel = 80, 80, 6, 6, 3
 
 
-def shown(value: Any) -> str:
-    """A value as an error message quotes it: repr, bounded in length and depth."""
-    return SHOWN.repr(value)
+def shown(value: Any, limit: int = 120) -> str:
+    """A value as an error message quotes it: repr, bounded in depth and length."""
+    text = SHOWN.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class ConfigError(ValueError):
@@ -505,6 +506,9 @@ def _section_keys(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
+MAX_ERRORS = 20  # lines of one invalid configuration shown; then how many more
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
@@ -517,7 +521,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
         else:
             value = e.get("input")
             lines.append(f"{loc}={shown(value)}: {e['msg']}")
-    return f"invalid configuration ({source}):\n  " + "\n  ".join(lines)
+    more = [f"... and {len(lines) - MAX_ERRORS} more"] if len(lines) > MAX_ERRORS else []
+    return f"invalid configuration ({source}):\n  " + "\n  ".join(lines[:MAX_ERRORS] + more)
 
 
 def parse_value(text: str, key: str = "") -> Any:
