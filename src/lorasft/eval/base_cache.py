@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from lorasft.data.tokenize import Encoded
 from lorasft.eval import generate
 from lorasft.model.load import cache_root, weights_stamp
 from lorasft.model.run import frozen_dtype
+from lorasft.run_files import write_json
 
 FORMAT = 2  # 2: greedy answers as generated one at a time (eval.generate's near-tie check)
 
@@ -63,6 +63,4 @@ def load(key: str) -> dict | None:
 def save(key: str, data: dict) -> None:
     path = _path(key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(path)
+    write_json(path, data, indent=None)

@@ -4,7 +4,6 @@ the run folder and printed."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,15 @@ from lorasft.eval.overfit import split_logs, verdict
 from lorasft.eval.run import evaluate
 from lorasft.model.loss import LossSettings
 from lorasft.report.console import print_summary
+from lorasft.run_files import (
+    EVAL_RESULTS,
+    EVAL_SAMPLES,
+    LOSS_CURVE,
+    RESULTS,
+    SAMPLES,
+    read_json,
+    write_json,
+)
 
 
 def finish_run(run_dir: Path, model, tok, cfg: Config, examples, encoded, log_history,
@@ -23,15 +31,15 @@ def finish_run(run_dir: Path, model, tok, cfg: Config, examples, encoded, log_hi
 
     ev = evaluate(model, tok, examples, encoded, cfg.eval, LossSettings.from_train(cfg.train))
     v = verdict(log_history, cfg.eval.overfit_patience)
-    loss_curve(*split_logs(log_history), v, run_dir / "loss_curve.png", title=run_dir.name)
-    write_samples(run_dir / "samples.md", ev.get("samples", []))
+    loss_curve(*split_logs(log_history), v, run_dir / LOSS_CURVE, title=run_dir.name)
+    write_samples(run_dir / SAMPLES, ev.get("samples", []))
     results = {"config": cfg.model_dump(mode="json"), "data": counts, "train": info,
                "log_history": log_history, "eval": ev, "overfitting": v, "versions": versions()}  # fmt: skip
     if cfg.context.target_length is not None and cfg.eval.long:
         from lorasft.eval.long import evaluate_long, long_settings
 
         results["long_context"] = evaluate_long(model, tok, cfg, long_settings(cfg.eval), run_dir)
-    write_results(run_dir / "results.json", results)
+    write_results(run_dir / RESULTS, results)
     print_summary(ev, v, str(run_dir))
     from lorasft.report.html import write_report
 
@@ -65,10 +73,8 @@ def evaluate_run(run_dir: str | Path, data_file: str | None = None, num_samples:
 
         settings = long_settings(cfg.eval, **long)
         ev["long_context"] = evaluate_long(run.model, run.tok, cfg, settings, run_dir)
-    out = run_dir / "eval_results.json"
-    out.write_text(json.dumps(ev, indent=2, ensure_ascii=False), encoding="utf-8")
-    write_samples(run_dir / "eval_samples.md", ev.get("samples", []))
-    results = run_dir / "results.json"
-    log = json.loads(results.read_text())["log_history"] if results.is_file() else []
+    out = write_json(run_dir / EVAL_RESULTS, ev)
+    write_samples(run_dir / EVAL_SAMPLES, ev.get("samples", []))
+    log = (read_json(run_dir / RESULTS) or {}).get("log_history", [])
     print_summary(ev, verdict(log, cfg.eval.overfit_patience), str(run_dir))
     return out

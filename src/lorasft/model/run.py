@@ -30,8 +30,7 @@ from lorasft.model.load import (
     resolve_model_path,
 )
 from lorasft.model.precision import DTYPE_NAMES, base_dtype, dtype_name, resolve_precision
-
-RUN_INFO = "lorasft_run.json"
+from lorasft.run_files import CONFIG, RESULTS, RUN_INFO, write_json
 
 
 def say(message: str) -> None:
@@ -43,14 +42,14 @@ def write_run_info(run_dir: Path, precision: str, dtype: torch.dtype, base_path:
     """What training resolved on its machine, for every later opening on any machine."""
     info = {"precision": precision, "base_dtype": dtype_name(dtype), "base_path": str(base_path),
             "quantization": quantization}  # fmt: skip
-    (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    write_json(run_dir / RUN_INFO, info)
 
 
 def run_config(run_dir: Path, what: str = "run") -> Config:
-    for name in ("config.yaml", "adapter_config.json"):
+    for name in (CONFIG, "adapter_config.json"):
         if not (run_dir / name).is_file():
             raise ModelError(f"{what} {run_dir} is not a finished lorasft run: {name} is missing")
-    return load_config(run_dir / "config.yaml")
+    return load_config(run_dir / CONFIG)
 
 
 def trained_dtype(run_dir: Path, cfg: Config) -> tuple[torch.dtype, str]:
@@ -58,7 +57,7 @@ def trained_dtype(run_dir: Path, cfg: Config) -> tuple[torch.dtype, str]:
     info = run_dir / RUN_INFO
     if info.is_file():
         return DTYPE_NAMES[json.loads(info.read_text())["base_dtype"]], "trained in"
-    results = run_dir / "results.json"  # runs from before lorasft_run.json
+    results = run_dir / RESULTS  # runs from before lorasft_run.json
     precision = json.loads(results.read_text())["train"]["precision"] if results.is_file() else None
     if precision:
         return base_dtype(cfg.model.dtype, precision), "trained in"

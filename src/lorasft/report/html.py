@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lorasft.config import Config
+from lorasft.run_files import REPORT, RESULTS, read_json
 
 CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af\uff00-\uffef]")
 COLORS = ("#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#db2777", "#0891b2", "#4b5563")
@@ -340,16 +341,24 @@ def run_report(results: dict, name: str, run_dir: Path | None = None) -> str:
     return page(f"lorasft report: {name}", body)
 
 
+def finished_results(run_dir: Path) -> dict | None:
+    """The run's results.json, or None while it has not finished (or the file cannot be read)."""
+    return read_json(run_dir / RESULTS)
+
+
 def read_results(run_dir: Path) -> dict:
-    path = run_dir / "results.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no results.json (the run has not finished)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    if not (run_dir / RESULTS).is_file():
+        raise FileNotFoundError(f"{run_dir}: no {RESULTS} (the run has not finished)")
+    results = finished_results(run_dir)
+    if results is None:
+        raise FileNotFoundError(f"{run_dir / RESULTS}: not readable JSON (damaged, or still being "
+                                "copied)")  # fmt: skip
+    return results
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
-    out = Path(out) if out else run_dir / "report.html"
+    out = Path(out) if out else run_dir / REPORT
     out.write_text(run_report(read_results(run_dir), run_dir.name, run_dir), encoding="utf-8")
     return out
 

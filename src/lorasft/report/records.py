@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import platform
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+from lorasft.run_files import write_json
 
 PACKAGES = ("lorasft", "torch", "transformers", "peft", "accelerate", "datasets")
 
@@ -22,10 +23,8 @@ def versions() -> dict[str, str]:
 
 
 def write_results(path: Path, results: dict[str, Any]) -> Path:
-    path.write_text(
-        json.dumps(results, indent=2, ensure_ascii=False, default=str), encoding="utf-8"
-    )
-    return path
+    """Whole, then renamed into place: `lorasft ui` and `lorasft runs` read it while it is written."""
+    return write_json(path, results)
 
 
 def _cell(text: str | None) -> str:

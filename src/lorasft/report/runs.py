@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from lorasft.report.html import METRICS, flat
-from lorasft.train.progress import PROGRESS_FILE
+from lorasft.run_files import CONFIG, PROGRESS, RESULTS, read_json
 
 
 def is_run(path: Path) -> bool:
-    return path.is_dir() and (path / "config.yaml").is_file()
+    return path.is_dir() and (path / CONFIG).is_file()
 
 
 def find_runs(root: str | Path) -> list[Path]:
@@ -30,14 +30,9 @@ def find_runs(root: str | Path) -> list[Path]:
 
 def progress_of(run_dir: Path) -> dict | None:
     """The newest progress.json of the run (a staged run's current stage included)."""
-    found = [run_dir / PROGRESS_FILE, *run_dir.glob(f"stages/*/{PROGRESS_FILE}")]
+    found = [run_dir / PROGRESS, *run_dir.glob(f"stages/*/{PROGRESS}")]
     found = [p for p in found if p.is_file()]
-    if not found:
-        return None
-    try:
-        return json.loads(max(found, key=lambda p: p.stat().st_mtime).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None  # being replaced this instant: the next look finds it
+    return read_json(max(found, key=lambda p: p.stat().st_mtime)) if found else None
 
 
 def alive(pid: int | None) -> bool:
@@ -55,9 +50,8 @@ def alive(pid: int | None) -> bool:
 def run_summary(run_dir: Path) -> dict[str, Any]:
     """One row: name, status, steps, losses, metrics, time, settings (flat config)."""
     row: dict[str, Any] = {"name": run_dir.name, "path": str(run_dir), "status": "starting"}
-    results_file = run_dir / "results.json"
-    if results_file.is_file():
-        res = json.loads(results_file.read_text(encoding="utf-8"))
+    res = read_json(run_dir / RESULTS)  # None until it is there whole
+    if res is not None:
         train, ev = res.get("train") or {}, res.get("eval") or {}
         tuned = ev.get("tuned") or {}
         row.update(status="finished", step=train.get("global_step"),
@@ -79,7 +73,7 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
     try:
         from lorasft.config import load_config
 
-        row["settings"] = flat(load_config(run_dir / "config.yaml").model_dump(mode="json"))
+        row["settings"] = flat(load_config(run_dir / CONFIG).model_dump(mode="json"))
     except Exception:  # noqa: BLE001 (a config from another version: the row still shows)
         row["settings"] = {}
     return row

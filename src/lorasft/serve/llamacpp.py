@@ -38,6 +38,7 @@ from lorasft.export.gguf_lora import ADAPTER_CONFIG, ADAPTER_FILE, check_lora, w
 from lorasft.model.context import plan_context, rope_parameters
 from lorasft.model.load import ModelError, cache_root, weights_stamp
 from lorasft.model.run import RunSpec, open_base, read_specs, say, served_context
+from lorasft.run_files import replaced
 from lorasft.serve import DEFAULT_MAX_QUEUE
 from lorasft.serve.engine import Generation, Params, served_names
 from lorasft.serve.logprobs import TokenScore, prompt_scores_from_logits
@@ -92,9 +93,8 @@ def base_gguf(spec: RunSpec, runs: list[RunSpec], qtype: str) -> Path:
     say(f"writing the base as GGUF for llama.cpp (once, cached): {out}")
     model = open_base(spec, context, dequantize=True).float()
     check_llama(model.config)
-    tmp = out.with_suffix(f".tmp{os.getpid()}")
-    write_gguf(model, spec.tok, tmp, qtype, name=spec.name, pre=source_pre_type(spec.base_path))
-    tmp.replace(out)
+    with replaced(out) as tmp:
+        write_gguf(model, spec.tok, tmp, qtype, name=spec.name, pre=source_pre_type(spec.base_path))
     return out
 
 
@@ -105,9 +105,8 @@ def lora_gguf(run: RunSpec, config) -> Path:
                   str(GGUF_FORMAT).encode())  # fmt: skip
     out = cache_root() / "serve" / f"lora-{key}.gguf"
     if not out.is_file():
-        tmp = out.with_suffix(f".tmp{os.getpid()}")
-        write_lora_gguf(run.dir, config, tmp)
-        tmp.replace(out)
+        with replaced(out) as tmp:
+            write_lora_gguf(run.dir, config, tmp)
     return out
 
 

@@ -25,10 +25,10 @@ from pydantic import Field
 from lorasft.model.load import ModelError
 from lorasft.report.html import (
     compare_report,
+    finished_results,
     line_chart,
     loss_series,
     page,
-    read_results,
     run_report,
 )
 from lorasft.report.runs import is_run, progress_of, runs_table
@@ -158,8 +158,9 @@ def runs(request: Request) -> dict:
 @router.get("/api/runs/{name}/curve", response_class=HTMLResponse)
 def curve(name: str, request: Request) -> str:
     run = _board(request).run_dir(name)
-    if (run / "results.json").is_file():
-        log = read_results(run).get("log_history", [])
+    results = finished_results(run)  # None until the file is there whole
+    if results is not None:
+        log = results.get("log_history", [])
     else:
         log = (progress_of(run) or {}).get("log", [])
     train, evals = loss_series(log)
@@ -171,10 +172,11 @@ def curve(name: str, request: Request) -> str:
 @router.get("/runs/{name}/report", response_class=HTMLResponse)
 def report(name: str, request: Request) -> str:
     run = _board(request).run_dir(name)
-    if not (run / "results.json").is_file():
+    results = finished_results(run)
+    if results is None:
         return page(name, f"<h1>{name}</h1><p>still training: the report is written when it "
                     "finishes; the dashboard shows its progress</p>")  # fmt: skip
-    return run_report(read_results(run), name, run)
+    return run_report(results, name, run)
 
 
 @router.get("/compare", response_class=HTMLResponse)
@@ -182,11 +184,11 @@ def compare(runs: str, request: Request) -> str:
     names = [n for n in runs.split(",") if n]
     if len(names) < 2:
         raise HTTPException(400, "give two runs or more: /compare?runs=a,b")
-    dirs = [_board(request).run_dir(n) for n in names]
-    missing = [d.name for d in dirs if not (d / "results.json").is_file()]
+    found = {n: finished_results(_board(request).run_dir(n)) for n in names}
+    missing = [n for n, r in found.items() if r is None]
     if missing:
         raise HTTPException(409, f"not finished yet: {', '.join(missing)}")
-    return compare_report([(d.name, read_results(d)) for d in dirs])
+    return compare_report(list(found.items()))
 
 
 @router.post("/api/chat")
@@ -197,7 +199,7 @@ async def chat(body: ChatBody, request: Request) -> dict:
 
     board = _board(request)
     run = board.run_dir(body.run)
-    if not (run / "results.json").is_file():
+    if finished_results(run) is None:
         raise HTTPException(409, f"run {body.run!r} has not finished: chat with it afterwards")
     engine = await run_in_threadpool(board.engine_for, body.run)
     messages = [{"role": "user", "content": body.message}]

@@ -8,6 +8,8 @@ import time
 
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 
+from lorasft.run_files import PROGRESS
+
 
 def on_terminal() -> bool:
     return sys.stderr.isatty()
@@ -70,9 +72,6 @@ def readable_progress(trainer: Trainer) -> None:
     trainer.add_callback(ProgressLines())
 
 
-PROGRESS_FILE = "progress.json"
-
-
 class ProgressFile(Pace):
     """`progress.json` in the run folder, rewritten (atomically) at every log: what `lorasft
     runs` and `lorasft ui` show while a run trains: step, losses so far, tokens/s, ETA, and the
@@ -81,7 +80,7 @@ class ProgressFile(Pace):
     def __init__(self, run_dir):
         from pathlib import Path
 
-        self.path = Path(run_dir) / PROGRESS_FILE
+        self.path = Path(run_dir) / PROGRESS
         self.log: list[dict] = []
 
     def on_train_begin(self, args, state, control, **kw):
@@ -103,8 +102,9 @@ class ProgressFile(Pace):
     def _write(self, state, status: str) -> None:
         if not state.is_world_process_zero:
             return
-        import json
         import os
+
+        from lorasft.run_files import write_json
 
         elapsed, done, left, tok_s = self.pace(state)
         info = {"status": status, "pid": os.getpid(), "step": state.global_step,
@@ -112,6 +112,4 @@ class ProgressFile(Pace):
                 "eta_s": round(elapsed / done * left, 1) if done else None,
                 "tokens_per_s": round(tok_s, 1) if tok_s is not None else None,
                 "updated": time.time(), "log": self.log}  # fmt: skip
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info), encoding="utf-8")
-        tmp.replace(self.path)
+        write_json(self.path, info, indent=None)

@@ -10,6 +10,7 @@ from lorasft.data.prepare import training_answers_han_share
 from lorasft.model.lora import trainable_summary
 from lorasft.model.precision import base_dtype
 from lorasft.model.run import write_run_info
+from lorasft.run_files import CONFIG
 from lorasft.train.fit import TrainOutcome, fit
 from lorasft.train.launch import (
     decided_by_rank0,
@@ -74,7 +75,7 @@ def settings_for_answers(cfg: Config) -> tuple[Config, dict | None]:
 
 def open_run_folder(run_dir: Path, cfg: Config, checkpoint: str | None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
+    dump_config(cfg, run_dir / CONFIG)
     say(f"[lorasft] run folder: {run_dir}" + (f" (resuming {checkpoint})" if checkpoint else ""))
 
 

@@ -5,11 +5,11 @@ starts from the weights the previous stage ended with. Each stage's adapter is a
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from lorasft.config import Config, ConfigError, dump_config
 from lorasft.model.context import base_window
+from lorasft.run_files import CONFIG, STAGE_DONE, write_json
 from lorasft.train.checkpoints import complete_checkpoints
 from lorasft.train.fit import TrainOutcome, fit
 from lorasft.train.launch import say
@@ -39,9 +39,6 @@ def set_checkpointing(model, on: bool) -> None:
         base.gradient_checkpointing_disable()
 
 
-STAGE_DONE = "stage_done.json"
-
-
 def train_stages(cfg: Config, model, tok, run_dir: Path, precision: str, model_path: Path,
                  is_main: bool) -> TrainOutcome:  # fmt: skip
     """Train the stages in order. With train.resume, a stage that finished before (its
@@ -66,7 +63,7 @@ def train_stages(cfg: Config, model, tok, run_dir: Path, precision: str, model_p
         finished = None  # handed on: later stages start from this one's weights
         if is_main:
             stage_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(scfg, stage_dir / "config.yaml")
+            dump_config(scfg, stage_dir / CONFIG)
         t = scfg.train
         say(f"[lorasft] stage {name}: max_length {scfg.data.max_length}, batch {t.batch_size} x "
             f"accum {t.grad_accum}, checkpointing {t.gradient_checkpointing}"
@@ -77,9 +74,9 @@ def train_stages(cfg: Config, model, tok, run_dir: Path, precision: str, model_p
         if is_main:
             model.save_pretrained(stage_dir)
             record = {"log_history": out.log_history, "info": out.info}
-            tmp = stage_dir / f"{STAGE_DONE}.tmp"  # written whole, then renamed: a stage is
-            tmp.write_text(json.dumps(record, indent=1, default=str))  # done or not, never half
-            os.replace(tmp, stage_dir / STAGE_DONE)
+            write_json(
+                stage_dir / STAGE_DONE, record, indent=1
+            )  # a stage is done or not, never half
         history = _append(history, out.log_history, name)
         summaries.append({"stage": name, **out.info})
     if out is None:  # every stage had finished: the run stopped before its evaluation
