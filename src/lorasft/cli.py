@@ -131,7 +131,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def _gen_settings(args: argparse.Namespace, cfg: Config):
     from dataclasses import replace
 
-    from lorasft.eval.generate import GenSettings
+    from lorasft.model.generation import GenSettings
 
     gen = GenSettings.from_config(cfg.eval).with_temperature(args.temperature)
     return replace(gen, max_new_tokens=args.max_new_tokens or gen.max_new_tokens)

@@ -14,7 +14,8 @@ import torch
 from lorasft.data.prepare import demo_files
 from lorasft.data.tokenize import prompt_ids
 from lorasft.eval import generate as gen_mod
-from lorasft.eval.generate import GenSettings, generate
+from lorasft.eval.generate import generate
+from lorasft.model.generation import GenSettings
 
 
 def _conversations(n: int) -> list[list[dict]]:

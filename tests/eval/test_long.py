@@ -10,18 +10,11 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from lorasft.cli import main
+from lorasft.data.passkey import FILLER, NEEDLE, build_prompt
 from lorasft.eval.attention import attention_by_distance, default_bands
 from lorasft.eval.long_data import read_documents, token_stream
 from lorasft.eval.long_models import eager_attention
-from lorasft.eval.passkey import (
-    FILLER,
-    NEEDLE,
-    build_prompt,
-    first_integer,
-    passkey_grid,
-    prefill,
-    shared_prefix,
-)
+from lorasft.eval.passkey import first_integer, passkey_grid, prefill, shared_prefix
 from lorasft.eval.sliding import same_tokens_perplexity, sliding_perplexity, tail_windows, windows
 from lorasft.model.context import length_ladder
 from lorasft.report.long_report import write_long_plots

@@ -67,7 +67,8 @@ def test_chat_stream_raises_instead_of_hanging_when_generation_fails(
 ):
     import pytest
 
-    from lorasft.eval.generate import GenSettings, stream
+    from lorasft.eval.generate import stream
+    from lorasft.model.generation import GenSettings
 
     class Broken(torch.nn.Module):
         device = torch.device("cpu")

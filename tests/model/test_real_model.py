@@ -7,7 +7,8 @@ import torch
 
 from lorasft.cli import main
 from lorasft.data.prepare import demo_files
-from lorasft.eval.generate import GenSettings, generate
+from lorasft.eval.generate import generate
+from lorasft.model.generation import GenSettings
 from lorasft.model.load import default_gguf, resolve_model_path
 from lorasft.model.run import open_run
 

@@ -20,55 +20,9 @@ from transformers import (
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from lorasft.data.tokenize import prompt_ids, stop_ids
+from lorasft.data.tokenize import prompt_ids
+from lorasft.model.generation import GenSettings
 from lorasft.model.run import frozen_dtype
-
-
-@dataclass
-class GenSettings:
-    """Generation settings, and the one rule for them: temperature 0 (or do_sample false) is
-    greedy, free of the model's own sampling defaults; eval, generate, chat, verify, passkey and
-    the server all build their `generate` arguments here."""
-
-    max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
-    batch_size: int = 8
-    exact: bool = True
-    """Greedy batched answers as generated one at a time (`generate`'s near-tie check)."""
-
-    @classmethod
-    def from_config(cls, ev) -> GenSettings:
-        return cls(ev.max_new_tokens, ev.do_sample, ev.temperature, ev.top_k, ev.top_p,
-                   ev.batch_size, ev.exact_greedy)  # fmt: skip
-
-    @classmethod
-    def greedy(cls, max_new_tokens: int) -> GenSettings:
-        return cls(max_new_tokens=max_new_tokens)
-
-    def with_temperature(self, temperature: float | None, top_p: float | None = None,
-                         top_k: int | None = None) -> GenSettings:  # fmt: skip
-        """A request's temperature: 0 means greedy, above 0 samples at it; None keeps these."""
-        if temperature is None:
-            return self
-        sample = temperature > 0
-        return replace(self, do_sample=sample, temperature=temperature if sample else 1.0,
-                       top_p=self.top_p if top_p is None else top_p,
-                       top_k=self.top_k if top_k is None else top_k)  # fmt: skip
-
-    def kwargs(self, tok, eos: list[int] | None = None) -> dict:
-        """`generate` arguments; it stops at the run's stop ids (or `eos`, a target's own)."""
-        kw = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
-              "eos_token_id": stop_ids(tok) if eos is None else (eos or None),
-              "pad_token_id": tok.pad_token_id}  # fmt: skip
-        if self.do_sample:
-            kw.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
-        else:  # keep greedy free of the model's own sampling defaults
-            kw.update(temperature=None, top_k=None, top_p=None)
-        return kw
-
 
 # In a batch whose decoding does not compute as alone (`_decodes_as_alone`):
 # a greedy step whose best and second-best logits are closer than this may go either way when the

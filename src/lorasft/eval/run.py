@@ -10,9 +10,10 @@ from lorasft.data.formats import Example
 from lorasft.data.templates import prompt_messages
 from lorasft.data.tokenize import Encoded, prompt_ids
 from lorasft.eval import base_cache
-from lorasft.eval.generate import GenSettings, generate
+from lorasft.eval.generate import generate
 from lorasft.eval.metrics import aggregate, score
 from lorasft.eval.perplexity import perplexity
+from lorasft.model.generation import GenSettings
 from lorasft.model.loss import DEFAULT_LOSS, LossSettings
 
 

@@ -19,9 +19,9 @@ import torch
 
 from lorasft.data.templates import adds_bos, build_prompt, prompt_messages
 from lorasft.data.tokenize import prompt_ids
-from lorasft.eval.generate import GenSettings
 from lorasft.export.llamacpp import LlamaCpp
 from lorasft.model.context import base_window
+from lorasft.model.generation import GenSettings
 from lorasft.model.load import ModelError
 
 # How far a target's own rounding may move a logit, by the type of its weights: below this plus
@@ -96,7 +96,7 @@ def prompt_set(spec, limit: int, required: bool = True) -> list[list[dict]]:
 def long_prompts(tok, length: int) -> list[str]:
     """A passkey text of about `length` tokens (raw text, no chat template): past the original
     window it checks that a runtime applies the run's RoPE scaling."""
-    from lorasft.eval.passkey import build_prompt as passkey_prompt
+    from lorasft.data.passkey import build_prompt as passkey_prompt
 
     return [passkey_prompt(tok, length, 0.5, 52817).text]
 

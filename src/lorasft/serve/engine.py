@@ -27,8 +27,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
 from transformers.generation.streamers import BaseStreamer
 
 from lorasft.data.tokenize import prompt_ids
-from lorasft.eval.generate import GenSettings
 from lorasft.model.context import context_window
+from lorasft.model.generation import GenSettings
 from lorasft.model.load import ModelError
 from lorasft.model.run import RunSpec, open_runs, read_specs
 from lorasft.serve import DEFAULT_MAX_QUEUE

@@ -96,7 +96,7 @@ def train_dataset_and_collator(cfg: Config, model, tok, data: Prepared):
 
 def generation_scores(cfg: Config, tok, data: Prepared) -> GenerationScores:
     """What a generation metric_for_best_model is computed from at each evaluation."""
-    from lorasft.eval.generate import GenSettings
+    from lorasft.model.generation import GenSettings
 
     metric = cfg.train.metric_for_best_model
     if cfg.train.fsdp or cfg.train.deepspeed:
