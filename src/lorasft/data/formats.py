@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMATS = ("alpaca", "chat", "sharegpt", "text")
 TEXT_SUFFIXES = (".txt", ".md")
 DATA_SUFFIXES = (".json", ".jsonl", *TEXT_SUFFIXES)  # what a folder given as data contributes
 # byte-order marks of the encodings that are not UTF-8 (UTF-32's first: it starts as UTF-16's)

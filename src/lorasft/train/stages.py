@@ -14,8 +14,6 @@ from lorasft.train.checkpoints import complete_checkpoints
 from lorasft.train.fit import TrainOutcome, fit
 from lorasft.train.launch import say
 
-LONG_STAGE_DEFAULTS = ("batch_size", "grad_accum", "gradient_checkpointing")
-
 
 def stage_config(cfg: Config, i: int, window: int) -> Config:
     """Stage i's config; a stage longer than the window gets the long-stage defaults for the
