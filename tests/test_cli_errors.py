@@ -163,12 +163,18 @@ def test_unknown_template_is_a_config_error(capsys):
     assert rc == 2 and "data.template='chatgpt'" in err and "'alpaca'" in err
 
 
-def test_a_run_prints_no_library_notices(tiny_llama_dir, tmp_path):
+def test_a_run_prints_no_library_notices_and_says_what_it_evaluates(tiny_llama_dir, tmp_path):
     """PEFT reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning nobody
-    running lorasft can act on): the command line keeps it off the user's console."""
+    running lorasft can act on): the command line keeps it off the user's console. The final
+    evaluation says what it is doing, step by step (it was silent for most of a minute)."""
     args = ["train", f"model.path={tiny_llama_dir}", f"output.run_dir={tmp_path / 'run'}",
-            "train.max_steps=1", "eval.num_samples=0", "eval.compare_base=false"]  # fmt: skip
+            "train.max_steps=1", "eval.num_samples=2", "eval.max_new_tokens=2",
+            "eval.cache_base=false"]  # fmt: skip
     out = subprocess.run([sys.executable, "-m", "lorasft", *args], capture_output=True, text=True,
                          check=False)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Warning" not in out.stderr + out.stdout, out.stderr[-2000:]
+    steps = [line for line in out.stderr.splitlines() if line.startswith("[lorasft] evaluation:")]
+    assert steps == ["[lorasft] evaluation: perplexity of the tuned run on 32 records",
+                     "[lorasft] evaluation: the base's perplexity on 32 records and 2 answers",
+                     "[lorasft] evaluation: 2 answers of the tuned run (up to 2 tokens)"], steps  # fmt: skip

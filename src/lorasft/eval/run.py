@@ -15,6 +15,7 @@ from lorasft.eval.metrics import aggregate, score
 from lorasft.eval.perplexity import perplexity
 from lorasft.model.generation import GenSettings
 from lorasft.model.loss import DEFAULT_LOSS, LossSettings
+from lorasft.model.run import say
 
 
 def _with_adapter(model, enabled: bool, fn):
@@ -30,6 +31,7 @@ def evaluate(model, tok, eval_examples: list[Example], eval_encoded: list[Encode
     out: dict[str, Any] = {"loss_on": "response tokens only (the tokens in the loss mask)"}
     ppl = lambda: perplexity(model, eval_encoded, tok.pad_token_id, ev.batch_size, loss,
                              ev.batch_tokens)  # fmt: skip
+    say(f"evaluation: perplexity of the tuned run on {len(eval_encoded)} records")
     out["tuned"] = {"perplexity": ppl()}
     chats, prompts, refs = chat_samples(eval_examples, ev.num_samples)
     gen = GenSettings.from_config(ev)
@@ -70,7 +72,12 @@ def _base_side(model, tok, prompts: list[list[dict]], encoded: list[Encoded], ge
     key = base_cache.base_key(model, [prompt_ids(m, tok) for m in prompts], encoded, vars(gen))
     found = base_cache.load(key) if use_cache else None
     if found is not None:
+        say("evaluation: the base's perplexity and answers from the cache (same base, same inputs)")
         return {**found, "cached": True}
+    say(
+        f"evaluation: the base's perplexity on {len(encoded)} records"
+        + (f" and {len(prompts)} answers" if prompts else "")
+    )
     data = {"perplexity": _with_adapter(model, False, ppl),
             "answers": generate(model, tok, prompts, gen, base=True, stats=stats) if prompts else []}  # fmt: skip
     if use_cache:
@@ -81,6 +88,7 @@ def _base_side(model, tok, prompts: list[list[dict]], encoded: list[Encoded], ge
 def _generation(model, tok, chats: list[Example], prompts: list[list[dict]], refs: list[str],
                 gen: GenSettings, out: dict, base: list[str] | None,
                 stats: dict) -> list[dict]:  # fmt: skip
+    say(f"evaluation: {len(prompts)} answers of the tuned run (up to {gen.max_new_tokens} tokens)")
     tuned = generate(model, tok, prompts, gen, stats=stats)
     out["tuned"]["generation"] = aggregate(tuned, refs)
     if base is not None:
