@@ -6,17 +6,17 @@ cases tried and the crashes found (each with Hypothesis's shrunk example).
 
 Targets: `reader`, the data reader (`tests/data/fuzz_reader.py`: random bytes, random records of
 every format, encodings, deep nesting, huge lines; the property: read with every bad record
-located, or refused with an error naming the file); `data-check`, `lorasft data check` on
-folders of random files (mixed formats, empty and binary files; exit 0, 1 with each bad record
-located, or 2 with an error naming the file); `config`, the config loader
-(`tests/test_fuzz_config.py`: random YAML sections, keys, values and overrides, anchors and
-aliases, huge values; the property: a Config that dump_config round-trips, or a ConfigError); `serve` and `ui`, the HTTP servers on the
-wire (`tests/serve/test_fuzz_wire.py`, `tests/report/test_fuzz_ui.py`: any method, route, headers,
-key, content type and body, slow, chunked, truncated or abandoned; the property: only documented
-statuses, and the same good request answered the same after every request). `data-check`,
-`serve` and `ui` run through pytest, for the tiny model and live server its fixtures build
-(LORASFT_FUZZ_MINUTES). Rounds of 500 cases with seeds 0,
-1, 2... until the time is up (tests/fuzzing.py), so a run is reproducible by its seed and length.
+located, or refused with an error naming the file); `data-check`, `lorasft data check` on folders
+of random files (mixed formats, empty and binary files; exit 0, 1 with each bad record located, or
+2 with an error naming the file); `config`, the config loader (`tests/test_fuzz_config.py`: random
+YAML sections, keys, values and overrides, anchors and aliases, huge values; the property: a Config
+that dump_config round-trips, or a ConfigError); `serve` and `ui`, the HTTP servers on the wire
+(`tests/serve/test_fuzz_wire.py`, `tests/report/test_fuzz_ui.py`: any method, route, headers, key,
+content type and body, slow, chunked, truncated or abandoned; the property: only documented
+statuses, and the same good request answered the same after every request). `data-check`, `serve`
+and `ui` run through pytest, for the tiny model and live server its fixtures build
+(LORASFT_FUZZ_MINUTES). Rounds of 500 cases with seeds 0, 1, 2... until the time is up
+(tests/fuzzing.py), so a run is reproducible by its seed and length.
 """
 
 from __future__ import annotations
