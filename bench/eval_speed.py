@@ -29,7 +29,7 @@ from serve_load import cpu_name  # bench/ is the script's folder
 
 
 def timed_eval(run, cfg, examples, encoded, **changes) -> tuple[float, dict]:
-    from lorasft.eval.run import evaluate
+    from lorasft.eval.evaluate import evaluate
 
     ev = cfg.eval.model_copy(update=changes)
     start = time.perf_counter()
@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="with --sizes: times over each size")
     a = ap.parse_args()
     from lorasft.data.prepare import eval_set
-    from lorasft.model.run import open_run
+    from lorasft.model.reopen import open_run
 
     run = open_run(a.run, a.dtype)
     examples, encoded = eval_set(run.cfg.data, run.tok)
@@ -113,7 +113,7 @@ def near_tie_study(run, examples, out1: dict, batch_size: int) -> tuple[float, f
     (`eval.generate._Margins` units). Returns the seconds of those batches and the seconds it
     takes to generate alone the answers that changed."""
     from lorasft.eval import generate as gen_mod
-    from lorasft.eval.run import chat_samples
+    from lorasft.eval.evaluate import chat_samples
 
     _, prompts, _ = chat_samples(examples, run.cfg.eval.num_samples)
     gen = gen_mod.GenSettings.from_config(

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from lm_eval_serve import serve
 
 from lorasft.data.tokenize import prompt_ids
-from lorasft.model.run import read_run
+from lorasft.model.reopen import read_run
 from lorasft.serve.process import free_port
 
 

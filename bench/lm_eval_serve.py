@@ -33,7 +33,7 @@ import torch
 
 from lorasft.data.formats import load_file
 from lorasft.data.prepare import data_files
-from lorasft.model.run import open_run, read_run
+from lorasft.model.reopen import open_run, read_run
 from lorasft.serve.process import free_port
 
 # lm-eval task files: the local JSONL (one head for both), then what each task does with it.

@@ -50,7 +50,7 @@ from lorasft.eval.long_models import position_limit
 from lorasft.eval.sliding import same_tokens_perplexity
 from lorasft.model.context import ROPE_METHODS, TABLE_METHODS, apply_context
 from lorasft.model.load import load_model, load_tokenizer
-from lorasft.model.run import open_run
+from lorasft.model.reopen import open_run
 
 EOS = "<|endoftext|>"
 # Parts of the standard library that are not ordinary source: tests, data tables, the topics

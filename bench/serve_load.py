@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-from lorasft.serve.llamacpp import LlamaServer, find_llama_server
+from lorasft.serve.llamacpp_engine import LlamaServer, find_llama_server
 from lorasft.serve.process import free_port
 
 CLIENTS = (1, 4, 8, 16)
@@ -172,8 +172,8 @@ def main() -> None:
             proc.wait(timeout=60)
     bare = []
     if "bare lora" in a.servers:  # the files lorasft serves (cached, or written now)
-        from lorasft.model.run import read_specs
-        from lorasft.serve.llamacpp import base_gguf, lora_gguf, served_config
+        from lorasft.model.reopen import read_specs
+        from lorasft.serve.llamacpp_engine import base_gguf, lora_gguf, served_config
 
         spec, runs = read_specs(None, [("demo", str(run))])
         files_ = base_gguf(spec, runs, "f16"), lora_gguf(runs[0], served_config(spec, runs))

@@ -25,7 +25,7 @@ from pathlib import Path
 from serve_load import start_server  # bench/ is the script's folder
 
 from lorasft.cli import main
-from lorasft.serve.llamacpp import find_llama_server
+from lorasft.serve.llamacpp_engine import find_llama_server
 
 TYPES = ("f32", "f16", "q8_0")
 

@@ -33,7 +33,7 @@ def _config(path: str | None, overrides: list[str]) -> Config:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lorasft.train.run import train
+    from lorasft.train.pipeline import train
 
     train(_config(args.config, args.overrides))
     return 0
@@ -139,7 +139,7 @@ def _gen_settings(args: argparse.Namespace, cfg: Config):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from lorasft.eval.generate import generate
-    from lorasft.model.run import open_run
+    from lorasft.model.reopen import open_run
 
     run = open_run(args.run_dir, args.dtype)
     messages = run.spec.conversation([{"role": "user", "content": args.prompt}], args.system)
@@ -150,7 +150,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from lorasft.eval.generate import stream
-    from lorasft.model.run import open_run
+    from lorasft.model.reopen import open_run
 
     run = open_run(args.run_dir, args.dtype)
     gen = _gen_settings(args, run.cfg)
@@ -190,7 +190,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from lorasft.model.load import config_folder, resolve_model_path
     from lorasft.model.plan import describe_plan
     from lorasft.model.precision import resolve_precision
-    from lorasft.train.run import settings_for_answers
+    from lorasft.train.pipeline import settings_for_answers
 
     cfg, _ = settings_for_answers(_config(args.config, args.overrides))  # the LoRA training runs
     path = config_folder(cfg.model.path) or resolve_model_path(cfg.model.path)
@@ -203,7 +203,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from lorasft.serve.app import create_app, serve
-    from lorasft.serve.engines import EngineOptions, open_engine
+    from lorasft.serve.engine_choice import EngineOptions, open_engine
 
     opts = EngineOptions(args.engine, args.slots, args.max_queue, args.gguf_type,
                          args.llama_server, args.threads)  # fmt: skip
@@ -422,7 +422,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     from lorasft.serve.app import serve
-    from lorasft.serve.engines import EngineOptions
+    from lorasft.serve.engine_choice import EngineOptions
     from lorasft.serve.ui import create_ui
 
     if not Path(args.dir).is_dir():

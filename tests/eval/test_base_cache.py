@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-import lorasft.eval.run as eval_run
+import lorasft.eval.evaluate as eval_run
 from lorasft.cli import main
 from tests.conftest import PRECISIONS, QUICK, tiny_args
 

@@ -219,7 +219,7 @@ def test_eval_long_after_training_and_from_cli(tiny_llama_dir, tmp_path, precisi
     # with 128, 256 and 512 tokens of context; recomputed here on the reopened run and its base.
     from lorasft.eval.long_data import token_stream
     from lorasft.eval.long_models import load_base_on
-    from lorasft.model.run import frozen_dtype, open_run
+    from lorasft.model.reopen import frozen_dtype, open_run
 
     tuned = open_run(run)
     ids = token_stream(read_documents(None), tuned.tok)

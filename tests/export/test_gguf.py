@@ -11,7 +11,7 @@ from lorasft.cli import main
 from lorasft.data.templates import build_prompt
 from lorasft.export.gguf import permute, source_pre_type, write_gguf
 from lorasft.model.load import ModelError, load_tokenizer
-from lorasft.model.run import open_run
+from lorasft.model.reopen import open_run
 from tests.conftest import build_model, logit_tolerance, precision_of
 
 PROMPTS = [

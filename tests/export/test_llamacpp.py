@@ -51,7 +51,7 @@ def test_llama_cpp_catches_another_model(tiny_run, tiny_llama_dir, tmp_path, cap
 
 
 def test_llama_cpp_catches_a_changed_template(tiny_run, exported, tmp_path, capsys):
-    from lorasft.model.run import open_run
+    from lorasft.model.reopen import open_run
 
     run = open_run(tiny_run)
     tok = run.tok
@@ -89,9 +89,9 @@ def test_extended_run_runs_in_llama_cpp_with_its_scaling(
     weights without the scaling keys give llama.cpp logits far from the run's."""
     import gguf as gguf_py
 
-    from lorasft.export.llamacpp import LlamaCpp
+    from lorasft.export.llamacpp_verify import LlamaCpp
     from lorasft.export.verify import check_prompt_ids, long_prompts
-    from lorasft.model.run import open_run
+    from lorasft.model.reopen import open_run
 
     model_dir = fast_rope_llama(tiny_llama_dir, tmp_path / "model")
     run = tmp_path / "run"

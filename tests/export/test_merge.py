@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lorasft.cli import main
 from lorasft.data.tokenize import stop_ids
 from lorasft.model.precision import PRECISION_DTYPES
-from lorasft.model.run import frozen_dtype, open_run
+from lorasft.model.reopen import frozen_dtype, open_run
 from tests.conftest import logit_tolerance, precision_of
 
 PROMPT = "<|im_start|>user\nhello world, what is the answer?<|im_end|>\n<|im_start|>assistant\n"

@@ -38,7 +38,7 @@ def test_reopening_uses_the_same_quantized_base(qlora_run):
     several percent of their scale."""
     from bitsandbytes.nn import Linear4bit
 
-    from lorasft.model.run import attach, open_base, open_run
+    from lorasft.model.reopen import attach, open_base, open_run
 
     trained = json.loads((qlora_run / "results.json").read_text())["eval"]["tuned"]["perplexity"]
     assert main(["eval", str(qlora_run), "--num-samples", "0"]) == 0

@@ -10,7 +10,7 @@ from lorasft.data.prepare import demo_files
 from lorasft.eval.generate import generate
 from lorasft.model.generation import GenSettings
 from lorasft.model.load import default_gguf, resolve_model_path
-from lorasft.model.run import open_run
+from lorasft.model.reopen import open_run
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from lorasft.cli import main
 from lorasft.config import ConfigError, load_config
-from lorasft.model.run import open_run
+from lorasft.model.reopen import open_run
 from lorasft.model.s2attn import (
     group_tokens,
     grouped_sdpa,

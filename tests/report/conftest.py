@@ -34,7 +34,7 @@ def second_run(tiny_llama_dir, runs_root):
 @pytest.fixture
 def ui(runs_root, finished_run):
     """`lorasft ui` on the runs folder (key "k"), chat on the transformers engine."""
-    from lorasft.serve.engines import EngineOptions
+    from lorasft.serve.engine_choice import EngineOptions
     from lorasft.serve.ui import create_ui
     from tests.serve.conftest import LiveServer
 

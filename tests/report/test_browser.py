@@ -95,7 +95,7 @@ def test_compare_overlays_the_runs(browser, finished_run, second_run, tmp_path):
 
 @pytest.fixture
 def dashboard(runs_root, finished_run):
-    from lorasft.serve.engines import EngineOptions
+    from lorasft.serve.engine_choice import EngineOptions
     from lorasft.serve.ui import create_ui
     from tests.serve.conftest import LiveServer
 

@@ -6,7 +6,7 @@ import torch
 
 from lorasft.cli import main
 from lorasft.model.load import ModelError
-from lorasft.model.run import open_run
+from lorasft.model.reopen import open_run
 from lorasft.serve.engine import load_engine
 from tests.conftest import QUICK, tiny_args
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from lorasft.cli import main
-from lorasft.serve.llamacpp import find_llama_server
+from lorasft.serve.llamacpp_engine import find_llama_server
 from tests.conftest import PRECISIONS, QUICK, tiny_args
 from tests.serve.conftest import API_KEY, LiveServer, free_port
 
@@ -64,7 +64,7 @@ def _app(engine, **kw):
 
 @pytest.fixture(scope="module")
 def lc_live(two_runs):
-    from lorasft.serve.llamacpp import load_llamacpp_engine
+    from lorasft.serve.llamacpp_engine import load_llamacpp_engine
 
     a, b = two_runs
     engine = load_llamacpp_engine(None, [("a", str(a)), ("b", str(b))], slots=2, qtype="f32")
@@ -200,7 +200,7 @@ def one_slot(long_base):
     """One slot and one place in the queue; llama-server on one thread, so the other core is left
     to the test's client and lorasft's server, whose reactions these tests time (with both cores
     generating, the 503 of a fresh clone's `make test` once took 4.2 s)."""
-    from lorasft.serve.llamacpp import load_llamacpp_engine
+    from lorasft.serve.llamacpp_engine import load_llamacpp_engine
 
     engine = load_llamacpp_engine(str(long_base), [], slots=1, max_queue=1, threads=1)
     with LiveServer(_app(engine, max_tokens_cap=4000)) as server:
@@ -290,7 +290,7 @@ def test_soak_mixed_clients_leave_the_server_correct_and_idle(long_base):
     clients that send bad bodies, on 2 slots and 2 queue places. Every request is answered
     (200, a 4xx for the bad ones, or 503 + Retry-After when full; no other status, no hang);
     afterwards the engine is idle and greedy answers are what they were before."""
-    from lorasft.serve.llamacpp import load_llamacpp_engine
+    from lorasft.serve.llamacpp_engine import load_llamacpp_engine
 
     engine = load_llamacpp_engine(str(long_base), [], slots=2, max_queue=2)
     prompts = ["Who lives in Paris?", "法国的首都", "hello there"]
@@ -431,7 +431,7 @@ def test_no_engine_process_outlives_lorasft_serve(long_base, sig):
 def test_auto_takes_llama_cpp_here_and_says_why_not_otherwise(two_runs, tmp_path, capsys):
     import shutil
 
-    from lorasft.serve.engines import EngineOptions, choose_engine
+    from lorasft.serve.engine_choice import EngineOptions, choose_engine
 
     assert not torch.cuda.is_available()
     runs = [("a", str(two_runs[0]))]
@@ -456,7 +456,7 @@ def test_logprobs_are_llama_cpp_s_and_the_run_s(lc_live, two_runs):
     scorer (llama.cpp's binding on the same GGUF files) gives llama-server's numbers."""
     import asyncio
 
-    from lorasft.model.run import open_run
+    from lorasft.model.reopen import open_run
     from lorasft.serve.engine import Params
 
     engine = lc_live.engine

@@ -74,7 +74,7 @@ def test_adapters_and_base_answer_differently(client, engine):
 def test_greedy_answer_equals_lorasft_generate(client, adapter_runs):
     from lorasft.eval.generate import generate
     from lorasft.model.generation import GenSettings
-    from lorasft.model.run import open_run
+    from lorasft.model.reopen import open_run
 
     run = open_run(adapter_runs[1])
     tok, model = run.tok, run.model

@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 
 from lorasft.config import load_config
 from lorasft.data.prepare import demo_files
-from lorasft.model.run import open_run
-from lorasft.train.run import train
+from lorasft.model.reopen import open_run
+from lorasft.train.pipeline import train
 from tests.conftest import LORA_TARGETS, build_model, write_jsonl
 
 

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from lorasft.cli import main
 from lorasft.config import load_config
-from lorasft.train.run import train
+from lorasft.train.pipeline import train
 from tests.conftest import tiny_args
 
 QUICK = ["eval.num_samples=0", "eval.compare_base=false", "train.eval_strategy=no",

@@ -18,7 +18,7 @@ from typing import Any
 from lorasft.data.tokenize import Encoded
 from lorasft.eval import generate
 from lorasft.model.load import cache_root, weights_stamp
-from lorasft.model.run import frozen_dtype
+from lorasft.model.reopen import frozen_dtype
 from lorasft.run_files import write_json
 
 FORMAT = 2  # 2: greedy answers as generated one at a time (eval.generate's near-tie check)

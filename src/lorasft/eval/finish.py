@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from lorasft.config import Config
+from lorasft.eval.evaluate import evaluate
 from lorasft.eval.overfit import split_logs, verdict
-from lorasft.eval.run import evaluate
 from lorasft.model.loss import LossSettings
 from lorasft.report.console import print_summary
 from lorasft.run_files import (
@@ -54,7 +54,7 @@ def evaluate_run(run_dir: str | Path, data_file: str | None = None, num_samples:
     first's path. `long`: evaluate by length too, with the run's
     eval.long_* settings and these overrides."""
     from lorasft.data.prepare import eval_set
-    from lorasft.model.run import open_run
+    from lorasft.model.reopen import open_run
     from lorasft.report.records import write_samples
 
     run_dir = Path(run_dir)

@@ -22,7 +22,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from lorasft.data.tokenize import prompt_ids
 from lorasft.model.generation import GenSettings
-from lorasft.model.run import frozen_dtype
+from lorasft.model.reopen import frozen_dtype
 
 # In a batch whose decoding does not compute as alone (`_decodes_as_alone`):
 # a greedy step whose best and second-best logits are closer than this may go either way when the

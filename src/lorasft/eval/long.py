@@ -19,7 +19,7 @@ from lorasft.eval.passkey import passkey_grid
 from lorasft.eval.sliding import same_tokens_perplexity, sliding_perplexity
 from lorasft.model.context import length_ladder
 from lorasft.model.loss import LossSettings
-from lorasft.model.run import frozen_dtype
+from lorasft.model.reopen import frozen_dtype
 
 
 @dataclass

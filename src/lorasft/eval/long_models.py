@@ -13,7 +13,7 @@ from transformers import AutoConfig
 from lorasft.config import Config
 from lorasft.model.context import ContextPlan, context_window, original_window, plan_context
 from lorasft.model.load import resolve_model_path
-from lorasft.model.run import base_spec, open_base
+from lorasft.model.reopen import base_spec, open_base
 
 
 def base_config(cfg: Config):

@@ -14,7 +14,7 @@ import torch
 from lorasft.data.tokenize import stop_ids
 from lorasft.model.load import ModelError
 from lorasft.model.precision import DTYPE_NAMES
-from lorasft.model.run import RunSpec, attach, check_same_context, open_run, read_run
+from lorasft.model.reopen import RunSpec, attach, check_same_context, open_run, read_run
 
 
 def _set_weight(model, adapter: str, weight: float) -> None:

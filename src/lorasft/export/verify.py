@@ -19,7 +19,7 @@ import torch
 
 from lorasft.data.templates import adds_bos, build_prompt, prompt_messages
 from lorasft.data.tokenize import prompt_ids
-from lorasft.export.llamacpp import LlamaCpp
+from lorasft.export.llamacpp_verify import LlamaCpp
 from lorasft.model.context import base_window
 from lorasft.model.generation import GenSettings
 from lorasft.model.load import ModelError
@@ -381,7 +381,7 @@ def llamacpp_problems(ref: Target, lc) -> list[str]:
 def load_reference(run_dir: str | Path):
     """`(spec, reference target)`: the adapter on its base as it trained, with the run's
     tokenizer and stop ids."""
-    from lorasft.model.run import open_run
+    from lorasft.model.reopen import open_run
 
     run = open_run(run_dir)
     return run.spec, Target("adapter", run.tok, run.spec.stops, run.model,

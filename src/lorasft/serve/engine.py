@@ -6,7 +6,7 @@ here and is the same for every engine: prompts are built by the same `build_prom
 training used, with the tokenizer (and so the chat template) saved in each adapter's run folder;
 text is decoded from the ids by that tokenizer and cut at stop strings by `TextCutter`; a request
 ends at the run's stop ids. `TransformersEngine` is the reference: it generates exactly as
-training's evaluation does, one request at a time. `serve/llamacpp.py` and `serve/vllm.py` put
+training's evaluation does, one request at a time. `serve/llamacpp_engine.py` and `serve/vllm.py` put
 the same requests on the field's batching servers.
 """
 
@@ -30,7 +30,7 @@ from lorasft.data.tokenize import prompt_ids
 from lorasft.model.context import context_window
 from lorasft.model.generation import GenSettings
 from lorasft.model.load import ModelError
-from lorasft.model.run import RunSpec, open_runs, read_specs
+from lorasft.model.reopen import RunSpec, open_runs, read_specs
 from lorasft.serve import DEFAULT_MAX_QUEUE
 from lorasft.serve.logprobs import TokenScore, prompt_scores_from_logits, scores_from_logits
 from lorasft.serve.schemas import APIError

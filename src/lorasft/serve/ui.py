@@ -33,7 +33,7 @@ from lorasft.report.html import (
 )
 from lorasft.report.runs import is_run, progress_of, runs_table
 from lorasft.serve.app import BodyLimit, validation_message
-from lorasft.serve.engines import EngineOptions, open_engine
+from lorasft.serve.engine_choice import EngineOptions, open_engine
 from lorasft.serve.schemas import APIError, ValidText
 
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")

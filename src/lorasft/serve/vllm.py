@@ -25,10 +25,10 @@ from lorasft.export.gguf_lora import check_lora, read_adapter_config
 from lorasft.model.context import context_window
 from lorasft.model.load import ModelError
 from lorasft.model.precision import dtype_name
-from lorasft.model.run import read_specs, say
+from lorasft.model.reopen import read_specs, say
 from lorasft.serve import DEFAULT_MAX_QUEUE
 from lorasft.serve.engine import Generation, served_names
-from lorasft.serve.llamacpp import served_config
+from lorasft.serve.llamacpp_engine import served_config
 from lorasft.serve.logprobs import TokenScore
 from lorasft.serve.process import EngineProcess, RemoteEngine, RemoteGeneration
 

@@ -14,7 +14,7 @@ class GenerationScores:
     run's template and stop ids): what a generation metric_for_best_model is read from."""
 
     def __init__(self, tok, examples, gen, limit: int):
-        from lorasft.eval.run import chat_samples
+        from lorasft.eval.evaluate import chat_samples
 
         self.tok, self.gen = tok, gen
         _, self.prompts, self.refs = chat_samples(examples, limit)

@@ -15,7 +15,7 @@ from lorasft.eval.metrics import aggregate, score
 from lorasft.eval.perplexity import perplexity
 from lorasft.model.generation import GenSettings
 from lorasft.model.loss import DEFAULT_LOSS, LossSettings
-from lorasft.model.run import say
+from lorasft.model.reopen import say
 
 
 def _with_adapter(model, enabled: bool, fn):

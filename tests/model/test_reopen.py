@@ -11,7 +11,7 @@ from lorasft.cli import main
 from lorasft.data.templates import with_system
 from lorasft.data.tokenize import prompt_ids
 from lorasft.model.precision import PRECISION_DTYPES
-from lorasft.model.run import frozen_dtype, open_run
+from lorasft.model.reopen import frozen_dtype, open_run
 from lorasft.serve.engine import Params, load_engine
 from tests.conftest import PRECISIONS, QUICK, precision_of, tiny_args
 

@@ -37,7 +37,7 @@ from lorasft.export.gguf import TYPES, check_llama, source_pre_type, write_gguf
 from lorasft.export.gguf_lora import ADAPTER_CONFIG, ADAPTER_FILE, check_lora, write_lora_gguf
 from lorasft.model.context import plan_context, rope_parameters
 from lorasft.model.load import ModelError, cache_root, weights_stamp
-from lorasft.model.run import RunSpec, open_base, read_specs, say, served_context
+from lorasft.model.reopen import RunSpec, open_base, read_specs, say, served_context
 from lorasft.run_files import replaced
 from lorasft.serve import DEFAULT_MAX_QUEUE
 from lorasft.serve.engine import Generation, Params, served_names

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorasft.model.run import say
+from lorasft.model.reopen import say
 from lorasft.serve import DEFAULT_MAX_QUEUE
 from lorasft.serve.engine import Engine, load_engine
 
@@ -38,7 +38,7 @@ def choose_engine(base: str | None, adapters: list[tuple[str, str]], opts: Engin
             return "vllm"
         say("engine: transformers (a GPU without vLLM; pip install vllm to batch requests)")
         return "transformers"
-    from lorasft.serve.llamacpp import llamacpp_problem
+    from lorasft.serve.llamacpp_engine import llamacpp_problem
 
     problem = llamacpp_problem(base, adapters, opts.llama_server)
     if problem is None:
@@ -51,7 +51,7 @@ def open_engine(base: str | None, adapters: list[tuple[str, str]], dtype: str | 
                 opts: EngineOptions) -> Engine:  # fmt: skip
     kind = choose_engine(base, adapters, opts)
     if kind == "llama.cpp":
-        from lorasft.serve.llamacpp import load_llamacpp_engine
+        from lorasft.serve.llamacpp_engine import load_llamacpp_engine
 
         return load_llamacpp_engine(base, adapters, dtype, opts.slots, opts.gguf_type,
                                     opts.llama_server, opts.threads, opts.max_queue)  # fmt: skip

@@ -9,7 +9,7 @@ from lorasft.config import Config, ConfigError, dump_config, for_answers
 from lorasft.data.prepare import training_answers_han_share
 from lorasft.model.lora import trainable_summary
 from lorasft.model.precision import base_dtype
-from lorasft.model.run import write_run_info
+from lorasft.model.reopen import write_run_info
 from lorasft.run_files import CONFIG
 from lorasft.train.fit import TrainOutcome, fit
 from lorasft.train.launch import (
@@ -106,7 +106,7 @@ def finish(out: TrainOutcome, cfg: Config) -> None:
     if out.info.get("distributed") in SHARDED:  # evaluate the saved adapter, not this rank's shard
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-        from lorasft.model.run import open_run
+        from lorasft.model.reopen import open_run
 
         unset_hf_deepspeed_config()  # load whole, not partitioned over the ranks that have left
         out.model = open_run(out.run_dir).model
