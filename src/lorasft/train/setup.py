@@ -112,12 +112,22 @@ def build_model(cfg: Config, model_path: Path, precision: str):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
                                                 gradient_checkpointing_kwargs=NON_REENTRANT)  # fmt: skip
     elif checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=NON_REENTRANT)
-        model.enable_input_require_grads()
+        set_checkpointing(model, True)
     return apply_lora(model, lora_with_context(model, cfg))
 
 
 NON_REENTRANT = {"use_reentrant": False}
+
+
+def set_checkpointing(model, on: bool) -> None:
+    """The one switch for gradient checkpointing (non-reentrant) on a model or a PeftModel's base,
+    with inputs that require grad so the adapter's gradients flow through recomputed blocks."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if on and not base.is_activation_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=NON_REENTRANT)
+        model.enable_input_require_grads()
+    elif not on and base.is_activation_checkpointing:
+        base.gradient_checkpointing_disable()
 
 
 def lora_with_context(model, cfg: Config):

@@ -13,6 +13,7 @@ from lorasft.run_files import CONFIG, STAGE_DONE, write_json
 from lorasft.train.checkpoints import complete_checkpoints
 from lorasft.train.fit import TrainOutcome, fit
 from lorasft.train.launch import say
+from lorasft.train.setup import set_checkpointing
 
 
 def stage_config(cfg: Config, i: int, window: int) -> Config:
@@ -26,15 +27,6 @@ def stage_config(cfg: Config, i: int, window: int) -> Config:
                 "gradient_checkpointing": True}  # fmt: skip
     update = {k: v for k, v in defaults.items() if k not in own}
     return stage.model_copy(update={"train": stage.train.model_copy(update=update)})
-
-
-def set_checkpointing(model, on: bool) -> None:
-    base = model.get_base_model()
-    if on and not base.is_gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    elif not on and base.is_gradient_checkpointing:
-        base.gradient_checkpointing_disable()
 
 
 def train_stages(cfg: Config, model, tok, run_dir: Path, precision: str, model_path: Path,
