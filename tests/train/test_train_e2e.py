@@ -10,7 +10,7 @@ from lorasft.cli import main
 from lorasft.config import load_config
 from lorasft.data.prepare import demo_files
 from lorasft.report.records import write_samples
-from tests.conftest import PNG, PRECISIONS, precision_of, tiny_args, write_jsonl
+from tests.conftest import PNG, PRECISIONS, QUICK, precision_of, tiny_args, write_jsonl
 
 
 def test_train_writes_every_output(tiny_model_dir, tmp_path):
@@ -151,3 +151,16 @@ def test_chat_streams_and_keeps_history(tiny_llama_dir, tmp_path, capsys, monkey
     assert seen == [[system, ("user", "u1")],
                     [system, ("user", "u1"), ("assistant", answers[0]), ("user", "u2")],
                     [system, ("user", "u3")]]  # fmt: skip
+
+
+def test_the_training_files_are_read_once(tiny_llama_dir, tmp_path, monkeypatch):
+    """The answer-language rule and the run itself read the same files: once, handed on."""
+    from lorasft.data import formats
+
+    reads, real = [], formats.load_file
+    monkeypatch.setattr(formats, "load_file", lambda path, fmt="auto": reads.append(str(path))
+                        or real(path, fmt))  # fmt: skip
+    args = tiny_args(tiny_llama_dir, tmp_path / "run", *QUICK, "train.max_steps=1")
+    assert main(args) == 0
+    train_file, eval_file = demo_files()
+    assert sorted(reads) == sorted([train_file, eval_file]), reads

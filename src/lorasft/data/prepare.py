@@ -11,7 +11,14 @@ from typing import Any
 
 from lorasft.config import DataSection
 from lorasft.data.augment import augment_examples
-from lorasft.data.formats import DataError, Example, LoadResult, ignored_line, load_files
+from lorasft.data.formats import (
+    DataError,
+    Example,
+    LoadResult,
+    expand_paths,
+    ignored_line,
+    load_files,
+)
 from lorasft.data.templates import with_system
 from lorasft.data.tokenize import Encoded, EncodeStats, encode_examples
 
@@ -114,15 +121,35 @@ def answer_han_share(examples: list[Example]) -> float | None:
     return len(_HAN.findall(chars)) / len(chars) if chars else None
 
 
+# The training files as the answer-language rule read them, handed on to the run's own read of
+# the same unchanged files (taken, not shared: that reader adds system prompts in place).
+_READ_AHEAD: dict[tuple, LoadResult] = {}
+
+
+def _read_key(paths: list[str], cfg: DataSection) -> tuple:
+    files = [f for f in expand_paths(paths)[0] if f.is_file()]
+    stamps = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+    return (tuple(paths), cfg.format, cfg.on_bad_record, cfg.dedup, stamps)
+
+
 def training_answers_han_share(cfg: DataSection) -> float | None:
-    """`answer_han_share` of the training files (before any split), for `for_answers`."""
-    res = load_files(data_files(cfg)[0], cfg.format, cfg.on_bad_record, cfg.dedup)
+    """`answer_han_share` of the training files (before any split), for `for_answers`; the files
+    read here are not read again by `load_split`."""
+    paths = data_files(cfg)[0]
+    res = load_files(paths, cfg.format, cfg.on_bad_record, cfg.dedup)
+    _READ_AHEAD.clear()
+    _READ_AHEAD[_read_key(paths, cfg)] = res
     return answer_han_share(res.examples)
+
+
+def _load_training(paths: list[str], cfg: DataSection) -> LoadResult:
+    ahead = _READ_AHEAD.pop(_read_key(paths, cfg), None)
+    return ahead or load_files(paths, cfg.format, cfg.on_bad_record, cfg.dedup)
 
 
 def load_split(cfg: DataSection) -> tuple[list[Example], list[Example], dict[str, Any]]:
     train_paths, eval_paths = data_files(cfg)
-    res = load_files(train_paths, cfg.format, cfg.on_bad_record, cfg.dedup)
+    res = _load_training(train_paths, cfg)
     counts: dict[str, Any] = {"train_files": _load_counts(res)}
     if eval_paths:
         eres = load_files(eval_paths, cfg.format, cfg.on_bad_record, cfg.dedup)
