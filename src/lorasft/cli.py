@@ -185,16 +185,14 @@ def _adapter_arg(text: str) -> tuple[str, str]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from transformers import AutoConfig
-
-    from lorasft.model.load import config_folder, resolve_model_path
+    from lorasft.model.load import config_folder, read_config, resolve_model_path
     from lorasft.model.plan import describe_plan
     from lorasft.model.precision import resolve_precision
     from lorasft.train.pipeline import settings_for_answers
 
     cfg, _ = settings_for_answers(_config(args.config, args.overrides))  # the LoRA training runs
     path = config_folder(cfg.model.path) or resolve_model_path(cfg.model.path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    config = read_config(path, cfg.model.trust_remote_code)
     precision = resolve_precision(cfg.train.precision)
     for line in describe_plan(config, cfg, precision, args.lengths, timed=not args.memory_only):
         print(line)

@@ -8,17 +8,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-from transformers import AutoConfig
 
 from lorasft.config import Config
 from lorasft.model.context import ContextPlan, context_window, original_window, plan_context
-from lorasft.model.load import resolve_model_path
+from lorasft.model.load import read_config, resolve_model_path
 from lorasft.model.reopen import base_spec, open_base
 
 
 def base_config(cfg: Config):
-    return AutoConfig.from_pretrained(resolve_model_path(cfg.model.path),
-                                      trust_remote_code=cfg.model.trust_remote_code)  # fmt: skip
+    return read_config(resolve_model_path(cfg.model.path), cfg.model.trust_remote_code)
 
 
 def window_and_plan(cfg: Config) -> tuple[int, ContextPlan | None]:

@@ -122,11 +122,9 @@ def context_window(config) -> int:
 def base_window(model_path, trust_remote_code: bool = False) -> int:
     """The window a base was trained with, read from its folder (a loaded run's config already
     carries the context extension)."""
-    from transformers import AutoConfig
+    from lorasft.model.load import read_config
 
-    return context_window(
-        AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    )
+    return context_window(read_config(model_path, trust_remote_code))
 
 
 def length_ladder(original: int, target: int | None) -> list[int]:

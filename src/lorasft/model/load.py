@@ -7,6 +7,7 @@ refuse a model that still carries GGUF quantizer marks.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import importlib.util
@@ -48,6 +49,19 @@ def default_gguf() -> Path:
     if not files:
         raise ModelError(f"no .gguf file inside the installed {DEFAULT_PACKAGE} package")
     return files[0]
+
+
+def read_config(path: str | Path, trust_remote_code: bool = False):
+    """A model folder's config: read once per folder and process (it is read by planning, the
+    context window, loading, the server's engines...), a copy to each caller (they extend it)."""
+    file = Path(path) / "config.json"
+    stamp = (file.stat().st_mtime_ns, file.stat().st_size) if file.is_file() else None
+    return copy.deepcopy(_config_of(str(path), trust_remote_code, stamp))
+
+
+@functools.lru_cache(maxsize=8)
+def _config_of(path: str, trust_remote_code: bool, stamp: tuple[int, int] | None):
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def resolve_model_path(path: str) -> Path:
@@ -239,7 +253,7 @@ def load_model(
         if attn_implementation.startswith("flash_attention"):
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     check_attention(attn_implementation, dtype)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config = read_config(path, trust_remote_code)
     if global_dropout is not None:
         set_global_dropout(config, global_dropout)
     quantized = quantization_config(quantization, dtype)

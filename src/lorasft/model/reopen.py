@@ -27,6 +27,7 @@ from lorasft.model.load import (
     attention_problem_here,
     load_model,
     load_tokenizer,
+    read_config,
     resolve_model_path,
 )
 from lorasft.model.precision import DTYPE_NAMES, base_dtype, dtype_name, resolve_precision
@@ -128,11 +129,8 @@ def read_base(path: str, dtype: str | None = None, trust_remote_code: bool = Fal
               quantization: str = "none") -> RunSpec:  # fmt: skip
     """A bare base (no adapter) with its own tokenizer, in the dtype its folder stores (or `dtype`),
     quantized as `quantization` (the runs served on it trained so)."""
-    from transformers import AutoConfig
-
     resolved = resolve_model_path(path)
-    stored = getattr(AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code),
-                     "dtype", None)  # fmt: skip
+    stored = getattr(read_config(resolved, trust_remote_code), "dtype", None)
     stored = stored if isinstance(stored, torch.dtype) else DTYPE_NAMES.get(str(stored), None)
     chosen = DTYPE_NAMES[dtype] if dtype else (stored or torch.float32)
     cfg = Config.model_validate({"model": {"path": path, "trust_remote_code": trust_remote_code,

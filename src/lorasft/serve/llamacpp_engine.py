@@ -36,7 +36,7 @@ import torch
 from lorasft.export.gguf import TYPES, check_llama, source_pre_type, write_gguf
 from lorasft.export.gguf_lora import ADAPTER_CONFIG, ADAPTER_FILE, check_lora, write_lora_gguf
 from lorasft.model.context import plan_context, rope_parameters
-from lorasft.model.load import ModelError, cache_root, weights_stamp
+from lorasft.model.load import ModelError, cache_root, read_config, weights_stamp
 from lorasft.model.reopen import RunSpec, open_base, read_specs, say, served_context
 from lorasft.run_files import replaced
 from lorasft.serve import DEFAULT_MAX_QUEUE
@@ -309,10 +309,7 @@ class GgufScorer:
 
 def served_config(spec: RunSpec, runs: list[RunSpec]):
     """The base's config as the runs extended it (RoPE scaling), read without loading weights."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(spec.base_path,
-                                        trust_remote_code=spec.cfg.model.trust_remote_code)  # fmt: skip
+    config = read_config(spec.base_path, spec.cfg.model.trust_remote_code)
     context = served_context(runs)
     plan = plan_context(config, context) if context is not None else None
     if plan is not None and plan.kind == "rope":
