@@ -292,7 +292,7 @@ class TrainSection(Section):
     def _known_metric(cls, v: str) -> str:
         name = v.removeprefix("eval_")
         if name not in BEST_METRICS:
-            raise ValueError(f"unknown metric {v!r}; choose one of {', '.join(BEST_METRICS)}")
+            raise ValueError(f"unknown metric {shown(v)}; choose one of {', '.join(BEST_METRICS)}")
         return f"eval_{name}"
 
     @model_validator(mode="after")
@@ -485,7 +485,7 @@ def _stage_error(prefix: str, cls: type[BaseModel], err: ValidationError) -> str
             )
         else:
             parts.append(f"{key}={shown(e.get('input'))}: {e['msg']}")
-    return "; ".join(parts)
+    return "; ".join(_bounded(parts))
 
 
 # Shorthands accepted on the command line, e.g. `lorasft train cfg.yaml resume=auto`.
@@ -507,6 +507,7 @@ def _section_keys(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
 
 
 MAX_ERRORS = 20  # lines of one invalid configuration shown; then how many more
+MAX_LINE = 400  # characters of one line (a validator's own message may quote a value whole)
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -521,8 +522,13 @@ def _format_errors(err: ValidationError, source: str) -> str:
         else:
             value = e.get("input")
             lines.append(f"{loc}={shown(value)}: {e['msg']}")
-    more = [f"... and {len(lines) - MAX_ERRORS} more"] if len(lines) > MAX_ERRORS else []
-    return f"invalid configuration ({source}):\n  " + "\n  ".join(lines[:MAX_ERRORS] + more)
+    return f"invalid configuration ({source}):\n  " + "\n  ".join(_bounded(lines))
+
+
+def _bounded(lines: list[str]) -> list[str]:
+    """At most MAX_ERRORS lines of at most MAX_LINE characters, then how many more."""
+    cut = [x if len(x) <= MAX_LINE else x[: MAX_LINE - 3] + "..." for x in lines[:MAX_ERRORS]]
+    return cut + ([f"... and {len(lines) - MAX_ERRORS} more"] if len(lines) > MAX_ERRORS else [])
 
 
 def parse_value(text: str, key: str = "") -> Any:
