@@ -91,8 +91,14 @@ def test_no_request_on_the_wire_breaks_the_ui(ui):
 
 def test_regressions(ui):
     """Found by `bench/fuzz.py --targets ui` (10 minutes, seed 18): a chat body that is not
-    UTF-8, sent without a JSON content type, was a 500 (FastAPI's handler echoed the bytes)."""
+    UTF-8, sent without a JSON content type, was a 500 (FastAPI's handler echoed the bytes).
+    And a body over 200 kB is refused before it is read whole."""
     for headers in ((("Authorization", "Bearer k"),),
                     (("Authorization", "Bearer k"), ("Content-Type", "text/plain"))):  # fmt: skip
         answer = send(ui.server.config.port, Wire("POST", "/api/chat", headers, b"\x80"))
         assert answer.status == 422 and "JSON object" in answer.json()["detail"], answer.body
+    # found while writing the wire harness: the dashboard read and parsed any body whole
+    big = Wire("POST", "/api/chat", (("Authorization", "Bearer k"),
+                                     ("Content-Type", "application/json")), b"[" * 300_000)  # fmt: skip
+    answer = send(ui.server.config.port, big)
+    assert answer.status == 413 and "200000 bytes" in answer.json()["error"]["message"]
