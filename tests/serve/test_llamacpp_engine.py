@@ -527,3 +527,26 @@ def test_response_format_constrains_the_answer_to_json(lc_live, stream):
     assert isinstance(json.loads(answer(response_format={"type": "json_object"})), dict)
     fmt = {"type": "json_schema", "json_schema": {"name": "place", "schema": SCHEMA}}
     assert json.loads(answer(response_format=fmt))["city"] in ("Paris", "Rome")
+
+
+def test_serve_reads_each_run_folder_once(two_runs, tmp_path, monkeypatch):
+    """`--engine auto` decides and then loads from one read of the run folders (it read them
+    twice: once to check llama.cpp could serve them, once to load)."""
+    import shutil
+
+    from lorasft.model import reopen
+    from lorasft.serve.engine_choice import EngineOptions, open_engine
+
+    odd = tmp_path / "odd"  # a DoRA adapter: llama.cpp says no, transformers serves it
+    shutil.copytree(two_runs[0], odd)
+    cfg = json.loads((odd / "adapter_config.json").read_text())
+    (odd / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    reads, real = [], reopen.read_run
+    monkeypatch.setattr(
+        reopen, "read_run", lambda d, *a, **k: reads.append(str(d)) or real(d, *a, **k)
+    )
+    engine = open_engine(None, [("odd", str(odd))], None, EngineOptions())
+    try:
+        assert engine.name == "transformers" and reads == [str(odd)]
+    finally:
+        engine.close()

