@@ -15,6 +15,7 @@ from lorasft.data.formats import DataError
 from lorasft.data.templates import TemplateError
 from lorasft.model.host_memory import release_freed_memory
 from lorasft.model.load import ModelError
+from lorasft.model.precision import DTYPE_NAMES
 from lorasft.serve import DEFAULT_MAX_QUEUE, ENGINES
 
 USER_ERRORS = (ConfigError, DataError, ModelError, TemplateError, FileNotFoundError)
@@ -239,7 +240,7 @@ _positive, _non_negative = _count(1), _count(0)
 
 
 def _dtype_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES),
                    help="open the base in this dtype instead of the one the run trained in")  # fmt: skip
 
 
@@ -308,7 +309,7 @@ def _add_export_parsers(sub) -> None:
         q.add_argument(
             "--weights", nargs="*", type=float, help="one weight per run (default 1.0 each)"
         )
-    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    m.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES))
     m.set_defaults(fn=cmd_merge)
     x.add_argument("--format", default="gguf", choices=["gguf"])
     x.add_argument("--type", default="f32", choices=["f32", "f16", "q8_0"])
