@@ -109,24 +109,11 @@ class KeyEcho:
 
 
 def test_passkey_grid_perfect_and_random_models(tiny_tokenizer, llama):
-    grid = passkey_grid(
-        KeyEcho(tiny_tokenizer),
-        tiny_tokenizer,
-        [600, 900],
-        [0.0, 0.5, 1.0],
-        trials=3,
-        reuse_prefix=False,
-    )
+    echo = {"lengths": [600, 900], "depths": [0.0, 0.5, 1.0], "trials": 3, "reuse_prefix": False}
+    grid = passkey_grid(KeyEcho(tiny_tokenizer), tiny_tokenizer, **echo)
     assert grid["accuracy"] == [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
     assert len(grid["records"]) == 18 and len({r["key"] for r in grid["records"]}) > 1
-    again = passkey_grid(
-        KeyEcho(tiny_tokenizer),
-        tiny_tokenizer,
-        [600, 900],
-        [0.0, 0.5, 1.0],
-        trials=3,
-        reuse_prefix=False,
-    )
+    again = passkey_grid(KeyEcho(tiny_tokenizer), tiny_tokenizer, **echo)
     assert [r["key"] for r in again["records"]] == [r["key"] for r in grid["records"]]  # seeded
     # An untrained model does not write the key: 0% in every cell, same shape.
     dumb = passkey_grid(llama, tiny_tokenizer, [600], [0.0, 1.0], trials=1, max_new_tokens=4)
