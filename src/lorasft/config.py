@@ -57,7 +57,10 @@ SHOWN.maxstring, SHOWN.maxother, SHOWN.maxlist, SHOWN.maxdict, SHOWN.maxlevel = 
 
 def shown(value: Any, limit: int = 120) -> str:
     """A value as an error message quotes it: repr, bounded in depth and length."""
-    text = SHOWN.repr(value)
+    return _cut(SHOWN.repr(value), limit)
+
+
+def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -527,7 +530,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
 
 def _bounded(lines: list[str]) -> list[str]:
     """At most MAX_ERRORS lines of at most MAX_LINE characters, then how many more."""
-    cut = [x if len(x) <= MAX_LINE else x[: MAX_LINE - 3] + "..." for x in lines[:MAX_ERRORS]]
+    cut = [_cut(x, MAX_LINE) for x in lines[:MAX_ERRORS]]
     return cut + ([f"... and {len(lines) - MAX_ERRORS} more"] if len(lines) > MAX_ERRORS else [])
 
 
