@@ -85,15 +85,19 @@ def sections() -> list[str]:
     return list(Config.model_fields)
 
 
-def _section_doc(name: str) -> str:
+def _section(name: str) -> tuple[type[BaseModel], str]:
+    """A top-level section's model and the prefix its keys take (`stages[].` for the list)."""
     t = Config.model_fields[name].annotation
-    t = get_args(t)[0] if get_origin(t) is list else t
-    doc = t.__doc__ if t.__doc__ != BaseModel.__doc__ else ""
-    return _one_line(doc)
+    return (get_args(t)[0], f"{name}[].") if get_origin(t) is list else (t, f"{name}.")
+
+
+def _section_doc(name: str) -> str:
+    t = _section(name)[0]
+    return _one_line(t.__doc__ if t.__doc__ != BaseModel.__doc__ else "")
 
 
 def _of(section: str) -> list[Key]:
-    return [k for k in keys() if k.name.split(".")[0].removesuffix("[]") == section]
+    return keys(*_section(section))
 
 
 def text(section: str | None = None) -> str:
