@@ -143,7 +143,7 @@ def training_answers_han_share(cfg: DataSection) -> float | None:
 
 
 def _load_training(paths: list[str], cfg: DataSection) -> LoadResult:
-    ahead = _READ_AHEAD.pop(_read_key(paths, cfg), None)
+    ahead = _READ_AHEAD.pop(_read_key(paths, cfg), None) if _READ_AHEAD else None
     return ahead or load_files(paths, cfg.format, cfg.on_bad_record, cfg.dedup)
 
 
