@@ -42,7 +42,8 @@ from lorasft.eval.long_card import card_lines
 
 
 def config_text(data: Path, steps: list[int], lengths: list[int], stage_lengths: list[int],
-                trials: int, target: int, passkey_lengths: list[int]) -> str:  # fmt: skip
+                trials: int, target: int, passkey_lengths: list[int],
+                before: bool = True) -> str:  # fmt: skip
     stages = "\n".join(
         f"  - {{name: long-{n}, data: {{train_file: {data / 'train.jsonl'}, format: text, "
         f"max_length: {n}, val_ratio: 0}}, train: {{max_steps: {k}, batch_size: 1, grad_accum: 1}}}}"
@@ -56,7 +57,7 @@ train: {{learning_rate: 2.0e-4, lr_scheduler: constant, warmup_ratio: 0.0, save_
         load_best_model_at_end: false, logging_steps: 1, gradient_checkpointing: true}}
 eval: {{num_samples: 0, compare_base: false, long_data: [{data / "eval.jsonl"}],
        long_lengths: {lengths}, long_windows: 2, long_scored: 512, passkey_trials: {trials},
-       passkey_lengths: {passkey_lengths}}}
+       passkey_lengths: {passkey_lengths}, passkey_before: {str(before).lower()}}}
 output: {{dir: {data.parent / "runs"}, name: long16k}}
 stages:
 {stages}
@@ -117,6 +118,12 @@ def main() -> None:
         "their rendered documentation (the run of 2026-11-28)",
     )
     p.add_argument("--target", type=int, default=16384, help="context.target_length")
+    p.add_argument(
+        "--passkey-before",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="passkey also for the base with YaRN untrained (as costly as the tuned run's grid)",
+    )
     a = p.parse_args()
     data = a.out / "data"
     write(data, a.train_text)
@@ -130,6 +137,7 @@ def main() -> None:
             a.trials,
             a.target,
             a.passkey_lengths,
+            a.passkey_before,
         )
     )
     start = time.perf_counter()

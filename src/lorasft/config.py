@@ -374,6 +374,10 @@ class EvalSection(Section):
     passkey_lengths: list[Annotated[int, Field(ge=2)]] | None = None
     """Lengths for passkey retrieval; None: the perplexity lengths. (A trial at 16k is one 16k-token
     forward pass: naming only the longest length makes 50+ trials affordable on a CPU.)"""
+    passkey_before: bool = True
+    """Passkey also for the base with the scaling untrained (the "before"; as costly as the tuned
+    run's grid). The base inside its own window, the report card's reference, is tried either
+    way whenever passkey reaches that window."""
 
 
 class ContextSection(Section):

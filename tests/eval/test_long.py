@@ -246,10 +246,17 @@ def test_eval_long_after_training_and_from_cli(tiny_llama_dir, tmp_path, precisi
     text.write_text(read_documents(None)[0][:6000], encoding="utf-8")
     for name in lc["plots"]:
         (run / name).unlink()
+    # eval.passkey_before: false drops the untrained base's grid, never the card's reference
+    saved = (run / "config.yaml").read_text()
+    assert "passkey_before: true" in saved
+    (run / "config.yaml").write_text(saved.replace("passkey_before: true", "passkey_before: false"))
     assert main(["eval", str(run), "--num-samples", "0", "--long", "--long-data", str(text),
-                 "--lengths", "64", "128", "--trials", "1", "--depths", "0.5", "--protocol", "sliding"]) == 0  # fmt: skip
+                 "--lengths", "64", "128", "--passkey-lengths", "64", "256", "--trials", "1",
+                 "--depths", "0.5", "--protocol", "sliding"]) == 0  # fmt: skip
     ev = json.loads((run / "eval_results.json").read_text())["long_context"]
     assert ev["lengths"] == [64, 128] and ev["passkey"]["accuracy"] == [[0.0], [0.0]]
+    assert ev["passkey"]["lengths"] == [64, 256]
+    assert ev["passkey_base"] is None and ev["passkey_base_window"]["lengths"] == [256]
     assert ev["perplexity"]["tuned"]["128"]["perplexity"] is not None
     assert (run / "passkey.png").read_bytes()[:8] == PNG
 
