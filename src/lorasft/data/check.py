@@ -47,7 +47,8 @@ def control_text(examples: list[Example], tok) -> list[str]:
 def check(cfg: DataSection, tok) -> dict[str, Any]:
     """Everything `data check` prints, as a dict; `ok` is False when there are bad records."""
     train_paths, eval_paths = data_files(cfg)
-    res = load_files(train_paths + eval_paths, cfg.format, "skip", cfg.dedup)
+    res = load_files(train_paths + eval_paths, cfg.format, "skip", cfg.dedup,
+                     cfg.allow_download)  # fmt: skip
     # what training sees: the configured system prompt included
     enc, stats = encode(add_system_prompt(res.examples, cfg), tok, cfg)
     prompt_lens = [e.response_start for e in enc if e.response_start]

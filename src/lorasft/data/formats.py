@@ -1,4 +1,5 @@
-"""Read JSON / JSONL files and normalise alpaca, chat, ShareGPT and raw-text records.
+"""Read data files (JSON / JSONL / text here; Parquet, CSV, Arrow, saved datasets and Hub
+datasets through data/sources.py) and normalise alpaca, chat, ShareGPT and raw-text records.
 
 Every record becomes an `Example`: either a conversation (`messages`, roles system/user/assistant)
 or a raw `text`. A record that cannot be used becomes a `BadRecord` naming file, line or index,
@@ -14,8 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorasft.data.errors import DataError
+from lorasft.data.sources import (
+    TABLE_SUFFIXES,
+    CsvShape,
+    hub_files,
+    is_hub,
+    read_saved,
+    read_table,
+    saved_dataset,
+    split_of,
+)
+
 TEXT_SUFFIXES = (".txt", ".md")
-DATA_SUFFIXES = (".json", ".jsonl", *TEXT_SUFFIXES)  # what a folder given as data contributes
+# what a folder given as data contributes
+DATA_SUFFIXES = (".json", ".jsonl", *TEXT_SUFFIXES, *TABLE_SUFFIXES)
 # byte-order marks of the encodings that are not UTF-8 (UTF-32's first: it starts as UTF-16's)
 OTHER_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32 LE"), (b"\x00\x00\xfe\xff", "UTF-32 BE"),
               (b"\xff\xfe", "UTF-16 LE"), (b"\xfe\xff", "UTF-16 BE"))  # fmt: skip
@@ -24,8 +38,18 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "system": "system", "chatgpt": "assistant", "bing": "assistant"}  # fmt: skip
 
 
-class DataError(ValueError):
-    """Bad data with `on_bad_record: error`, or a file that cannot be read at all."""
+__all__ = ["DataError"]  # raised by every reader; imported from here by the rest of lorasft
+
+
+@dataclass(frozen=True)
+class Saved:
+    """A folder written by `datasets`' save_to_disk (and the split to read of a DatasetDict)."""
+
+    folder: Path
+    split: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.folder}:{self.split}" if self.split else str(self.folder)
 
 
 @dataclass
@@ -71,15 +95,21 @@ class LoadResult:
     """Files inside folders given as data that were not read (other suffixes)."""
 
 
-def read_records(path: Path) -> tuple[list[tuple[str, Any]], list[BadRecord], bool]:
-    """(source, parsed object) pairs of a JSON array or JSONL file, the lines that did not parse,
-    and whether a UTF-8 BOM was stripped."""
+def read_records(path: Path | Saved) -> tuple[list[tuple[str, Any]], list[BadRecord], bool]:
+    """(source, parsed object) pairs of a JSON array or JSONL file (or a table, a saved dataset),
+    the lines that did not parse, and whether a UTF-8 BOM was stripped."""
+    if isinstance(path, Saved):
+        return read_saved(path.folder, path.split), [], False
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     raw = path.read_bytes()
+    if path.suffix.lower() in (".parquet", ".arrow"):  # binary: no text encoding to check
+        return read_table(path, raw), [], False
     check_encoding(path, raw)
     bom = raw.startswith(b"\xef\xbb\xbf")
     raw = raw[3:] if bom else raw
+    if path.suffix.lower() == ".csv":
+        return read_table(path, raw), [], bom
     if path.suffix.lower() in TEXT_SUFFIXES:  # a plain text file is one raw-text document
         return [(str(path), {"text": _decode(path, raw)})], [], bom
     if raw.lstrip()[:1] == b"[":
@@ -267,9 +297,9 @@ def _fix_crlf(ex: Example) -> bool:
 
 
 def load_file(
-    path: str | Path, fmt: str = "auto"
+    path: str | Path | Saved, fmt: str = "auto"
 ) -> tuple[list[Example], list[BadRecord], FileReport]:
-    path = Path(path)
+    path = path if isinstance(path, Saved) else Path(path)
     records, bad, bom = read_records(path)
     if not records and not bad:
         raise DataError(f"{path}: no records")
@@ -277,6 +307,9 @@ def load_file(
     report = FileReport(str(path), fmt, bom=bom)
     examples = []
     for src, rec in records:
+        if isinstance(rec, CsvShape):
+            bad.append(BadRecord(src, "<row>", rec.reason))
+            continue
         try:
             ex = normalise(rec, fmt)
         except _Bad as b:
@@ -296,22 +329,45 @@ def _position(b: BadRecord) -> int:
     return int(m.group(1) or m.group(2)) if m else 0
 
 
-def expand_paths(paths: list[str]) -> tuple[list[Path], list[str]]:
-    """The files to read: a folder becomes the data files under it (recursively, in name order,
-    hidden ones left out), each with its own format; its other files are returned as ignored."""
-    out, ignored = [], []
-    for p in map(Path, paths):
-        if not p.is_dir():
-            out.append(p)
+def expand_paths(
+    paths: list[str], allow_download: bool = False
+) -> tuple[list[Path | Saved], list[str]]:
+    """The files to read: `hub:owner/name[:split]` becomes the split's files in the local Hugging
+    Face cache; a folder written by save_to_disk (`folder` or `folder:split`) is read as one; any
+    other folder becomes the data files under it (recursively, in name order, hidden ones left
+    out, saved datasets inside it read as such), each with its own format; its other files are
+    returned as ignored."""
+    out: list[Path | Saved] = []
+    ignored: list[str] = []
+    for spec in paths:
+        if is_hub(spec):
+            out += hub_files(spec, allow_download)
             continue
-        found = sorted(f for f in p.rglob("*") if f.is_file()
-                       and not any(part.startswith(".") for part in f.relative_to(p).parts))  # fmt: skip
-        data = [f for f in found if f.suffix.lower() in DATA_SUFFIXES]
-        if not data:
-            raise DataError(f"{p}: a folder with no data files (read: {', '.join(DATA_SUFFIXES)})")
-        out += data
-        ignored += [str(f) for f in found if f.suffix.lower() not in DATA_SUFFIXES]
+        p, split = split_of(spec)
+        if p.is_dir() and (split or saved_dataset(p)):
+            out.append(Saved(p, split))
+        elif p.is_dir():
+            data, other = _folder_data(p)
+            out += data
+            ignored += other
+        else:
+            out.append(p)
     return out, ignored
+
+
+def _folder_data(p: Path) -> tuple[list[Path | Saved], list[str]]:
+    def shown(f: Path) -> bool:  # hidden files and folders are left out
+        return not any(part.startswith(".") for part in f.relative_to(p).parts)
+
+    saved = [d for d in p.rglob("*") if d.is_dir() and shown(d) and saved_dataset(d)]
+    saved = [d for d in saved if not any(s in d.parents for s in saved)]  # the outermost
+    found = sorted(f for f in p.rglob("*") if f.is_file() and shown(f)
+                   and not any(d in f.parents for d in saved))  # fmt: skip
+    data = [f for f in found if f.suffix.lower() in DATA_SUFFIXES]
+    if not data and not saved:
+        raise DataError(f"{p}: a folder with no data files (read: {', '.join(DATA_SUFFIXES)})")
+    every: list[Path | Saved] = [*data, *(Saved(d) for d in saved)]
+    return sorted(every, key=str), [str(f) for f in found if f.suffix.lower() not in DATA_SUFFIXES]
 
 
 def ignored_line(ignored: list[str], limit: int = 5) -> str | None:
@@ -323,9 +379,10 @@ def ignored_line(ignored: list[str], limit: int = 5) -> str | None:
             f"{', '.join(ignored[:limit])}{more}")  # fmt: skip
 
 
-def load_files(paths: list[str], fmt: str, on_bad_record: str, dedup: bool) -> LoadResult:
+def load_files(paths: list[str], fmt: str, on_bad_record: str, dedup: bool,
+               allow_download: bool = False) -> LoadResult:  # fmt: skip
     result = LoadResult()
-    files, result.ignored = expand_paths(paths)
+    files, result.ignored = expand_paths(paths, allow_download)
     for p in files:
         examples, bad, report = load_file(p, fmt)
         result.examples += examples

@@ -15,6 +15,7 @@ from lorasft.data.formats import (
     DataError,
     Example,
     LoadResult,
+    Saved,
     expand_paths,
     ignored_line,
     load_files,
@@ -126,8 +127,14 @@ def answer_han_share(examples: list[Example]) -> float | None:
 _READ_AHEAD: dict[tuple, LoadResult] = {}
 
 
+def _read(paths: list[str], cfg: DataSection) -> LoadResult:
+    return load_files(paths, cfg.format, cfg.on_bad_record, cfg.dedup, cfg.allow_download)
+
+
 def _read_key(paths: list[str], cfg: DataSection) -> tuple:
-    files = [f for f in expand_paths(paths)[0] if f.is_file()]
+    entries = expand_paths(paths, cfg.allow_download)[0]
+    files = [f for e in entries for f in (sorted(e.folder.rglob("*")) if isinstance(e, Saved)
+                                          else [e]) if f.is_file()]  # fmt: skip
     stamps = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
     return (tuple(paths), cfg.format, cfg.on_bad_record, cfg.dedup, stamps)
 
@@ -136,7 +143,7 @@ def training_answers_han_share(cfg: DataSection) -> float | None:
     """`answer_han_share` of the training files (before any split), for `for_answers`; the files
     read here are not read again by `load_split`."""
     paths = data_files(cfg)[0]
-    res = load_files(paths, cfg.format, cfg.on_bad_record, cfg.dedup)
+    res = _read(paths, cfg)
     _READ_AHEAD.clear()
     _READ_AHEAD[_read_key(paths, cfg)] = res
     return answer_han_share(res.examples)
@@ -144,7 +151,7 @@ def training_answers_han_share(cfg: DataSection) -> float | None:
 
 def _load_training(paths: list[str], cfg: DataSection) -> LoadResult:
     ahead = _READ_AHEAD.pop(_read_key(paths, cfg), None) if _READ_AHEAD else None
-    return ahead or load_files(paths, cfg.format, cfg.on_bad_record, cfg.dedup)
+    return ahead or _read(paths, cfg)
 
 
 def load_split(cfg: DataSection) -> tuple[list[Example], list[Example], dict[str, Any]]:
@@ -152,7 +159,7 @@ def load_split(cfg: DataSection) -> tuple[list[Example], list[Example], dict[str
     res = _load_training(train_paths, cfg)
     counts: dict[str, Any] = {"train_files": _load_counts(res)}
     if eval_paths:
-        eres = load_files(eval_paths, cfg.format, cfg.on_bad_record, cfg.dedup)
+        eres = _read(eval_paths, cfg)
         counts["eval_files"] = _load_counts(eres)
         return res.examples, eres.examples, counts
     train, evals = split(res.examples, cfg.val_ratio, cfg.seed)

@@ -11,12 +11,12 @@ import torch
 
 from lorasft.config import Config
 from lorasft.model.context import ContextPlan, context_window, original_window, plan_context
-from lorasft.model.load import read_config, resolve_model_path
+from lorasft.model.load import model_folder, read_config
 from lorasft.model.reopen import base_spec, open_base
 
 
 def base_config(cfg: Config):
-    return read_config(resolve_model_path(cfg.model.path), cfg.model.trust_remote_code)
+    return read_config(model_folder(cfg.model), cfg.model.trust_remote_code)
 
 
 def window_and_plan(cfg: Config) -> tuple[int, ContextPlan | None]:

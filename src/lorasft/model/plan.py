@@ -377,12 +377,12 @@ def step_seconds(config, s: int, b: int, span: int, checkpointing: bool, rates: 
 def step_plan(cfg: Config, length: int, config=None, rates: Rates | None = None) -> dict:
     """Estimated peak bytes and seconds for one optimizer step at `length` (batch_size x
     grad_accum sequences), for the attention the run trains with."""
-    from lorasft.model.load import read_config, resolve_model_path
+    from lorasft.model.load import model_folder, read_config
     from lorasft.model.precision import resolve_precision
     from lorasft.model.s2attn import group_tokens
 
     if config is None:
-        config = read_config(resolve_model_path(cfg.model.path), cfg.model.trust_remote_code)
+        config = read_config(model_folder(cfg.model), cfg.model.trust_remote_code)
     precision, t = resolve_precision(cfg.train.precision), cfg.train
     ckpt = t.gradient_checkpointing
     (row,) = memory_table(config, cfg, [length], precision)

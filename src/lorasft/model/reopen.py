@@ -27,6 +27,7 @@ from lorasft.model.load import (
     attention_problem_here,
     load_model,
     load_tokenizer,
+    model_folder,
     read_config,
     resolve_model_path,
 )
@@ -121,7 +122,7 @@ def read_run(run_dir: str | Path, dtype: str | None = None, what: str = "run") -
         say(f"{run.name}: base dtype {source} {dtype_name(trained)}")
     tok = load_tokenizer(run, cfg.model.trust_remote_code)
     attn = usable_attention(cfg.model.attn_implementation, chosen)
-    path = resolve_model_path(cfg.model.path)
+    path = model_folder(cfg.model)
     return RunSpec(run.name, cfg.last_stage(), path, tok, chosen, attn, run)
 
 
@@ -142,7 +143,7 @@ def read_base(path: str, dtype: str | None = None, trust_remote_code: bool = Fal
 def base_spec(cfg: Config, dtype: torch.dtype) -> RunSpec:
     """A run's base alone, as its config opens it in `dtype` (for comparisons with the base)."""
     attn = usable_attention(cfg.model.attn_implementation, dtype)
-    return RunSpec("base", cfg, resolve_model_path(cfg.model.path), None, dtype, attn)
+    return RunSpec("base", cfg, model_folder(cfg.model), None, dtype, attn)
 
 
 def frozen_dtype(model) -> torch.dtype:

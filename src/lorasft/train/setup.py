@@ -14,7 +14,7 @@ from transformers import set_seed
 from lorasft.config import Config, ConfigError, TrainSection
 from lorasft.data.templates import attach_template
 from lorasft.model.context import apply_context, context_modules_to_save
-from lorasft.model.load import load_model, load_tokenizer, resolve_model_path
+from lorasft.model.load import load_model, load_tokenizer, model_folder
 from lorasft.model.lora import apply_lora
 from lorasft.model.precision import base_dtype, resolve_precision
 from lorasft.train.checkpoints import find_resume, find_staged_run, new_run_dir
@@ -78,7 +78,7 @@ def tokenizer_for(cfg: Config, model_path: Path):
 def prepare_model_and_tokenizer(cfg: Config):
     """`(base path, precision, tokenizer, LoRA model)`: the base in the precision's dtype, its
     context extended, checkpointing on when asked, LoRA applied."""
-    model_path = resolve_model_path(cfg.model.path)  # may convert a GGUF, drawing from the RNG
+    model_path = model_folder(cfg.model)  # may convert a GGUF, drawing from the RNG
     # LoRA's init (and a context's new weights) draw from the RNG before Trainer seeds it: seeded
     # here, after any conversion, a run that converts trains as one that finds the cached folder
     set_seed(cfg.train.seed)

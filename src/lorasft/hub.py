@@ -1,0 +1,31 @@
+"""Hub ids (models `owner/name` or `hub:owner/name`, datasets `hub:owner/name[:split]`) resolved
+in the local Hugging Face cache. Offline by default: nothing is downloaded at run time unless the
+user's `allow_download` setting asks."""
+
+from __future__ import annotations
+
+import re
+
+HUB_PREFIX = "hub:"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hub_snapshot(repo: str, repo_type: str, allow_download: bool, named: str,
+                 error: type[Exception]) -> str:  # fmt: skip
+    """The cached snapshot folder of a Hub repository; downloaded only with `allow_download`.
+    A repository not cached is an error naming it and the command that fetches it."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    kind = " --repo-type dataset" if repo_type == "dataset" else ""
+    try:
+        return snapshot_download(repo, repo_type=repo_type, local_files_only=not allow_download)
+    except LocalEntryNotFoundError:
+        setting = "data.allow_download" if repo_type == "dataset" else "model.allow_download"
+        raise error(
+            f"{named}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}); fetch it "
+            f"with `hf download {repo}{kind}`, or set {setting}: true to let lorasft download it"
+        ) from None
+    except (OSError, ValueError) as e:  # allowed to download: offline, no such repo, no access
+        raise error(f"{named}: download failed ({str(e).strip()[:300]}); fetch it with "
+                    f"`hf download {repo}{kind}`") from None  # fmt: skip
