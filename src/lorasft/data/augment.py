@@ -13,14 +13,20 @@ import re
 import sys
 from functools import cache
 
-from lorasft.data.formats import Example
+from lorasft.data.formats import DataError, Example
 
 WORD = re.compile(r"\w", re.UNICODE)
 
 
 @cache
 def _jieba():
-    import jieba
+    try:
+        import jieba
+    except ImportError:
+        raise DataError(
+            "data.augment.ratio > 0 segments text into words with jieba, which is not "
+            "installed: pip install 'lorasft[augment]'"
+        ) from None
 
     jieba.setLogLevel(60)
     return jieba
