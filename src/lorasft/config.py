@@ -7,6 +7,7 @@ closest valid key instead of a setting that silently does nothing.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import re
 import reprlib
 from pathlib import Path
@@ -302,6 +303,20 @@ class TrainSection(Section):
     """Path to a DeepSpeed JSON config (ZeRO stage etc.), passed to TrainingArguments.deepspeed."""
     resume: str | None = None
     """`auto` (latest checkpoint of the latest run with this name) or a run/checkpoint folder."""
+    report_to: list[Literal["tensorboard", "mlflow", "trackio", "wandb", "swanlab"]] | None = None
+    """Experiment trackers the Trainer logs to, lorasft's final metrics included; None: TensorBoard
+    when installed. wandb runs offline unless WANDB_MODE says otherwise; MLflow logs one run per
+    lorasft run at MLFLOW_TRACKING_URI (docs/run-folder.md)."""
+
+    @field_validator("report_to")
+    @classmethod
+    def _installed(cls, v: list[str] | None) -> list[str] | None:
+        missing = [name for name in v or [] if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ValueError(
+                f"not installed: {', '.join(missing)} (pip install {' '.join(missing)})"
+            )
+        return v
 
     @field_validator("metric_for_best_model")
     @classmethod

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from datasets import Dataset
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
-from transformers.integrations import is_tensorboard_available
 
 from lorasft.config import Config, ConfigError, TrainSection
 from lorasft.data.collate import PadCollator
@@ -25,6 +24,7 @@ from lorasft.model.plan import choose_micro_batch
 from lorasft.model.s2attn import s2_training
 from lorasft.train.launch import decided_by_rank0, say
 from lorasft.train.progress import ProgressFile, on_terminal, readable_progress
+from lorasft.train.trackers import report_to
 from lorasft.train.trainer import GenerationScores, SupervisedTrainer
 
 TB_VARIABLE = "TENSORBOARD_LOGGING_DIR"
@@ -198,7 +198,8 @@ def training_arguments(t: TrainSection, run_dir: Path, precision: str, neftune: 
         neftune_noise_alpha=neftune,
         remove_unused_columns=False,
         prediction_loss_only=True,  # logits are kept only at supervised positions
-        report_to=["tensorboard"] if is_tensorboard_available() else [],
+        report_to=report_to(t.report_to),
+        run_name=run_dir.name,
         dataloader_pin_memory=torch.cuda.is_available(),
         # On a CPU-only machine this is what makes torchrun/accelerate run DDP over gloo.
         use_cpu=not torch.cuda.is_available(),

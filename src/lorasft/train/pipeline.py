@@ -25,6 +25,7 @@ from lorasft.train.setup import (
     run_dir_and_checkpoint,
 )
 from lorasft.train.stages import train_stages
+from lorasft.train.trackers import log_final, report_to, tracking
 
 SHARDED = ("FSDP", "DEEPSPEED")
 
@@ -45,18 +46,21 @@ def train(cfg: Config) -> TrainOutcome:
     params = trainable_summary(model)
     say(f"[lorasft] model {model_path} ({precision}); trainable parameters "
         f"{params['trainable']:,} of {params['total']:,} ({params['share']:.2%})")  # fmt: skip
-    if cfg.stages:
-        out = train_stages(cfg, model, tok, run_dir, precision, model_path, state.is_main_process)
-    else:
-        out = fit(cfg, model, tok, run_dir, precision, checkpoint)
-    out.is_main = state.is_main_process
-    out.info.update(precision=precision, base_model=str(model_path), parameters=params,
-                    processes=state.num_processes, by_answer_language=by_answers,
-                    quantization=cfg.model.quantization)  # fmt: skip
-    save_adapter(out, tok)
-    leave_process_group()
-    if out.is_main:
-        finish(out, cfg)
+    trackers = report_to(cfg.train.report_to)
+    with tracking(trackers, run_dir, cfg.output.name, state.is_main_process):
+        if cfg.stages:
+            out = train_stages(cfg, model, tok, run_dir, precision, model_path,
+                               state.is_main_process)  # fmt: skip
+        else:
+            out = fit(cfg, model, tok, run_dir, precision, checkpoint)
+        out.is_main = state.is_main_process
+        out.info.update(precision=precision, base_model=str(model_path), parameters=params,
+                        processes=state.num_processes, by_answer_language=by_answers,
+                        quantization=cfg.model.quantization)  # fmt: skip
+        save_adapter(out, tok)
+        leave_process_group()
+        if out.is_main:
+            log_final(out.trainer, finish(out, cfg))
     return out
 
 
@@ -99,8 +103,8 @@ def check_saved(run_dir: Path) -> None:
         )
 
 
-def finish(out: TrainOutcome, cfg: Config) -> None:
-    """Rank 0, alone: evaluate and write results.json, the plots and samples."""
+def finish(out: TrainOutcome, cfg: Config) -> dict:
+    """Rank 0, alone: evaluate and write results.json, the plots and samples; the results."""
     from lorasft.eval.finish import finish_run
 
     if out.info.get("distributed") in SHARDED:  # evaluate the saved adapter, not this rank's shard
@@ -111,5 +115,5 @@ def finish(out: TrainOutcome, cfg: Config) -> None:
         unset_hf_deepspeed_config()  # load whole, not partitioned over the ranks that have left
         out.model = open_run(out.run_dir).model
     d = out.data
-    finish_run(out.run_dir, out.model, out.tokenizer, cfg, d.eval_examples, d.eval,
-               out.log_history, out.info, d.counts)  # fmt: skip
+    return finish_run(out.run_dir, out.model, out.tokenizer, cfg, d.eval_examples, d.eval,
+                      out.log_history, out.info, d.counts)  # fmt: skip
