@@ -5,7 +5,7 @@ STAMP := $(VENV)/.lorasft-installed
 TEST_STAMP := $(VENV)/.lorasft-test-installed
 LLAMA_SERVER := $(VENV)/bin/llama-server
 
-.PHONY: demo test bench llama-server browser clean-venv
+.PHONY: demo test bench llama-server browser go clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ demo: $(STAMP)
 browser:
 	@(command -v chromium >/dev/null && fc-list :lang=zh 2>/dev/null | grep -q .) || scripts/install_chromium.sh
 
+# Go's text/template renders the Ollama Modelfile's TEMPLATE in the tests, as Ollama does: Debian's
+# golang-go (16 s to install here).
+go:
+	@command -v go >/dev/null || scripts/install_go.sh
+
 # Two pytest workers (pytest-xdist), one test file each at a time, one CPU thread each: most
 # tests are small models and subprocesses that keep one core busy at most, so two files at once
 # use both cores. Then, alone, the few tests that assert how soon something happens (marked
@@ -58,7 +63,7 @@ browser:
 # llama.cpp's AMX crash).
 TEST_ENV := LORASFT_REQUIRE_LLAMA_SERVER=1 LORASFT_REQUIRE_BROWSER=1 $(TORCH_EXT)
 
-test: $(TEST_STAMP) $(LLAMA_SERVER) browser
+test: $(TEST_STAMP) $(LLAMA_SERVER) browser go
 	$(TEST_ENV) OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --max-worker-restart=0 -m "not timing"
 	$(TEST_ENV) $(VENV)/bin/python -m pytest -q -m timing
 

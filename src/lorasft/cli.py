@@ -281,6 +281,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "ollama":
+        from lorasft.export.ollama import export_ollama
+
+        out = export_ollama([args.run_dir, *args.also], args.out, args.type, args.weights)
+        print(f"Ollama folder written: {out} (ollama create NAME -f {out / 'Modelfile'})")
+        return 0
     from lorasft.export.gguf import export_gguf
 
     out = export_gguf([args.run_dir, *args.also], args.out, args.type, args.weights)
@@ -302,7 +308,11 @@ def _add_export_parsers(sub) -> None:
     x = sub.add_parser("export", help="export the merged model as GGUF (llama architecture)")
     for q in (m, x):
         q.add_argument("run_dir")
-        q.add_argument("--out", required=True, help="output folder (merge) or .gguf file (export)")
+        q.add_argument(
+            "--out",
+            required=True,
+            help="output folder (merge, export --format ollama) or .gguf file (export)",
+        )
         q.add_argument(
             "--also", nargs="*", default=[], help="more runs of the same base, merged in order"
         )
@@ -311,7 +321,9 @@ def _add_export_parsers(sub) -> None:
         )
     m.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES))
     m.set_defaults(fn=cmd_merge)
-    x.add_argument("--format", default="gguf", choices=["gguf"])
+    x.add_argument("--format", default="gguf", choices=["gguf", "ollama"],
+                   help="gguf: one .gguf file; ollama: a folder with model.gguf and a Modelfile "
+                   "(the run's chat template, stop tokens and system prompt)")  # fmt: skip
     x.add_argument("--type", default="f32", choices=["f32", "f16", "q8_0"])
     x.set_defaults(fn=cmd_export)
     v = sub.add_parser("verify", help="check merged / GGUF / served forms answer like the run")

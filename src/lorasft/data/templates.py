@@ -104,7 +104,7 @@ def spells_control(text: str, tokens: list[str]) -> str | None:
     return min(hits)[1] if hits else None
 
 
-_MARK = "\ue000{}\ue001"  # private-use characters around a field's number: no template writes them
+MARK = "\ue000{}\ue001"  # private-use characters around a field's number: no template writes them
 
 
 def message_texts(messages: list[dict[str, Any]]) -> list[tuple[int, str]]:
@@ -130,7 +130,7 @@ def render_with_spans(messages: list[dict[str, Any]], tokenizer, add_generation_
         return text, []
     marked = [dict(m) for m in messages]
     for n, (i, k) in enumerate(fields):
-        marked[i][k] = _MARK.format(n)
+        marked[i][k] = MARK.format(n)
     template = render(marked, tokenizer, add_generation_prompt)
     for variant in (str, str.strip):
         rebuilt, spans = "", []
