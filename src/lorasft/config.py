@@ -187,6 +187,12 @@ class LoraSection(Section):
     """Rank-stabilised LoRA: scale by alpha / sqrt(r)."""
     use_dora: bool = False
     """DoRA: weight-decomposed LoRA (magnitude and direction)."""
+    init: Literal["default", "gaussian", "orthogonal", "pissa", "olora"] = "default"
+    """How A and B start (PEFT's init_lora_weights): default (A random, B zero: the adapter starts
+    as a no-op), gaussian, orthogonal; pissa (the weight's principal singular directions) and
+    olora (a QR decomposition of the weight) move that part out of the base while training and
+    are saved converted into a plain LoRA of rank 2r on the unchanged base, which every later
+    step (eval, merge, export, serve) uses."""
     modules_to_save: list[str] | None = None
     """Modules trained in full and saved with the adapter, e.g. [lm_head]."""
     by_answer_language: bool = True
@@ -195,6 +201,9 @@ class LoraSection(Section):
     HAN_ANSWERS' values (every linear layer, rank 16, alpha 32, NEFTune 5), which scored higher
     on such answers; false: the defaults whatever the answers."""
 
+
+BASE_MUTATING_INIT = ("pissa", "olora")
+"""lora.init values that move part of the base weights into the adapter (saved converted)."""
 
 HAN_ANSWERS = {"lora": {"target_modules": "all-linear", "r": 16, "alpha": 32.0},
                "augment": {"neftune_noise_alpha": 5.0}}  # fmt: skip
@@ -303,6 +312,9 @@ class TrainSection(Section):
     """Path to a DeepSpeed JSON config (ZeRO stage etc.), passed to TrainingArguments.deepspeed."""
     resume: str | None = None
     """`auto` (latest checkpoint of the latest run with this name) or a run/checkpoint folder."""
+    loraplus_lr_ratio: float | None = Field(default=None, gt=0)
+    """LoRA+: B's learning rate is this many times A's (the paper suggests 16; None: one learning
+    rate). Through PEFT's create_loraplus_optimizer, with train.optimizer adamw."""
     report_to: list[Literal["tensorboard", "mlflow", "trackio", "wandb", "swanlab"]] | None = None
     """Experiment trackers the Trainer logs to, lorasft's final metrics included; None: TensorBoard
     when installed. wandb runs offline unless WANDB_MODE says otherwise; MLflow logs one run per
@@ -489,6 +501,23 @@ class Config(Section):
             )
         sharded = [k for k in ("fsdp", "deepspeed") if getattr(self.train, k)
                    or any(st.train.get(k) for st in self.stages)]  # fmt: skip
+        mutating = self.lora.init in BASE_MUTATING_INIT
+        if mutating and (self.stages or sharded or self.model.quantization != "none"
+                         or self.lora.use_dora):  # fmt: skip
+            other = ("stages" if self.stages else f"train.{sharded[0]}" if sharded else
+                     "lora.use_dora" if self.lora.use_dora else f"model.quantization={self.model.quantization}")  # fmt: skip
+            raise ValueError(
+                f"lora.init={self.lora.init} with {other} is not supported: {self.lora.init} moves "
+                "part of each weight from the base into the adapter, and lorasft converts it back "
+                "into a plain LoRA only for a single-stage run on an unquantized base saved by "
+                "one process (PEFT's conversion has no DoRA form); use lora.init=default there"
+            )
+        if self.train.loraplus_lr_ratio and (sharded or self.train.optimizer != "adamw"):
+            raise ValueError(
+                "train.loraplus_lr_ratio builds its own AdamW (PEFT's create_loraplus_optimizer): "
+                f"it needs train.optimizer=adamw (not {self.train.optimizer}) and no "
+                "train.fsdp/deepspeed"
+            )
         if self.stages and sharded:
             raise ValueError(
                 f"train.{sharded[0]} with `stages` is not supported (each stage builds a new "

@@ -22,6 +22,8 @@ REPORT = "report.html"
 EVAL_RESULTS = "eval_results.json"  # `lorasft eval` of a finished run
 EVAL_SAMPLES = "eval_samples.md"
 STAGE_DONE = "stage_done.json"  # a finished stage of a staged run (stages/<n>-<name>/)
+INITIAL_ADAPTER = "initial_adapter"  # lora.init pissa/olora: the adapter as initialised (for the
+# conversion of the trained one into a plain LoRA on the unchanged base)
 
 
 @contextmanager

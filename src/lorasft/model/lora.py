@@ -54,6 +54,7 @@ def lora_config(cfg: LoraSection, target_modules: list[str] | str) -> LoraConfig
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
         modules_to_save=cfg.modules_to_save,
+        init_lora_weights=True if cfg.init == "default" else cfg.init,
         task_type="CAUSAL_LM",
     )
 

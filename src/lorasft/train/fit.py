@@ -123,6 +123,7 @@ def build_trainer(cfg: Config, model, tok, data: Prepared, run_dir: Path,
             EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience)
         )
     train_ds, collator = train_dataset_and_collator(cfg, model, tok, data)
+    optimizer = loraplus_optimizer(model, cfg.train)
     with tensorboard_folder(run_dir / "tensorboard"):
         trainer = SupervisedTrainer(
             model=model,
@@ -132,6 +133,7 @@ def build_trainer(cfg: Config, model, tok, data: Prepared, run_dir: Path,
             data_collator=collator,
             processing_class=tok,
             callbacks=callbacks,
+            optimizers=(optimizer, None),
         )
     if has_eval and cfg.train.metric_for_best_model != "eval_loss":
         trainer.generation_scores = generation_scores(cfg, tok, data)
@@ -140,6 +142,18 @@ def build_trainer(cfg: Config, model, tok, data: Prepared, run_dir: Path,
     readable_progress(trainer)
     trainer.add_callback(ProgressFile(run_dir))
     return trainer
+
+
+def loraplus_optimizer(model, t: TrainSection):
+    """LoRA+ (train.loraplus_lr_ratio): PEFT's AdamW with B's learning rate ratio x A's; None
+    leaves the optimizer to the Trainer (train.optimizer)."""
+    if not t.loraplus_lr_ratio:
+        return None
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=t.learning_rate,
+                                     loraplus_lr_ratio=t.loraplus_lr_ratio,
+                                     weight_decay=t.weight_decay)  # fmt: skip
 
 
 def loss_settings(t: TrainSection, model) -> LossSettings:

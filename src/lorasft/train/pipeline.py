@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorasft.config import Config, ConfigError, dump_config, for_answers
+from lorasft.config import BASE_MUTATING_INIT, Config, ConfigError, dump_config, for_answers
 from lorasft.data.prepare import training_answers_han_share
 from lorasft.model.lora import trainable_summary
 from lorasft.model.precision import base_dtype
 from lorasft.model.reopen import write_run_info
-from lorasft.run_files import CONFIG
+from lorasft.run_files import CONFIG, INITIAL_ADAPTER
 from lorasft.train.fit import TrainOutcome, fit
 from lorasft.train.launch import (
     decided_by_rank0,
@@ -43,6 +43,8 @@ def train(cfg: Config) -> TrainOutcome:
     if state.is_main_process:
         write_run_info(run_dir, precision, base_dtype(cfg.model.dtype, precision), model_path,
                        cfg.model.quantization)  # fmt: skip
+    if state.is_main_process and cfg.lora.init in BASE_MUTATING_INIT:
+        model.save_pretrained(run_dir / INITIAL_ADAPTER)  # before any step (or resumed weights)
     params = trainable_summary(model)
     say(f"[lorasft] model {model_path} ({precision}); trainable parameters "
         f"{params['trainable']:,} of {params['total']:,} ({params['share']:.2%})")  # fmt: skip
@@ -88,7 +90,10 @@ def save_adapter(out: TrainOutcome, tok) -> None:
     if out.info.get("distributed") in SHARDED:
         out.trainer.save_model(str(out.run_dir))
     elif out.is_main:
-        out.model.save_pretrained(out.run_dir)
+        initial = out.run_dir / INITIAL_ADAPTER
+        # pissa/olora: saved as a plain LoRA (rank 2r) on the unchanged base (PEFT's conversion)
+        out.model.save_pretrained(out.run_dir, path_initial_model_for_weight_conversion=(
+            str(initial) if initial.is_dir() else None))  # fmt: skip
     if out.is_main:
         check_saved(out.run_dir)
         tok.save_pretrained(out.run_dir)
