@@ -13,6 +13,7 @@ from pathlib import Path
 from lorasft.config import Config, ConfigError, load_config
 from lorasft.data.formats import DataError
 from lorasft.data.templates import TemplateError
+from lorasft.export import METHODS
 from lorasft.model.host_memory import release_freed_memory
 from lorasft.model.load import ModelError
 from lorasft.model.precision import DTYPE_NAMES
@@ -273,10 +274,19 @@ def _serve_parser(sub) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from lorasft.export.merge import merge
+    from lorasft.export.merge import merge, write_combined_adapter
 
-    out = merge([args.run_dir, *args.also], args.out, args.dtype, args.weights)
-    print(f"merged model written: {out}")
+    runs = [args.run_dir, *args.also]
+    if args.adapter_out:
+        out = write_combined_adapter(runs, args.adapter_out, args.weights, args.method,
+                                     args.density)  # fmt: skip
+        print(f"combined adapter written: {out} (a run folder: eval, serve and export open it)")
+    if args.out:
+        out = merge(runs, args.out, args.dtype, args.weights, args.method, args.density)
+        print(f"merged model written: {out}")
+    if not (args.out or args.adapter_out):
+        raise ConfigError("lorasft merge: give --out (a merged model folder), --adapter-out (a "
+                          "combined adapter), or both")  # fmt: skip
     return 0
 
 
@@ -310,7 +320,7 @@ def _add_export_parsers(sub) -> None:
         q.add_argument("run_dir")
         q.add_argument(
             "--out",
-            required=True,
+            required=q is x,
             help="output folder (merge, export --format ollama) or .gguf file (export)",
         )
         q.add_argument(
@@ -320,6 +330,13 @@ def _add_export_parsers(sub) -> None:
             "--weights", nargs="*", type=float, help="one weight per run (default 1.0 each)"
         )
     m.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES))
+    m.add_argument("--method", default="linear", choices=list(METHODS),
+                   help="how several runs' adapters combine: linear (the weighted sum of their "
+                   "deltas) or one of PEFT's add_weighted_adapter methods")  # fmt: skip
+    m.add_argument("--density", type=float,
+                   help="ties, dare_*, magnitude_prune: the share of each delta's entries kept")  # fmt: skip
+    m.add_argument("--adapter-out",
+                   help="write the combined adapter as a run folder (methods other than linear)")  # fmt: skip
     m.set_defaults(fn=cmd_merge)
     x.add_argument("--format", default="gguf", choices=["gguf", "ollama"],
                    help="gguf: one .gguf file; ollama: a folder with model.gguf and a Modelfile "

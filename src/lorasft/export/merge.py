@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from lorasft.data.tokenize import stop_ids
+from lorasft.export import METHODS
 from lorasft.model.load import ModelError
 from lorasft.model.precision import DTYPE_NAMES
 from lorasft.model.reopen import RunSpec, attach, check_same_context, open_run, read_run
@@ -35,16 +36,22 @@ def _check_same_base(first: RunSpec, other: RunSpec) -> None:
     check_same_context(first, other)
 
 
-def merge_runs(run_dirs: list[str | Path], weights: list[float] | None = None):
+COMBINED = "combined"
+
+
+def merge_runs(run_dirs: list[str | Path], weights: list[float] | None = None,
+               method: str = "linear", density: float | None = None):  # fmt: skip
     """`(spec of the first run, merged float32 model)`. The base is the one the run trained on,
     in the dtype it trained in (a quantized one dequantized), then widened to float32 (exact), so
-    the merge adds the adapters to the very weights training saw. Adapters are merged in the order given, each scaled by its
-    weight; config and tokenizer come from the first run."""
-    weights = list(weights) if weights else [1.0] * len(run_dirs)
-    if len(weights) != len(run_dirs):
-        raise ModelError(
-            f"--weights: {len(weights)} weights for {len(run_dirs)} runs; give one per run"
-        )
+    the merge adds the adapters to the very weights training saw. Adapters are merged in the
+    order given, each scaled by its weight (`method`: see METHODS); config and tokenizer come
+    from the first run."""
+    if method != "linear":
+        spec, model = combine_runs(run_dirs, weights, method, density)
+        merged = model.merge_and_unload()
+        merged.eval()
+        return spec, merged
+    weights = _weights(run_dirs, weights)
     first = open_run(run_dirs[0], dequantize=True)  # a QLoRA run's base as the values it trained on
     model = first.model.to(torch.float32)
     _set_weight(model, "default", weights[0])
@@ -59,6 +66,86 @@ def merge_runs(run_dirs: list[str | Path], weights: list[float] | None = None):
     return first.spec, merged
 
 
+def _weights(run_dirs: list, weights: list[float] | None) -> list[float]:
+    weights = list(weights) if weights else [1.0] * len(run_dirs)
+    if len(weights) != len(run_dirs):
+        raise ModelError(
+            f"--weights: {len(weights)} weights for {len(run_dirs)} runs; give one per run"
+        )
+    return weights
+
+
+def _check_not_dora(spec: RunSpec, method: str) -> None:
+    if spec.cfg.lora.use_dora:
+        raise ModelError(f"{spec.dir} is a DoRA adapter: PEFT's add_weighted_adapter ({method}) "
+                         "combines A and B but not DoRA's magnitude vectors; merge it with "
+                         "--method linear (each adapter merged exactly, in turn)")  # fmt: skip
+
+
+def combine_runs(run_dirs: list[str | Path], weights: list[float] | None, method: str,
+                 density: float | None = None):  # fmt: skip
+    """`(spec of the first run, float32 PeftModel whose active adapter COMBINED is the runs'
+    adapters combined by PEFT's add_weighted_adapter)`; the runs' own adapters are removed."""
+    if method not in METHODS[1:]:
+        raise ModelError(f"--method {method}: expected one of {', '.join(METHODS)}")
+    pruned = method in ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+    if pruned and density is None:
+        raise ModelError(f"--method {method} prunes each adapter: give --density (0-1], the "
+                         "share of each delta's entries kept, e.g. 0.5")  # fmt: skip
+    if density is not None and not 0 < density <= 1:
+        raise ModelError(f"--density {density}: give a share in (0, 1]")
+    weights = _weights(run_dirs, weights)
+    first = open_run(run_dirs[0], dequantize=True)
+    model, names = first.model.to(torch.float32), ["default"]
+    for n, run in enumerate(run_dirs[1:], start=1):
+        spec = read_run(run)
+        _check_same_base(first.spec, spec)
+        _check_not_dora(spec, method)
+        names.append(f"run{n}")
+        attach(model, spec, names[-1])
+    _check_not_dora(first.spec, method)
+    torch.manual_seed(0)  # dare_* drop entries at random: the same merge every time
+    try:
+        model.add_weighted_adapter(names, weights, COMBINED, combination_type=method,
+                                   density=density)  # fmt: skip
+    except (ValueError, TypeError, RuntimeError) as e:
+        runs = ", ".join(str(r) for r in run_dirs)
+        raise ModelError(f"--method {method} cannot combine the adapters of {runs}: {e}") from e
+    model.set_adapter(COMBINED)
+    for name in names:
+        model.delete_adapter(name)
+    return first.spec, model.eval()
+
+
+def write_combined_adapter(run_dirs: list[str | Path], out: str | Path,
+                           weights: list[float] | None, method: str,
+                           density: float | None = None) -> Path:  # fmt: skip
+    """`lorasft merge --adapter-out DIR`: the combined adapter as a run folder of its own (the
+    first run's config, run info and tokenizer; the combined adapter), which eval, serve and
+    export open as any run."""
+    import shutil
+
+    from lorasft.run_files import CONFIG, RUN_INFO
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ModelError(f"--adapter-out {out}: the folder exists and is not empty")
+    if method == "linear":
+        raise ModelError("--adapter-out needs a --method that builds one adapter (cat, svd, "
+                         "ties, dare_linear, dare_ties, magnitude_prune); linear merges into the "
+                         "weights")  # fmt: skip
+    spec, model = combine_runs(run_dirs, weights, method, density)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, selected_adapters=[COMBINED])
+    for f in (out / COMBINED).iterdir():  # PEFT writes a named adapter in its own subfolder
+        f.rename(out / f.name)
+    (out / COMBINED).rmdir()
+    for name in (CONFIG, RUN_INFO):
+        shutil.copy2(Path(run_dirs[0]) / name, out / name)
+    spec.tok.save_pretrained(out)
+    return out
+
+
 def set_generation_ids(model, tok) -> None:
     gen = model.generation_config
     gen.eos_token_id = stop_ids(tok)
@@ -67,14 +154,15 @@ def set_generation_ids(model, tok) -> None:
 
 
 def merge(run_dirs: list[str | Path], out: str | Path, dtype: str = "float32",
-          weights: list[float] | None = None) -> Path:  # fmt: skip
+          weights: list[float] | None = None, method: str = "linear",
+          density: float | None = None) -> Path:  # fmt: skip
     """Write the merged model folder; returns its path."""
     if dtype not in DTYPE_NAMES:
         raise ModelError(f"--dtype {dtype}: expected one of {', '.join(DTYPE_NAMES)}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ModelError(f"--out {out}: the folder exists and is not empty; choose a new folder")
-    spec, model = merge_runs(run_dirs, weights)
+    spec, model = merge_runs(run_dirs, weights, method, density)
     tok = spec.tok
     model = model.to(DTYPE_NAMES[dtype])
     set_generation_ids(model, tok)

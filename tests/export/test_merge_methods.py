@@ -1,0 +1,91 @@
+"""`lorasft merge --method`: every method of PEFT's add_weighted_adapter writes a model that
+loads and answers; cat is exactly lorasft's linear sum, ties is not; a combined adapter written
+with --adapter-out opens as a run; combinations PEFT cannot make are errors naming the runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lorasft.cli import main
+from lorasft.export import METHODS
+from lorasft.export.merge import merge_runs
+from lorasft.model.load import ModelError
+from lorasft.model.reopen import open_run
+from tests.conftest import QUICK, tiny_args, write_jsonl
+
+IDS = torch.tensor([[5, 17, 42, 99, 7, 23, 64, 11, 3, 8]])
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits.float()
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_llama_dir, tmp_path_factory):
+    """Two adapters of the same base trained on two different tasks."""
+    root = tmp_path_factory.mktemp("runs")
+    other = write_jsonl(root / "upper.jsonl", [{"instruction": f"Upper-case: word{i} item{i}",
+                                                "output": f"WORD{i} ITEM{i}"} for i in range(40)])  # fmt: skip
+    runs = [root / "a", root / "b"]
+    assert main(tiny_args(tiny_llama_dir, runs[0], *QUICK, "train.max_steps=6")) == 0
+    assert main(tiny_args(tiny_llama_dir, runs[1], *QUICK, "train.max_steps=6",
+                          f"data.train_file={other}", "data.eval_file=null",
+                          "train.seed=7")) == 0  # fmt: skip
+    return runs
+
+
+def test_cat_is_the_linear_sum_and_ties_is_not(two_runs):
+    _, linear = merge_runs(two_runs, [0.7, 0.3])
+    _, cat = merge_runs(two_runs, [0.7, 0.3], "cat")
+    _, ties = merge_runs(two_runs, [0.7, 0.3], "ties", density=0.5)
+    want = logits(linear)
+    assert (logits(cat) - want).abs().max().item() < 1e-4  # the same deltas, as one adapter
+    assert (logits(ties) - want).abs().max().item() > 1e-3  # half of each delta pruned
+    _, a_only = merge_runs(two_runs[:1])
+    assert (logits(a_only) - want).abs().max().item() > 1e-3  # b's adapter counts
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_writes_a_model_that_loads_and_answers(two_runs, tmp_path, method):
+    out = tmp_path / method
+    density = ["--density", "0.5"] if method in ("ties", "dare_linear", "dare_ties",
+                                                 "magnitude_prune") else []  # fmt: skip
+    assert main(["merge", str(two_runs[0]), "--also", str(two_runs[1]), "--out", str(out),
+                 "--method", method, *density]) == 0  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    _, again = merge_runs(two_runs, None, method, 0.5 if density else None)
+    assert (logits(model) - logits(again)).abs().max().item() < 1e-4  # saved as merged
+    generated = model.generate(IDS, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] == IDS.shape[1] + 4
+
+
+def test_a_combined_adapter_opens_as_a_run(two_runs, tmp_path):
+    out = tmp_path / "combined"
+    assert main(["merge", str(two_runs[0]), "--also", str(two_runs[1]), "--adapter-out", str(out),
+                 "--method", "ties", "--density", "0.5", "--weights", "0.6", "0.4"]) == 0  # fmt: skip
+    opened = open_run(out)
+    _, merged = merge_runs(two_runs, [0.6, 0.4], "ties", 0.5)
+    assert (logits(opened.model) - logits(merged)).abs().max().item() < 1e-4
+    assert main(["eval", str(out), "--num-samples", "2"]) == 0  # eval opens it as any run
+
+
+def test_combinations_peft_cannot_make_are_errors(two_runs, tiny_llama_dir, tmp_path):
+    with pytest.raises(ModelError, match="--method ties prunes each adapter: give --density"):
+        merge_runs(two_runs, None, "ties")
+    r4 = tmp_path / "r4"
+    assert main(tiny_args(tiny_llama_dir, r4, *QUICK, "train.max_steps=1", "lora.r=4",
+                          "lora.alpha=8")) == 0  # fmt: skip
+    with pytest.raises(ModelError, match=rf"--method ties cannot combine the adapters of .*{r4}"):
+        merge_runs([two_runs[0], r4], None, "ties", 0.5)  # PEFT: ranks must match
+    _, cat = merge_runs([two_runs[0], r4], None, "cat")  # cat adds the ranks: fine
+    _, linear = merge_runs([two_runs[0], r4])
+    assert (logits(cat) - logits(linear)).abs().max().item() < 1e-4
+    dora = tmp_path / "dora"
+    assert main(tiny_args(tiny_llama_dir, dora, *QUICK, "train.max_steps=1",
+                          "lora.use_dora=true")) == 0  # fmt: skip
+    with pytest.raises(ModelError, match=rf"{dora} is a DoRA adapter"):
+        merge_runs([two_runs[0], dora], None, "cat")
+    assert main(["merge", str(two_runs[0])]) == 2  # neither --out nor --adapter-out
