@@ -99,6 +99,13 @@ RECIPES: dict[str, list[str]] = {  # in the order they run: the likeliest to mat
     "all-r16-lr1e-3-neftune5": recipe(ALL, 16, "1e-3", neftune=5.0),
     # every linear layer, trained more gently: the Chinese task's gain without the chat's loss?
     "all-r16-lr5e-4": recipe(ALL, 16, "5e-4"),
+    # issue 35: PEFT's variants on the chosen recipe (the defaults change only if one wins by
+    # more than a seed's spread)
+    "attn-r8-lr1e-3-rslora": [*recipe(ATTN, 8, "1e-3"), "lora.use_rslora=true"],
+    "attn-r8-lr1e-3-dora": [*recipe(ATTN, 8, "1e-3"), "lora.use_dora=true"],
+    "attn-r8-lr1e-3-pissa": [*recipe(ATTN, 8, "1e-3"), "lora.init=pissa"],
+    "attn-r8-lr1e-3-olora": [*recipe(ATTN, 8, "1e-3"), "lora.init=olora"],
+    "attn-r8-lr1e-3-loraplus16": [*recipe(ATTN, 8, "1e-3"), "train.loraplus_lr_ratio=16"],
 }
 
 
