@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -61,10 +62,15 @@ def score(folder: Path, task_dir: Path, threads: int) -> dict:
     return json.loads(saved.read_text())
 
 
+def scores_of(folder: Path, dirs: list[Path], threads: int) -> dict:
+    return {d.name: score(folder, d, threads) for d in dirs}
+
+
 def combine(runs: list[Path], method: str, out: Path, weights: list[float],
             density: float) -> Path:  # fmt: skip
     folder = out / "combined" / method
     if not (folder / "adapter_model.safetensors").is_file():
+        shutil.rmtree(folder, ignore_errors=True)  # a combination cut off before it was written
         extra = ["--density", str(density)] if method in PRUNING else []
         run([sys.executable, "-m", "lorasft", "merge", str(runs[0]), "--also", str(runs[1]),
              "--adapter-out", str(folder), "--method", method, "--weights",
@@ -81,15 +87,17 @@ def table(tasks: list[str], singles: dict, combined: dict, weights: list[float],
         "| adapter | " + " | ".join(head) + " | worst share |",
         "|---|" + "---|" * (len(tasks) + 1),
     ]
-    base = [f"{singles[tasks[0]][t]['base']:.1f}" for t in tasks]
+    base = [f"{singles[tasks[0]][t]['base'] or 0:.1f}" for t in tasks]
     lines.append("| base (no adapter) | " + " | ".join(base) + " | |")
 
     def row(name: str, scores: dict) -> str:
-        shares = [scores[t]["score"] / own[t] if own[t] else None for t in tasks]
-        cells = [f"{scores[t]['score']:.1f} ({s:.0%})" if s is not None else f"{scores[t]['score']:.1f}"
-                 for t, s in zip(tasks, shares)]  # fmt: skip
-        worst = min(s for s in shares if s is not None)
-        return f"| {name} | " + " | ".join(cells) + f" | {worst:.0%} |"
+        got = {t: scores[t]["score"] for t in tasks}
+        shares = {t: got[t] / own[t] if got[t] is not None and own[t] else None for t in tasks}
+        cells = [("—" if got[t] is None else f"{got[t]:.1f}")
+                 + (f" ({shares[t]:.0%})" if shares[t] is not None else "") for t in tasks]  # fmt: skip
+        known = [s for s in shares.values() if s is not None]
+        worst = f"{min(known):.0%}" if known else "—"
+        return f"| {name} | " + " | ".join(cells) + f" | {worst} |"
 
     for t in tasks:
         lines.append(row(f"{t} adapter alone", singles[t]))
@@ -118,11 +126,12 @@ def main() -> None:
     threads = max(1, (os.cpu_count() or 2) // a.parallel)
     with ThreadPoolExecutor(a.parallel) as pool:
         runs = list(pool.map(lambda d: train(d, a.out, threads), dirs))
-        singles = {t: dict(zip(a.tasks, pool.map(lambda d, r=r: score(r, d, threads), dirs)))
-                   for t, r in zip(a.tasks, runs)}  # fmt: skip
+        # a folder's two evaluations one after the other (both write its eval_results.json);
+        # different folders at once
+        singles = dict(zip(a.tasks, pool.map(lambda r: scores_of(r, dirs, threads), runs)))
         folders = {m: combine(runs, m, a.out, a.weights, a.density) for m in METHODS}
-        combined = {m: dict(zip(a.tasks, pool.map(lambda d, f=f: score(f, d, threads), dirs)))
-                    for m, f in folders.items()}  # fmt: skip
+        combined = dict(zip(folders, pool.map(lambda f: scores_of(f, dirs, threads),
+                                              folders.values())))  # fmt: skip
     text = table(a.tasks, singles, combined, a.weights, a.density)
     print(text)
     (a.out / "interference.json").write_text(json.dumps(

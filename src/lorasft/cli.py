@@ -123,7 +123,8 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     if target.suffix.lower() in (".yaml", ".yml"):
         cfg = load_config(target, args.overrides)
     else:
-        cfg = load_config(None, [f"data.train_file={target.resolve()}", *args.overrides])
+        # load_config resolves it as a config's path (a hub: id and folder:split stay as given)
+        cfg = load_config(None, [f"data.train_file={args.target}", *args.overrides])
     tok = tokenizer_for(cfg, model_folder(cfg.model))
     report = check(cfg.data, tok)
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else render_report(report))

@@ -7,7 +7,6 @@ closest valid key instead of a setting that silently does nothing.
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import re
 import reprlib
 from pathlib import Path
@@ -318,17 +317,8 @@ class TrainSection(Section):
     report_to: list[Literal["tensorboard", "mlflow", "trackio", "wandb", "swanlab"]] | None = None
     """Experiment trackers the Trainer logs to, lorasft's final metrics included; None: TensorBoard
     when installed. wandb runs offline unless WANDB_MODE says otherwise; MLflow logs one run per
-    lorasft run at MLFLOW_TRACKING_URI (docs/run-folder.md)."""
-
-    @field_validator("report_to")
-    @classmethod
-    def _installed(cls, v: list[str] | None) -> list[str] | None:
-        missing = [name for name in v or [] if importlib.util.find_spec(name) is None]
-        if missing:
-            raise ValueError(
-                f"not installed: {', '.join(missing)} (pip install {' '.join(missing)})"
-            )
-        return v
+    lorasft run at MLFLOW_TRACKING_URI (docs/run-folder.md). Checked installed when training
+    starts (a finished run opens anywhere)."""
 
     @field_validator("metric_for_best_model")
     @classmethod
@@ -501,6 +491,9 @@ class Config(Section):
             )
         sharded = [k for k in ("fsdp", "deepspeed") if getattr(self.train, k)
                    or any(st.train.get(k) for st in self.stages)]  # fmt: skip
+        if self.lora.init == "orthogonal" and self.lora.r % 2:
+            raise ValueError(f"lora.init=orthogonal needs an even lora.r (PEFT builds A and B "
+                             f"from one orthogonal matrix split in two), got {self.lora.r}")  # fmt: skip
         mutating = self.lora.init in BASE_MUTATING_INIT
         if mutating and (self.stages or sharded or self.model.quantization != "none"
                          or self.lora.use_dora):  # fmt: skip

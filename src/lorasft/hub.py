@@ -18,14 +18,20 @@ def hub_snapshot(repo: str, repo_type: str, allow_download: bool, named: str,
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     kind = " --repo-type dataset" if repo_type == "dataset" else ""
-    try:
-        return snapshot_download(repo, repo_type=repo_type, local_files_only=not allow_download)
+    try:  # the cache first, also when downloads are allowed: no check for a newer revision
+        return snapshot_download(repo, repo_type=repo_type, local_files_only=True)
     except LocalEntryNotFoundError:
         setting = "data.allow_download" if repo_type == "dataset" else "model.allow_download"
-        raise error(
-            f"{named}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}); fetch it "
-            f"with `hf download {repo}{kind}`, or set {setting}: true to let lorasft download it"
-        ) from None
-    except (OSError, ValueError) as e:  # allowed to download: offline, no such repo, no access
+        if not allow_download:
+            raise error(
+                f"{named}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}); fetch "
+                f"it with `hf download {repo}{kind}`, or set {setting}: true to let lorasft "
+                "download it"
+            ) from None
+    except ValueError as e:  # not a valid repository id
+        raise error(f"{named}: not a Hub repository id ({str(e).strip()[:200]})") from None
+    try:
+        return snapshot_download(repo, repo_type=repo_type)
+    except (OSError, ValueError) as e:  # offline, no such repository, no access
         raise error(f"{named}: download failed ({str(e).strip()[:300]}); fetch it with "
                     f"`hf download {repo}{kind}`") from None  # fmt: skip

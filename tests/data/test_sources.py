@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import datasets
@@ -183,6 +184,11 @@ def test_hub_model_ids_resolve_in_the_local_cache(hub_cache, tmp_path, tiny_llam
     with pytest.raises(ModelError, match=r"model.path: me/gone: not in the local Hugging Face "
                        r"cache .*`hf download me/gone`.*model.allow_download"):  # fmt: skip
         resolve_model_path("me/gone")
+    # allowed to download, a cached id is still read from the cache (no network here: a check
+    # for a newer revision would fail)
+    assert resolve_model_path("me/tiny", allow_download=True) == Path(snap)
+    with pytest.raises(ModelError, match="a Hub model is named owner/name"):
+        resolve_model_path("hub:tiny")
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("model: {path: me/tiny}\n")
     assert load_config(cfg_file).model.path == "me/tiny"
@@ -210,7 +216,18 @@ def test_a_run_trains_on_a_hub_model_and_a_hub_dataset_from_the_cache(
     read = results["data"]["train_files"]
     assert read["records"] == 240 and read["files"][0]["path"].endswith("/train.parquet")
     assert results["data"]["train"]["sequences"] == 216  # 24 held out (val_ratio 0.1)
+    from lorasft.model.reopen import read_run
+
+    assert main(["data", "check", "hub:me/toy", f"model.path={tiny_llama_dir}"]) == 0
     info = json.loads((run / "lorasft_run.json").read_text())
+    assert read_run(run).base_path == Path(info["base_path"])  # the snapshot training used
+    # the id moves on to a newer snapshot: the run still opens on the one it trained on
+    entry = hub_cache / "models--me--tiny"
+    newer = entry / "snapshots" / ("f" * 40)
+    shutil.copytree(Path(info["base_path"]), newer)
+    (entry / "refs" / "main").write_text("f" * 40)
+    assert resolve_model_path("me/tiny") == newer
+    assert read_run(run).base_path == Path(info["base_path"]) != newer
     assert info["base_path"].endswith(
         "models--me--tiny/snapshots/" + "0123456789abcdef" * 2 + "01234567"
     )

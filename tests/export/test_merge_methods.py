@@ -89,3 +89,20 @@ def test_combinations_peft_cannot_make_are_errors(two_runs, tiny_llama_dir, tmp_
     with pytest.raises(ModelError, match=rf"{dora} is a DoRA adapter"):
         merge_runs([two_runs[0], dora], None, "cat")
     assert main(["merge", str(two_runs[0])]) == 2  # neither --out nor --adapter-out
+    saved = tmp_path / "saved"  # a module trained in full: the combination would drop it
+    assert main(tiny_args(tiny_llama_dir, saved, *QUICK, "train.max_steps=1",
+                          "lora.modules_to_save=[lm_head]")) == 0  # fmt: skip
+    with pytest.raises(ModelError, match=rf"{saved} trained lm_head in full"):
+        merge_runs([two_runs[0], saved], None, "cat")
+
+
+def test_rslora_adapters_combine_at_their_own_scale(tiny_llama_dir, tmp_path):
+    """add_weighted_adapter keeps use_rslora on the combined adapter, whose A and B already hold
+    each adapter's scale: left so, the sum would be scaled again by sqrt(r1 + r2)."""
+    runs = [tmp_path / "x", tmp_path / "y"]
+    for n, run in enumerate(runs):
+        assert main(tiny_args(tiny_llama_dir, run, *QUICK, "train.max_steps=2", "lora.use_rslora=true",
+                              f"train.seed={n}")) == 0  # fmt: skip
+    _, linear = merge_runs(runs)
+    _, cat = merge_runs(runs, None, "cat")
+    assert (logits(cat) - logits(linear)).abs().max().item() < 1e-4

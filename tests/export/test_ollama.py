@@ -28,6 +28,7 @@ CHATS = [
     [{"role": "system", "content": "s"}, {"role": "user", "content": 'say "{{ .Content }}" \\n'},
      {"role": "assistant", "content": "line 1\nline 2\n"}, {"role": "user", "content": "}}{{"},
      {"role": "assistant", "content": "ok"}, {"role": "user", "content": "three\n\nturns"}],
+    [{"role": "user", "content": "no-break\u00a0space, line\u2028separator, tab\tand \x01"}],
 ]  # fmt: skip
 
 
@@ -65,11 +66,11 @@ def as_ollama_sends(messages: list[dict], system: str | None) -> list[dict]:
     return with_system(messages, system)
 
 
-def assert_same(text: str, tok, system: str | None, go_render) -> None:
+def assert_same(text: str, tok, system: str | None, go_render, chats=CHATS) -> None:
     template, got_system, stops = parsed(text)
     assert got_system == system
     assert stops == tok.convert_ids_to_tokens(stop_ids(tok))
-    for chat in CHATS:
+    for chat in chats:
         want = render(with_system(chat, system), tok, add_generation_prompt=True)
         if adds_bos(tok):
             want = want.removeprefix(tok.bos_token)  # llama.cpp adds BOS itself
@@ -108,6 +109,21 @@ def test_the_default_models_own_template_with_its_default_system_block(go_render
     assert "You are a helpful AI assistant named SmolLM" in parsed(text)[0]
     assert parsed(text)[2] == ["<|im_end|>"]
     assert_same(text, tok, None, go_render)
+
+
+def test_a_trimming_template_is_written_with_a_note_and_the_context_length(
+    tiny_tokenizer_dir, go_render, capsys
+):
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] | trim }}\n"
+                         "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")  # fmt: skip
+    text = modelfile(tok, None, "model.gguf", "run", num_ctx=16384)
+    assert "# note: the run's chat template trims message text" in text
+    assert "trims message text" in capsys.readouterr().err
+    assert "PARAMETER num_ctx 16384\n" in text
+    unpadded = [c for c in CHATS if all(m["content"] == m["content"].strip() for m in c)]
+    assert len(unpadded) == 4
+    assert_same(text, tok, None, go_render, unpadded)  # text without surrounding whitespace
 
 
 def test_a_template_that_depends_on_more_than_roles_is_refused(tiny_tokenizer_dir):

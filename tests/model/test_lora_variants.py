@@ -59,6 +59,19 @@ def test_base_moving_inits_reopen_and_merge_as_trained(tiny_llama_dir, tmp_path,
     assert (merged_logits - got.float()).abs().max().item() < logit_tolerance(precision, got)
 
 
+def test_a_base_moving_run_reports_the_real_base(tiny_llama_dir, tmp_path):
+    """The end-of-run evaluation's base is the unchanged base (the in-memory one lost what pissa
+    moved into the adapter): the same base perplexity as a run with the default init."""
+    scores = {}
+    for init in ("default", "pissa"):
+        run = tmp_path / init
+        assert main(["train", *run_args(tiny_llama_dir, run, "fp32", f"lora.init={init}",
+                                         "eval.compare_base=true", "eval.cache_base=false")]) == 0  # fmt: skip
+        scores[init] = json.loads((run / "results.json").read_text())["eval"]
+    assert scores["pissa"]["base"]["perplexity"] == scores["default"]["base"]["perplexity"]
+    assert scores["pissa"]["tuned"]["perplexity"] != scores["pissa"]["base"]["perplexity"]
+
+
 def test_base_moving_init_resumes_to_the_same_adapter(tiny_llama_dir, tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert main(["train", *run_args(tiny_llama_dir, full, "fp32", "lora.init=pissa")]) == 0
@@ -124,6 +137,7 @@ def test_loraplus_gives_b_its_own_learning_rate_and_resumes(tiny_llama_dir, tmp_
         ("lora: {init: pissa}\ntrain: {deepspeed: ds.json}", "pissa with train.deepspeed"),
         ("train: {loraplus_lr_ratio: 16, optimizer: sgd}", "train.optimizer=adamw"),
         ("lora: {init: loftq}", "lora.init"),
+        ("lora: {init: orthogonal, r: 5}", "needs an even lora.r"),
     ],
 )
 def test_unsupported_combinations_are_config_errors(tmp_path, yaml, match):

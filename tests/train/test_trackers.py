@@ -62,13 +62,46 @@ def test_final_metrics_flatten_the_eval_and_the_long_card():
     }  # fmt: skip
 
 
-def test_an_uninstalled_tracker_is_a_config_error_naming_the_package(tmp_path):
+def test_an_uninstalled_tracker_stops_training_naming_the_package(tiny_llama_dir, tmp_path, capsys):
     assert importlib.util.find_spec("swanlab") is None  # the premise: not installed here
+    run = tmp_path / "run"
+    args = tiny_args(tiny_llama_dir, run, *QUICK, "train.report_to=[tensorboard,swanlab]")
+    assert main(args) == 2
+    assert (
+        "train.report_to: not installed: swanlab (pip install swanlab)" in capsys.readouterr().err
+    )
+    assert not (run / "adapter_model.safetensors").exists()
+    # a finished run's config with such a tracker still loads (eval, merge, serve open it)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train: {report_to: [tensorboard, swanlab]}\n")
-    with pytest.raises(ConfigError, match=r"train.report_to.*not installed: swanlab "
-                       r"\(pip install swanlab\)"):  # fmt: skip
-        load_config(cfg)
+    assert load_config(cfg).train.report_to == ["tensorboard", "swanlab"]
     cfg.write_text("train: {report_to: [neptune]}\n")
     with pytest.raises(ConfigError, match="train.report_to"):
         load_config(cfg)
+
+
+def test_a_staged_run_logs_every_stage_into_one_mlflow_run(tiny_llama_dir, tmp_path, monkeypatch):
+    """Each stage's Trainer has its own arguments (output folder, steps): only the first stage's
+    are logged as parameters, which MLflow would otherwise refuse to change."""
+    import mlflow
+
+    store = tmp_path / "mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{store}")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    run = tmp_path / "run"
+    cfg = tmp_path / "staged.yaml"
+    cfg.write_text(
+        "stages:\n  - {name: a, train: {max_steps: 2}}\n  - {name: b, train: {max_steps: 3}}\n"
+    )
+    args = tiny_args(tiny_llama_dir, run, *QUICK, "train.report_to=[mlflow]", "output.name=staged")
+    assert main([args[0], str(cfg), *args[1:]]) == 0
+    client = mlflow.MlflowClient(f"file:{store}")
+    (found,) = client.search_runs([client.get_experiment_by_name("staged").experiment_id])
+    assert found.info.status == "FINISHED"
+    losses = client.get_metric_history(found.info.run_id, "loss")
+    hist = json.loads((run / "results.json").read_text())["log_history"]
+    want = [h["loss"] for h in hist if "loss" in h]  # each stage's logged losses, in order
+    assert len({h["stage"] for h in hist if "loss" in h}) == 2
+    assert [m.value for m in sorted(losses, key=lambda m: m.timestamp)] == pytest.approx(want)
+    assert found.data.params["max_steps"] == "2"  # the first stage's arguments
+    assert "final/tuned/perplexity" in found.data.metrics

@@ -75,11 +75,18 @@ def _weights(run_dirs: list, weights: list[float] | None) -> list[float]:
     return weights
 
 
-def _check_not_dora(spec: RunSpec, method: str) -> None:
+def _check_combinable(spec: RunSpec, config, method: str) -> None:
+    """What add_weighted_adapter would drop silently: DoRA's magnitudes, and modules trained in
+    full next to the adapter (modules_to_save: lm_head, a context's embeddings and norms), for
+    which the combined adapter would get the base's untrained copy."""
     if spec.cfg.lora.use_dora:
         raise ModelError(f"{spec.dir} is a DoRA adapter: PEFT's add_weighted_adapter ({method}) "
                          "combines A and B but not DoRA's magnitude vectors; merge it with "
                          "--method linear (each adapter merged exactly, in turn)")  # fmt: skip
+    if config.modules_to_save:
+        raise ModelError(f"{spec.dir} trained {', '.join(sorted(config.modules_to_save))} in full "
+                         f"next to its adapter: PEFT's add_weighted_adapter ({method}) does not "
+                         "combine those; merge it with --method linear")  # fmt: skip
 
 
 def combine_runs(run_dirs: list[str | Path], weights: list[float] | None, method: str,
@@ -97,13 +104,13 @@ def combine_runs(run_dirs: list[str | Path], weights: list[float] | None, method
     weights = _weights(run_dirs, weights)
     first = open_run(run_dirs[0], dequantize=True)
     model, names = first.model.to(torch.float32), ["default"]
+    _check_combinable(first.spec, model.peft_config["default"], method)
     for n, run in enumerate(run_dirs[1:], start=1):
         spec = read_run(run)
         _check_same_base(first.spec, spec)
-        _check_not_dora(spec, method)
         names.append(f"run{n}")
         attach(model, spec, names[-1])
-    _check_not_dora(first.spec, method)
+        _check_combinable(spec, model.peft_config[names[-1]], method)
     torch.manual_seed(0)  # dare_* drop entries at random: the same merge every time
     try:
         model.add_weighted_adapter(names, weights, COMBINED, combination_type=method,
@@ -111,10 +118,27 @@ def combine_runs(run_dirs: list[str | Path], weights: list[float] | None, method
     except (ValueError, TypeError, RuntimeError) as e:
         runs = ", ".join(str(r) for r in run_dirs)
         raise ModelError(f"--method {method} cannot combine the adapters of {runs}: {e}") from e
+    _unit_scale(model)
     model.set_adapter(COMBINED)
     for name in names:
         model.delete_adapter(name)
     return first.spec, model.eval()
+
+
+def _unit_scale(model) -> None:
+    """add_weighted_adapter folds each adapter's own scale into the combined A and B and gives the
+    result alpha = r, a scale of 1; but it keeps the first adapter's use_rslora, which would
+    scale the sum again by sqrt(r). The combined adapter is a plain one of scale 1."""
+    from peft.tuners.lora import LoraLayer
+
+    config = model.peft_config[COMBINED]
+    if not config.use_rslora:
+        return
+    config.use_rslora = False
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and COMBINED in module.scaling:
+            module.scaling[COMBINED] = module.lora_alpha[COMBINED] / module.r[COMBINED]
+            module.use_rslora[COMBINED] = False
 
 
 def write_combined_adapter(run_dirs: list[str | Path], out: str | Path,

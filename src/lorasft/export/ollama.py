@@ -12,7 +12,6 @@ conversations before anything is written, and a template it cannot express is an
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from itertools import pairwise
@@ -90,9 +89,31 @@ def check_table(table: dict[tuple[str, str], str], tok) -> None:
             )
 
 
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
 def go_string(text: str) -> str:
-    """A Go string constant (JSON's escapes are Go's, for the characters JSON escapes)."""
-    return json.dumps(text, ensure_ascii=False)
+    """A Go string constant. Every character Python does not call printable (controls, and
+    separators such as U+00A0 or U+2028) is escaped: Ollama's Modelfile reader drops unprintable
+    characters from what it reads, and Go reads the escapes back as the characters."""
+    out = []
+    for ch in text:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif not ch.isprintable():
+            out.append(f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def trims(table: dict[tuple[str, str], str], tok) -> bool:
+    """Whether the template changes message text (Llama 3's `| trim`): the TEMPLATE writes
+    content as given, so text with surrounding whitespace would render differently."""
+    roles = ("user",)
+    texts = ["  padded text \n"]
+    messages = [{"role": "user", "content": texts[0]}]
+    return rendered_by_table(table, messages) != _render(roles, texts, tok)
 
 
 def go_template(table: dict[tuple[str, str], str]) -> str:
@@ -111,17 +132,26 @@ def go_template(table: dict[tuple[str, str], str]) -> str:
     return out
 
 
-def modelfile(tok, system_prompt: str | None, gguf_name: str, run: str) -> str:
+def modelfile(tok, system_prompt: str | None, gguf_name: str, run: str,
+              num_ctx: int | None = None) -> str:  # fmt: skip
     table = transitions(tok)
     check_table(table, tok)
-    lines = [f"# written by lorasft export --format ollama from {run}", f"FROM ./{gguf_name}",
-             f'TEMPLATE """{go_template(table)}"""']  # fmt: skip
+    lines = [f"# written by lorasft export --format ollama from {run}"]
+    if trims(table, tok):
+        note = ("the run's chat template trims message text and Ollama's TEMPLATE cannot: a "
+                "message with leading or trailing whitespace renders with it")  # fmt: skip
+        print(f"[lorasft] warning: {note}", file=sys.stderr)
+        lines.append(f"# note: {note}")
+    lines += [f"FROM ./{gguf_name}", f'TEMPLATE """{go_template(table)}"""']
     if system_prompt:
-        if '"""' in system_prompt:
-            raise OllamaError(
-                'the run\'s system prompt contains """, which a Modelfile cannot hold'
-            )
+        odd = [ch for ch in system_prompt if not ch.isprintable() and ch not in "\n\t"]
+        if '"""' in system_prompt or odd:
+            raise OllamaError('the run\'s system prompt holds """ or unprintable characters '
+                              f"({', '.join(map(repr, odd[:3]))}), which a Modelfile's SYSTEM "
+                              "cannot hold")  # fmt: skip
         lines.append(f'SYSTEM """{system_prompt}"""')
+    if num_ctx:
+        lines.append(f"PARAMETER num_ctx {num_ctx}")
     for token in tok.convert_ids_to_tokens(stop_ids(tok)):
         lines.append(f"PARAMETER stop {go_string(token)}")
     return "\n".join(lines) + "\n"
@@ -136,7 +166,8 @@ def export_ollama(run_dirs: list[str | Path], out: str | Path, qtype: str = "f32
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     spec = read_run(run_dirs[0])
-    text = modelfile(spec.tok, spec.cfg.data.system_prompt, "model.gguf", str(run_dirs[0]))
+    text = modelfile(spec.tok, spec.cfg.data.system_prompt, "model.gguf", str(run_dirs[0]),
+                     spec.cfg.context.target_length)  # fmt: skip
     export_gguf(run_dirs, folder / "model.gguf", qtype, weights)
     (folder / "Modelfile").write_text(text, encoding="utf-8")
     print(f"[lorasft] wrote {folder / 'Modelfile'}: ollama create NAME -f {folder / 'Modelfile'}",

@@ -67,6 +67,13 @@ def _config_of(path: str, trust_remote_code: bool, stamp: tuple[int, int] | None
     return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
+def is_hub_id(path: str) -> bool:
+    """`hub:owner/name`, or `owner/name` that is no path on this machine."""
+    return path.startswith(HUB_PREFIX) or (
+        bool(HUB_ID.match(path)) and not Path(path).expanduser().exists()
+    )
+
+
 def model_folder(model) -> Path:
     """`resolve_model_path` of a config's model section (its path and allow_download)."""
     return resolve_model_path(model.path, model.allow_download)
@@ -78,8 +85,11 @@ def resolve_model_path(path: str, allow_download: bool = False) -> Path:
     if path == "default":
         return convert_gguf(default_gguf(), name=DEFAULT_NAME)
     p = Path(path).expanduser()
-    if path.startswith(HUB_PREFIX) or (not p.exists() and HUB_ID.match(path)):
+    if is_hub_id(path):
         repo = path.removeprefix(HUB_PREFIX)
+        if not HUB_ID.match(repo):
+            raise ModelError(f"model.path: {path}: a Hub model is named owner/name or "
+                             "hub:owner/name")  # fmt: skip
         p = Path(hub_snapshot(repo, "model", allow_download, f"model.path: {path}", ModelError))
     if not p.exists():
         raise ModelError(f"model.path: {p} does not exist (give a Hugging Face folder, a .gguf "

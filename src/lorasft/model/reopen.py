@@ -25,6 +25,7 @@ from lorasft.model.context import apply_context, context_window
 from lorasft.model.load import (
     ModelError,
     attention_problem_here,
+    is_hub_id,
     load_model,
     load_tokenizer,
     model_folder,
@@ -122,8 +123,18 @@ def read_run(run_dir: str | Path, dtype: str | None = None, what: str = "run") -
         say(f"{run.name}: base dtype {source} {dtype_name(trained)}")
     tok = load_tokenizer(run, cfg.model.trust_remote_code)
     attn = usable_attention(cfg.model.attn_implementation, chosen)
-    path = model_folder(cfg.model)
-    return RunSpec(run.name, cfg.last_stage(), path, tok, chosen, attn, run)
+    return RunSpec(run.name, cfg.last_stage(), trained_base(run, cfg), tok, chosen, attn, run)
+
+
+def trained_base(run_dir: Path, cfg: Config) -> Path:
+    """The base folder the run trained on: for a Hub id, the cached snapshot (its commit) that
+    training resolved, while it is there (the id's newest snapshot may have moved on since)."""
+    info = run_dir / RUN_INFO
+    if is_hub_id(cfg.model.path) and info.is_file():
+        trained = Path(json.loads(info.read_text())["base_path"])
+        if trained.is_dir():
+            return trained
+    return model_folder(cfg.model)
 
 
 def read_base(path: str, dtype: str | None = None, trust_remote_code: bool = False,

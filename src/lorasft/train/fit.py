@@ -153,7 +153,8 @@ def loraplus_optimizer(model, t: TrainSection):
 
     return create_loraplus_optimizer(model, torch.optim.AdamW, lr=t.learning_rate,
                                      loraplus_lr_ratio=t.loraplus_lr_ratio,
-                                     weight_decay=t.weight_decay)  # fmt: skip
+                                     loraplus_weight_decay=t.weight_decay,
+                                     loraplus_lr_embedding=t.learning_rate)  # fmt: skip
 
 
 def loss_settings(t: TrainSection, model) -> LossSettings:

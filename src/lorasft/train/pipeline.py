@@ -119,6 +119,12 @@ def finish(out: TrainOutcome, cfg: Config) -> dict:
 
         unset_hf_deepspeed_config()  # load whole, not partitioned over the ranks that have left
         out.model = open_run(out.run_dir).model
+    elif cfg.lora.init in BASE_MUTATING_INIT:
+        from lorasft.model.reopen import open_run
+
+        # the in-memory base lost the part pissa/olora moved into the adapter: its "base" answers
+        # would be wrong (and cached as the base's); evaluate the saved run on the unchanged base
+        out.model = open_run(out.run_dir).model
     d = out.data
     return finish_run(out.run_dir, out.model, out.tokenizer, cfg, d.eval_examples, d.eval,
                       out.log_history, out.info, d.counts)  # fmt: skip

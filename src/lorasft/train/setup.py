@@ -24,6 +24,16 @@ def check_before_loading(t: TrainSection) -> None:
     """Problems that would otherwise surface after minutes of loading."""
     check_optimizer(t.optimizer)
     check_launch(t)
+    check_trackers(t.report_to)
+
+
+def check_trackers(names: list[str] | None) -> None:
+    """train.report_to's packages are installed (at training only: a run trained with a tracker
+    is still opened for eval, merge and serve where that tracker is missing)."""
+    missing = [name for name in names or [] if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"train.report_to: not installed: {', '.join(missing)} (pip install "
+                          f"{' '.join(missing)})")  # fmt: skip
 
 
 def check_optimizer(name: str) -> None:

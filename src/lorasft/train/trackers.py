@@ -58,6 +58,15 @@ def tracking(names: list[str], run_dir: Path, experiment: str, main: bool) -> It
             yield
 
 
+@contextmanager
+def parameters_logged(first: bool) -> Iterator[None]:
+    """Each stage's Trainer logs its arguments to the tracker; MLflow refuses a parameter logged
+    again with another value (every stage has its own output folder and steps) in the one run of
+    a staged run, so only the first stage trained in this process logs them."""
+    with _env_defaults({} if first else {"MLFLOW_MAX_LOG_PARAMS": "0"}):
+        yield
+
+
 def final_metrics(results: dict[str, Any]) -> dict[str, float]:
     """lorasft's own figures, flat: `final/tuned/perplexity`, `final/tuned/exact_match`, ... (the
     evaluation's perplexity and generation metrics), the base's beside them, and the long-context card's ratios and rates (`final/long/...`)."""
