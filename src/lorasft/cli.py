@@ -278,6 +278,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from lorasft.export.merge import merge, write_combined_adapter
 
     runs = [args.run_dir, *args.also]
+    for flag, path in (("--out", args.out), ("--adapter-out", args.adapter_out)):
+        if path and Path(path).exists() and any(Path(path).iterdir()):
+            raise ModelError(f"{flag} {path}: the folder exists and is not empty; choose a new "
+                             "folder")  # fmt: skip
+    if args.density is not None and args.method in ("linear", "cat", "svd"):
+        raise ConfigError(f"--density is for the pruning methods (ties, dare_linear, dare_ties, "
+                          f"magnitude_prune), not --method {args.method}")  # fmt: skip
     if args.adapter_out:
         out = write_combined_adapter(runs, args.adapter_out, args.weights, args.method,
                                      args.density)  # fmt: skip

@@ -89,6 +89,13 @@ def test_combinations_peft_cannot_make_are_errors(two_runs, tiny_llama_dir, tmp_
     with pytest.raises(ModelError, match=rf"{dora} is a DoRA adapter"):
         merge_runs([two_runs[0], dora], None, "cat")
     assert main(["merge", str(two_runs[0])]) == 2  # neither --out nor --adapter-out
+    assert main(["merge", str(two_runs[0]), "--also", str(two_runs[1]), "--out",
+                 str(tmp_path / "m"), "--method", "cat", "--density", "0.5"]) == 2  # fmt: skip
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    assert main(["merge", str(two_runs[0]), "--also", str(two_runs[1]), "--adapter-out",
+                 str(tmp_path / "a"), "--method", "cat", "--out", str(tmp_path / "full")]) == 2  # fmt: skip
+    assert not (tmp_path / "a").exists()  # checked before anything was written
     saved = tmp_path / "saved"  # a module trained in full: the combination would drop it
     assert main(tiny_args(tiny_llama_dir, saved, *QUICK, "train.max_steps=1",
                           "lora.modules_to_save=[lm_head]")) == 0  # fmt: skip
