@@ -87,7 +87,22 @@ REGRESSIONS = [
     ("completions", {"model": "a", "prompt": [1, -1]}),
     ("chat/completions", {"model": "a", "messages": [{"role": "user", "content": "x"}],
                           "top_logprobs": 3}),
+    # was a 500 (2026-12-06): logits / 3.7e-297 overflow and the sampler's probabilities are NaN
+    ("chat/completions", {"model": "a", "max_tokens": 3, "temperature": 3.680320102172283e-297,
+                          "messages": [{"role": "user", "content": "hi"}]}),
 ]  # fmt: skip
+
+
+def test_a_tiny_temperature_answers_as_greedy(live):
+    """Below GREEDY_BELOW a temperature is greedy: the same answer as temperature 0."""
+    answers = []
+    for t in (0.0, 1e-300, 9e-7):
+        body = {"model": "a", "max_tokens": 6, "temperature": t,
+                "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+        r = httpx.post(f"{live.url}/v1/chat/completions", json=body, headers=AUTH, timeout=60)
+        assert r.status_code == 200, r.text
+        answers.append(r.json()["choices"][0]["message"]["content"])
+    assert answers[1] == answers[0] == answers[2]
 
 
 def test_regressions(live):

@@ -1,8 +1,11 @@
 """What a run leaves behind, and who writes it: TensorBoard folders per run, stage folders by
 rank 0 only, no DeepSpeed chatter on runs that do not use it."""
 
+import json
 import subprocess
 import sys
+
+import pytest
 
 from lorasft.cli import main
 from lorasft.config import StageSection, load_config
@@ -15,11 +18,26 @@ def _events(folder):
     return sorted(p.name for p in folder.rglob("events.out.tfevents.*"))
 
 
+def _scalars(folder) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
 def test_each_run_in_one_process_logs_to_its_own_tensorboard_folder(tiny_llama_dir, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for run in (a, b):
         assert main(tiny_args(tiny_llama_dir, run, *QUICK, "train.max_steps=2")) == 0
-    assert len(_events(a / "tensorboard")) == 1 and len(_events(b / "tensorboard")) == 1
+    for run in (a, b):
+        # the training's events, then the final metrics' (logged after training ended)
+        assert 1 <= len(_events(run / "tensorboard")) <= 2
+        logged = _scalars(run / "tensorboard")
+        history = json.loads((run / "results.json").read_text())["log_history"]
+        assert logged["train/loss"] == pytest.approx([h["loss"] for h in history if "loss" in h])
+        final = json.loads((run / "results.json").read_text())["eval"]["tuned"]["perplexity"]
+        assert logged["train/final/tuned/perplexity"] == pytest.approx([final["perplexity"]])
 
 
 def test_only_the_main_rank_writes_stage_folders(tiny_llama_dir, tmp_path):

@@ -7,6 +7,11 @@ from dataclasses import dataclass, replace
 
 from lorasft.data.tokenize import stop_ids
 
+GREEDY_BELOW = 1e-6
+"""Temperatures below this are greedy: dividing logits by a temperature such as 1e-300 overflows
+to inf and the sampler's probabilities to NaN (found by tests/serve/test_fuzz_http.py), and at
+1e-6 a logit gap of 1e-5 already weighs e^10 to 1, the argmax in all but exact ties."""
+
 
 @dataclass
 class GenSettings:
@@ -34,10 +39,11 @@ class GenSettings:
 
     def with_temperature(self, temperature: float | None, top_p: float | None = None,
                          top_k: int | None = None) -> GenSettings:  # fmt: skip
-        """A request's temperature: 0 means greedy, above 0 samples at it; None keeps these."""
+        """A request's temperature: below GREEDY_BELOW (0 included) greedy, else samples at it;
+        None keeps these."""
         if temperature is None:
             return self
-        sample = temperature > 0
+        sample = temperature >= GREEDY_BELOW
         return replace(self, do_sample=sample, temperature=temperature if sample else 1.0,
                        top_p=self.top_p if top_p is None else top_p,
                        top_k=self.top_k if top_k is None else top_k)  # fmt: skip

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lorasft.model.generation import GREEDY_BELOW
 from lorasft.serve.logprobs import MAX_TOP
 
 
@@ -108,6 +109,7 @@ class Sampling(ValidText):
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    """Below GREEDY_BELOW (0 included): greedy, on every engine."""
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: int | None = None
@@ -128,6 +130,11 @@ class Sampling(ValidText):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     best_of: int | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _tiny_is_greedy(cls, v: float) -> float:
+        return 0.0 if v < GREEDY_BELOW else v
 
     @field_validator(*REFUSED, check_fields=False)
     @classmethod

@@ -93,4 +93,8 @@ def log_final(trainer, results: dict[str, Any]) -> dict[str, float]:
     metrics = final_metrics(results)
     if trainer is not None and metrics and trainer.args.report_to:
         trainer.log(metrics)
+        for callback in trainer.callback_handler.callbacks:  # TensorBoard reopened its writer
+            if getattr(callback, "tb_writer", None) is not None:
+                callback.tb_writer.close()  # written out now, not at some later flush
+                callback.tb_writer = None
     return metrics
