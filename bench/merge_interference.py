@@ -28,8 +28,9 @@ from pathlib import Path
 from recipe_sweep import CHOSEN, DEFAULT_SEED, eval_command, train_command  # bench/ is here
 from recipe_tasks import TASKS, write
 
+from lorasft.export import PRUNING
+
 METHODS = ["cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
-PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 
 
 def run(args: list[str], threads: int) -> float:

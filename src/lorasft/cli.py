@@ -13,7 +13,7 @@ from pathlib import Path
 from lorasft.config import Config, ConfigError, load_config
 from lorasft.data.formats import DataError
 from lorasft.data.templates import TemplateError
-from lorasft.export import METHODS
+from lorasft.export import METHODS, PRUNING
 from lorasft.model.host_memory import release_freed_memory
 from lorasft.model.load import ModelError
 from lorasft.model.precision import DTYPE_NAMES
@@ -275,14 +275,13 @@ def _serve_parser(sub) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from lorasft.export.merge import merge, write_combined_adapter
+    from lorasft.export.merge import merge, new_folder, write_combined_adapter
 
     runs = [args.run_dir, *args.also]
     for flag, path in (("--out", args.out), ("--adapter-out", args.adapter_out)):
-        if path and Path(path).exists() and any(Path(path).iterdir()):
-            raise ModelError(f"{flag} {path}: the folder exists and is not empty; choose a new "
-                             "folder")  # fmt: skip
-    if args.density is not None and args.method in ("linear", "cat", "svd"):
+        if path:
+            new_folder(path, flag)  # both checked before either is written
+    if args.density is not None and args.method not in PRUNING:
         raise ConfigError(f"--density is for the pruning methods (ties, dare_linear, dare_ties, "
                           f"magnitude_prune), not --method {args.method}")  # fmt: skip
     if args.adapter_out:

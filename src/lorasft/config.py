@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lorasft.hub import HUB_ID, HUB_PREFIX
+from lorasft.hub import HUB_PREFIX, is_hub_id
 
 
 class _Loader(yaml.SafeLoader):
@@ -641,11 +641,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return _resolve_paths(cfg, base_dir)
 
 
-def hub_model_id(p: str, base_dir: Path) -> bool:
-    """`owner/name` that is no path here (next to the config file or from the working folder)."""
-    return bool(HUB_ID.match(p)) and not (base_dir / p).exists() and not Path(p).exists()
-
-
 def _here(q: Path) -> bool:
     """`q` exists, or is `folder:split` of a folder that exists (a saved dataset's split)."""
     head, sep, _ = str(q).rpartition(":")
@@ -658,7 +653,7 @@ def _resolve_paths(cfg: Config, base_dir: Path) -> Config:
     def fix(p: str, key: str) -> str:
         if "\x00" in p:
             raise ConfigError(f"{key}={shown(p)}: a path cannot contain a NUL character")
-        if p.startswith(HUB_PREFIX) or (key == "model.path" and hub_model_id(p, base_dir)):
+        if p.startswith(HUB_PREFIX) or (key == "model.path" and is_hub_id(p, base_dir)):
             return p  # a Hub id, resolved in the local Hugging Face cache when loading
         try:
             q = Path(p).expanduser()

@@ -5,9 +5,19 @@ user's `allow_download` setting asks."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 HUB_PREFIX = "hub:"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_id(path: str, base_dir: Path | None = None) -> bool:
+    """`hub:owner/name`, or `owner/name` that is no path here (from the working folder, nor from
+    `base_dir`, a config file's folder)."""
+    if path.startswith(HUB_PREFIX):
+        return True
+    here = Path(path).expanduser().exists() or (base_dir is not None and (base_dir / path).exists())
+    return bool(HUB_ID.match(path)) and not here
 
 
 def hub_snapshot(repo: str, repo_type: str, allow_download: bool, named: str,

@@ -43,9 +43,6 @@ class LongSettings:
     trials: int = 2
     passkey_before: bool = True
     """Passkey also for the base with the scaling untrained (the before of a before/after)."""
-    passkey_window: bool = True
-    """Passkey for the base inside its own window (the report card's reference), whenever
-    passkey reaches that window."""
     seed: int = 0
     attention_length: int | None = None
     """Tokens of the attention check; None: the largest length, at most 4096 (eager attention
@@ -83,8 +80,8 @@ def _ppl_row(model, ids: list[int], lengths: list[int], s: LongSettings,
 def _by_model(tuned, cfg: Config, plan, ids: list[int], lengths: list[int], pk_lengths: list[int],
               tok, s: LongSettings, window: int) -> tuple[dict, dict, dict]:  # fmt: skip
     """Perplexity rows for every base variant and the tuned run; passkey grids for the tuned run
-    and (passkey_before) the base with the scaling untrained, and (passkey_window) the base inside
-    its own `window` (the report card's reference rate, whenever passkey reaches the window)."""
+    and (passkey_before) the base with the scaling untrained, and always the base inside its
+    own `window` (the report card's reference rate, whenever passkey reaches the window)."""
     ppl, labels, passkey = {}, {}, {}
     loss = LossSettings.from_train(cfg.train)
     for name, (label, load) in base_variants(cfg, plan, frozen_dtype(tuned)).items():
@@ -92,7 +89,7 @@ def _by_model(tuned, cfg: Config, plan, ids: list[int], lengths: list[int], pk_l
         ppl[name], labels[name] = _ppl_row(model, ids, lengths, s, loss), label
         if name == "base_scaled" and s.passkey_before:
             passkey[name] = passkey_grid(model, tok, pk_lengths, s.depths, s.trials, s.seed)
-        if name == "base" and s.passkey_window and pk_lengths and window <= max(pk_lengths):
+        if name == "base" and pk_lengths and window <= max(pk_lengths):
             passkey["base_window"] = passkey_grid(model, tok, [window], s.depths, s.trials, s.seed)
         del model
         gc.collect()

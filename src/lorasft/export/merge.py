@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from lorasft.data.tokenize import stop_ids
-from lorasft.export import METHODS
+from lorasft.export import METHODS, PRUNING
 from lorasft.model.load import ModelError
 from lorasft.model.precision import DTYPE_NAMES
 from lorasft.model.reopen import RunSpec, attach, check_same_context, open_run, read_run
@@ -66,6 +66,14 @@ def merge_runs(run_dirs: list[str | Path], weights: list[float] | None = None,
     return first.spec, merged
 
 
+def new_folder(path: str | Path, flag: str) -> Path:
+    """An output folder that is new or empty (nothing of another merge is overwritten)."""
+    out = Path(path)
+    if out.exists() and any(out.iterdir()):
+        raise ModelError(f"{flag} {out}: the folder exists and is not empty; choose a new folder")
+    return out
+
+
 def _weights(run_dirs: list, weights: list[float] | None) -> list[float]:
     weights = list(weights) if weights else [1.0] * len(run_dirs)
     if len(weights) != len(run_dirs):
@@ -95,8 +103,7 @@ def combine_runs(run_dirs: list[str | Path], weights: list[float] | None, method
     adapters combined by PEFT's add_weighted_adapter)`; the runs' own adapters are removed."""
     if method not in METHODS[1:]:
         raise ModelError(f"--method {method}: expected one of {', '.join(METHODS)}")
-    pruned = method in ("ties", "dare_linear", "dare_ties", "magnitude_prune")
-    if pruned and density is None:
+    if method in PRUNING and density is None:
         raise ModelError(f"--method {method} prunes each adapter: give --density (0-1], the "
                          "share of each delta's entries kept, e.g. 0.5")  # fmt: skip
     if density is not None and not 0 < density <= 1:
@@ -151,9 +158,7 @@ def write_combined_adapter(run_dirs: list[str | Path], out: str | Path,
 
     from lorasft.run_files import CONFIG, RUN_INFO
 
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ModelError(f"--adapter-out {out}: the folder exists and is not empty")
+    out = new_folder(out, "--adapter-out")
     if method == "linear":
         raise ModelError("--adapter-out needs a --method that builds one adapter (cat, svd, "
                          "ties, dare_linear, dare_ties, magnitude_prune); linear merges into the "
@@ -183,9 +188,7 @@ def merge(run_dirs: list[str | Path], out: str | Path, dtype: str = "float32",
     """Write the merged model folder; returns its path."""
     if dtype not in DTYPE_NAMES:
         raise ModelError(f"--dtype {dtype}: expected one of {', '.join(DTYPE_NAMES)}")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ModelError(f"--out {out}: the folder exists and is not empty; choose a new folder")
+    out = new_folder(out, "--out")
     spec, model = merge_runs(run_dirs, weights, method, density)
     tok = spec.tok
     model = model.to(DTYPE_NAMES[dtype])

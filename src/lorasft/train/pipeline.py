@@ -112,18 +112,17 @@ def finish(out: TrainOutcome, cfg: Config) -> dict:
     """Rank 0, alone: evaluate and write results.json, the plots and samples; the results."""
     from lorasft.eval.finish import finish_run
 
-    if out.info.get("distributed") in SHARDED:  # evaluate the saved adapter, not this rank's shard
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
+    sharded = out.info.get("distributed") in SHARDED
+    # Evaluate the saved adapter when the in-memory model is not the run: a sharded one holds
+    # this rank's shard; with pissa/olora its base lost the part moved into the adapter, so its
+    # "base" answers would be wrong (and cached as the base's).
+    if sharded or cfg.lora.init in BASE_MUTATING_INIT:
         from lorasft.model.reopen import open_run
 
-        unset_hf_deepspeed_config()  # load whole, not partitioned over the ranks that have left
-        out.model = open_run(out.run_dir).model
-    elif cfg.lora.init in BASE_MUTATING_INIT:
-        from lorasft.model.reopen import open_run
+        if sharded:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-        # the in-memory base lost the part pissa/olora moved into the adapter: its "base" answers
-        # would be wrong (and cached as the base's); evaluate the saved run on the unchanged base
+            unset_hf_deepspeed_config()  # load whole, not partitioned over the ranks that left
         out.model = open_run(out.run_dir).model
     d = out.data
     return finish_run(out.run_dir, out.model, out.tokenizer, cfg, d.eval_examples, d.eval,

@@ -37,7 +37,7 @@ def train_stages(cfg: Config, model, tok, run_dir: Path, precision: str, model_p
     checkpoint, or starts from the adapter the last finished stage saved."""
     window = base_window(model_path, cfg.model.trust_remote_code)
     resume = cfg.train.resume is not None
-    history, summaries, out, finished, trained = [], [], None, None, 0
+    history, summaries, out, finished = [], [], None, None
     for i, st in enumerate(cfg.stages):
         scfg = stage_config(cfg, i, window)
         name = f"{i + 1}-{st.name or 'stage'}"
@@ -60,9 +60,9 @@ def train_stages(cfg: Config, model, tok, run_dir: Path, precision: str, model_p
             f"accum {t.grad_accum}, checkpointing {t.gradient_checkpointing}"
             + (f", resuming {ckpts[-1]}" if ckpts else ""))  # fmt: skip
         set_checkpointing(model, t.gradient_checkpointing)
-        with parameters_logged(first=trained == 0):
+        with parameters_logged(first=out is None):  # the first stage trained in this process
             out = fit(scfg, model, tok, stage_dir, precision, str(ckpts[-1]) if ckpts else None)
-        model, trained = out.model, trained + 1
+        model = out.model
         if is_main:
             model.save_pretrained(stage_dir)
             record = {"log_history": out.log_history, "info": out.info}
