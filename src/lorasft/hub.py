@@ -16,8 +16,9 @@ def is_hub_id(path: str, base_dir: Path | None = None) -> bool:
     `base_dir`, a config file's folder)."""
     if path.startswith(HUB_PREFIX):
         return True
-    here = Path(path).expanduser().exists() or (base_dir is not None and (base_dir / path).exists())
-    return bool(HUB_ID.match(path)) and not here
+    if not HUB_ID.match(path):  # first: an id never starts with ~ or /, so nothing to expand
+        return False
+    return not (Path(path).exists() or (base_dir is not None and (base_dir / path).exists()))
 
 
 def hub_snapshot(repo: str, repo_type: str, allow_download: bool, named: str,
