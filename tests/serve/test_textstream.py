@@ -35,6 +35,32 @@ def test_multibyte_characters_are_never_split(tiny_tokenizer):
     assert "".join(pieces) == "从句子中提取人名和城市" and not any("\ufffd" in p for p in pieces)
 
 
+class CountingDecoder:
+    """A tokenizer's decode, counting the ids it is given."""
+
+    def __init__(self, tok):
+        self.tok, self.decoded = tok, 0
+
+    def decode(self, ids, **kw):
+        self.decoded += len(ids)
+        return self.tok.decode(ids, **kw)
+
+
+def test_a_long_stream_decodes_a_window_per_token_and_joins_to_the_whole(tiny_tokenizer):
+    """3000 random ids (special tokens, split and invalid UTF-8 among them): the pieces join to
+    the whole answer decoded at once, and each token decodes a few ids, not the answer so far
+    (that was 4.5 million ids here, the serving event loop's main work on a long stream)."""
+    import random
+
+    rng = random.Random(0)
+    ids = [rng.randrange(len(tiny_tokenizer)) for _ in range(3000)]
+    counting = CountingDecoder(tiny_tokenizer)
+    cutter = TextCutter(counting, [])
+    pieces = [cutter.add(i) for i in ids] + [cutter.flush()]
+    assert "".join(pieces) == tiny_tokenizer.decode(ids, skip_special_tokens=True)
+    assert counting.decoded < 10 * len(ids), counting.decoded
+
+
 def test_serve_arguments_are_checked(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["serve", "--adapter", "no-equals-sign"])

@@ -179,7 +179,10 @@ class Engine:
     def in_flight(self) -> int:
         return self._admitted
 
-    def submit(self, served: Served, prompt_ids: list[int], params: Params) -> Generation:
+    def reserve(self) -> None:
+        """Take a place among the slots and the queue, or refuse with 503 and Retry-After. The
+        routes reserve before anything else (no thread pool, no tokenizer), so a full server
+        refuses in one turn of the event loop however busy the machine is."""
         with self._admit_lock:
             if self._admitted >= self.slots + self.max_queue:
                 raise APIError(503, f"the server is busy: {self.slots} requests generating and "
@@ -187,6 +190,15 @@ class Engine:
                                f"{RETRY_AFTER_S} s", None, "server_busy", kind="server_error",
                                headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
             self._admitted += 1
+
+    def start(self, served: Served, prompt_ids: list[int], params: Params) -> Generation:
+        """Generate in a place `reserve` took (the generation gives it back when closed; the
+        caller does if this raises)."""
+        return self._start(served, prompt_ids, params)
+
+    def submit(self, served: Served, prompt_ids: list[int], params: Params) -> Generation:
+        """`reserve`, then `start`."""
+        self.reserve()
         try:
             return self._start(served, prompt_ids, params)
         except BaseException:

@@ -33,7 +33,8 @@ import anyio
 import httpx
 import torch
 
-from lorasft.export.gguf import TYPES, check_llama, source_pre_type, write_gguf
+from lorasft.export import GGUF_TYPES
+from lorasft.export.gguf import check_llama, source_pre_type, write_gguf
 from lorasft.export.gguf_lora import ADAPTER_CONFIG, ADAPTER_FILE, check_lora, write_lora_gguf
 from lorasft.model.context import plan_context, rope_parameters
 from lorasft.model.load import ModelError, cache_root, read_config, weights_stamp
@@ -338,8 +339,8 @@ def load_llamacpp_engine(base: str | None, adapters: list[tuple[str, str]],
                          binary: str | None = None, threads: int | None = None,
                          max_queue: int = DEFAULT_MAX_QUEUE, specs=None) -> LlamaCppEngine:  # fmt: skip
     """Export (or find cached) the base GGUF and the adapters' GGUF LoRAs, start llama-server."""
-    if qtype not in TYPES:
-        raise ModelError(f"--gguf-type {qtype}: expected one of {', '.join(TYPES)}")
+    if qtype not in GGUF_TYPES:
+        raise ModelError(f"--gguf-type {qtype}: expected one of {', '.join(GGUF_TYPES)}")
     found = find_llama_server(binary)
     if found is None:
         raise ModelError(llamacpp_problem(base, adapters, binary))

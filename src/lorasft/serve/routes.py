@@ -6,7 +6,8 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
@@ -59,6 +60,21 @@ def _params(request: Request, req: Sampling, n_prompt: int, field: str) -> Param
     return params
 
 
+@contextmanager
+def _reserved(engine: Engine) -> Iterator[None]:
+    """A place in the engine, taken before the prompt is encoded: a full server answers 503 at
+    once, not after a thread-pool hop and the tokenizer, which a loaded CPU delays by seconds.
+    Given back if no generation starts in it."""
+    engine.reserve()
+    started = False
+    try:
+        yield
+        started = True
+    finally:
+        if not started:
+            engine.release()
+
+
 def _encode_chat(engine: Engine, served: Served, messages: list[dict]) -> list[int]:
     try:
         return engine.encode_chat(served, messages)
@@ -89,8 +105,9 @@ async def chat_completions(req: ChatRequest, request: Request):
     engine = _engine(request)
     served = _served(engine, req.model)
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-    ids = await run_in_threadpool(_encode_chat, engine, served, messages)
-    job = engine.submit(served, ids, _params(request, req, len(ids), "messages"))
+    with _reserved(engine):
+        ids = await run_in_threadpool(_encode_chat, engine, served, messages)
+        job = engine.start(served, ids, _params(request, req, len(ids), "messages"))
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model}
     if req.stream:
         usage = req.stream_options is not None and req.stream_options.include_usage
@@ -126,12 +143,13 @@ def _prompt_ids(engine: Engine, served: Served, prompt: str | list[int]) -> list
 async def completions(req: CompletionRequest, request: Request):
     engine = _engine(request)
     served = _served(engine, req.model)
-    ids = await run_in_threadpool(_prompt_ids, engine, served, req.prompt)
-    params = _params(request, req, len(ids), "prompt")
-    echoed = _Echo(served.tok.decode(ids) if req.echo else "")
-    if req.echo and params.logprobs is not None:
-        echoed.scores = await engine.prompt_scores(served, ids, params.logprobs)
-    job = engine.submit(served, ids, params)
+    with _reserved(engine):
+        ids = await run_in_threadpool(_prompt_ids, engine, served, req.prompt)
+        params = _params(request, req, len(ids), "prompt")
+        echoed = _Echo(served.tok.decode(ids) if req.echo else "")
+        if req.echo and params.logprobs is not None:
+            echoed.scores = await engine.prompt_scores(served, ids, params.logprobs)
+        job = engine.start(served, ids, params)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
             "created": int(time.time()), "model": req.model}  # fmt: skip
     if req.stream:

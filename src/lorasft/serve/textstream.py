@@ -10,29 +10,58 @@ REPLACEMENT = "\ufffd"  # what decode gives for an incomplete UTF-8 sequence
 
 
 class TextCutter:
+    """Decodes incrementally: each token decodes a window of a few ids, not the whole answer
+    (decoding everything at every token cost O(n^2): a 4000-token stream kept the server's event
+    loop busy enough to delay every other request by seconds on a loaded CPU). The window
+    starts one settled token back, so a tokenizer that drops a leading space or cleans up
+    spaces does so inside the window, as it would in the whole text (the method of Hugging
+    Face's text-generation-inference and vLLM)."""
+
     def __init__(self, tok, stops: list[str] | None):
         self.tok, self.stops = tok, stops or []
         self.ids: list[int] = []
+        self.text = ""  # the decoded text of ids[:self._read]
+        self._prefix = self._read = 0  # the window: ids[_prefix:], settled up to _read
         self.sent = 0
         self.stopped = False
 
     def add(self, token_id: int) -> str:
         """The new text this token makes safe to send ('' if none)."""
         self.ids.append(token_id)
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        new = self._settle()
+        if new is None:  # it ends inside a multi-byte character
+            return ""
+        text = self.text
         cut = self._first_stop(text)
         if cut is not None:
             self.stopped = True
             return self._release(text[:cut])
-        if text.endswith(REPLACEMENT):
-            return ""
         return self._release(text[: len(text) - self._held(text)])
 
     def flush(self) -> str:
         """What is left once generation has ended (held text that never became a stop string)."""
         if self.stopped:
             return ""
-        return self._release(self.tok.decode(self.ids, skip_special_tokens=True))
+        self._settle(final=True)
+        return self._release(self.text)
+
+    def _settle(self, final: bool = False) -> str | None:
+        """Decode the window; unless it ends inside a character (and not `final`), add its new
+        text to `self.text` and move the window on. The new text, or None if held."""
+        decode = lambda ids: self.tok.decode(ids, skip_special_tokens=True)
+        before = decode(self.ids[self._prefix : self._read])
+        after = decode(self.ids[self._prefix :])
+        if not after.startswith(before):  # a tokenizer whose window text is not its prefix
+            if not final:
+                return None
+            new, self.text = "", decode(self.ids)  # the end: the whole text, as decoded at once
+            return new
+        if after.endswith(REPLACEMENT) and not final:
+            return None
+        new = after[len(before) :]
+        self.text += new
+        self._prefix, self._read = self._read, len(self.ids)
+        return new
 
     def _release(self, text: str) -> str:
         piece = text[self.sent :]
