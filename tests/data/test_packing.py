@@ -121,7 +121,7 @@ def test_training_with_packing(tiny_llama_dir, tmp_path, capsys):
     r = json.loads((run / "results.json").read_text())
     assert r["train"]["global_step"] == 4 and r["eval"]["tuned"]["perplexity"]["loss"] > 0
     # Packing was used: 240 sequences went into far fewer rows of at most 256 tokens.
-    m = re.search(r"packing: (\d+) sequences into (\d+) rows of <= 256", capsys.readouterr().out)
+    m = re.search(r"packing: (\d+) sequences into (\d+) rows of <= 256", capsys.readouterr().err)
     assert m and int(m[1]) == r["data"]["train"]["sequences"] == 240
     rows = int(m[2])
     assert r["data"]["train"]["tokens"] / 256 <= rows < 240 / 2

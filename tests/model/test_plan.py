@@ -102,11 +102,11 @@ def test_plan_counts_the_layers_chinese_answers_train(tiny_llama_dir, tmp_path, 
 
     def lora_line(*extra):
         assert main(["plan", f"model.path={tiny_llama_dir}", "train.precision=fp32", *extra]) == 0
-        out = capsys.readouterr().out
-        return out, next(ln for ln in out.splitlines() if ln.startswith("LoRA rank"))
+        said = capsys.readouterr()
+        return said.err, next(ln for ln in said.out.splitlines() if ln.startswith("LoRA rank"))
 
-    out, han = lora_line(f"data.train_file={zh}")
-    assert "100% of the training answers' characters are Chinese" in out
+    told, han = lora_line(f"data.train_file={zh}")
+    assert "100% of the training answers' characters are Chinese" in told
     _, listed = lora_line(f"data.train_file={zh}", "lora.target_modules=all-linear", "lora.r=16")
     _, off = lora_line(f"data.train_file={zh}", "lora.by_answer_language=false")
     # tiny Llama: hidden 32, MLP 64, 2 layers; k/v project to 16 (2 kv heads of 8); rank 16

@@ -208,7 +208,7 @@ def test_a_run_trained_with_s2_reloads_with_full_attention(tiny_llama_dir, tmp_p
         main(tiny_args(tiny_llama_dir, run, *QUICK, "data.max_length=64", "train.precision=bf16",
                        *extra))  # fmt: skip
         runs[name] = run
-    assert "S2-Attn: groups of 8 tokens" in capsys.readouterr().out
+    assert "S2-Attn: groups of 8 tokens" in capsys.readouterr().err
     from safetensors.torch import load_file
 
     a, b = (load_file(runs[n] / "adapter_model.safetensors") for n in ("s2", "full"))

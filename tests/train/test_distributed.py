@@ -79,7 +79,7 @@ def test_two_processes_match_one_with_the_same_global_batch(
             cmd, env=env, capture_output=True, text=True, timeout=600, check=False
         )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("[lorasft] run folder:") == 1  # rank 0 alone reports
+    assert proc.stderr.count("[lorasft] run folder:") == 1  # rank 0 alone reports
     assert proc.stdout.count("base vs tuned") == 1  # and alone evaluates
     r = json.loads((ddp / "results.json").read_text())
     assert r["train"]["processes"] == 2 and r["train"]["global_step"] == 4
@@ -109,5 +109,5 @@ def test_fsdp_on_cpu_says_it_is_not_in_effect(tiny_llama_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     if torch.cuda.is_available():
         return
-    assert proc.stdout.count("train.fsdp is not in effect: accelerate runs FSDP on GPUs only") == 1
+    assert proc.stderr.count("train.fsdp is not in effect: accelerate runs FSDP on GPUs only") == 1
     assert json.loads((run / "results.json").read_text())["train"]["distributed"] == "MULTI_CPU"

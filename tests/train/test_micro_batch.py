@@ -38,7 +38,7 @@ def test_budget_splits_the_batch_and_training_is_unchanged(
     budget = budget_for_micro_batch(tiny_llama_dir, 2, precision)
     budget_arg = f"train.memory_budget_gib={budget!r}"
     assert main([*args(tiny_llama_dir, split, 8, precision), budget_arg]) == 0
-    assert "micro-batch 2 x 4 accumulation steps for a batch of 8" in capsys.readouterr().out
+    assert "micro-batch 2 x 4 accumulation steps for a batch of 8" in capsys.readouterr().err
     r = json.loads((split / "results.json").read_text())["train"]
     assert (r["micro_batch"], r["grad_accum"], r["global_step"]) == (2, 4, 4)
     a = load_file(whole / "adapter_model.safetensors")

@@ -58,5 +58,5 @@ def test_a_run_without_deepspeed_says_nothing_about_it(tiny_llama_dir, tmp_path)
     proc = subprocess.run([sys.executable, "-m", "lorasft", *argv], capture_output=True,
                           text=True, timeout=300, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "[lorasft] run folder:" in proc.stdout
+    assert "[lorasft] run folder:" in proc.stderr
     assert "accelerator" not in (proc.stdout + proc.stderr).lower()

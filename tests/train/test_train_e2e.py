@@ -108,7 +108,7 @@ def test_chinese_answers_train_every_linear_layer_unless_set(tiny_llama_dir, tmp
                                  "data.eval_file=null", "train.max_steps=2", "eval.num_samples=0")
             if not a.startswith(unset)]  # fmt: skip
     assert main(args) == 0
-    assert "100% of the training answers' characters are Chinese" in capsys.readouterr().out
+    assert "100% of the training answers' characters are Chinese" in capsys.readouterr().err
     run = tmp_path / "run"
     saved = load_config(run / "config.yaml")
     assert (saved.lora.target_modules, saved.lora.r, saved.lora.alpha) == ("all-linear", 16, 32)

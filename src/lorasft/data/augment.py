@@ -10,9 +10,9 @@ from __future__ import annotations
 import copy
 import random
 import re
-import sys
 from functools import cache
 
+from lorasft.console import say
 from lorasft.data.formats import DataError, Example
 
 WORD = re.compile(r"\w", re.UNICODE)
@@ -41,8 +41,7 @@ def wordnet():
         wn.synsets("dog")
         return wn
     except (ImportError, LookupError):
-        print("[lorasft] augment: WordNet data not installed; synonym replacement skipped",
-              file=sys.stderr)  # fmt: skip
+        say("augment: WordNet data not installed; synonym replacement skipped")  # fmt: skip
         return None
 
 

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from lorasft.config import EvalSection
+from lorasft.console import say
 from lorasft.data.formats import Example
 from lorasft.data.templates import prompt_messages
 from lorasft.data.tokenize import Encoded, prompt_ids
@@ -15,7 +16,6 @@ from lorasft.eval.metrics import aggregate, score
 from lorasft.eval.perplexity import perplexity
 from lorasft.model.generation import GenSettings
 from lorasft.model.loss import DEFAULT_LOSS, LossSettings
-from lorasft.model.reopen import say
 
 
 def _with_adapter(model, enabled: bool, fn):

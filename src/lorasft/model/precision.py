@@ -7,9 +7,9 @@ support is emulated (correct, and many times slower), which is said once.
 
 from __future__ import annotations
 
-import sys
-
 import torch
+
+from lorasft.console import say
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -29,11 +29,11 @@ def resolve_precision(precision: str) -> str:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if cpu_has_bf16() else "fp32"
     if precision == "bf16" and not cuda and not cpu_has_bf16():
-        print("[lorasft] train.precision=bf16: this CPU has no AVX512-BF16/AMX, so bf16 is "
+        say("train.precision=bf16: this CPU has no AVX512-BF16/AMX, so bf16 is "
               "emulated: same results as on a bf16 machine, many times slower than fp32 "
-              "(train.precision=auto picks fp32 here)", file=sys.stderr)  # fmt: skip
+              "(train.precision=auto picks fp32 here)")  # fmt: skip
     if precision == "fp16" and not cuda:
-        print("[lorasft] train.precision=fp16 needs a GPU; using fp32", file=sys.stderr)
+        say("train.precision=fp16 needs a GPU; using fp32")
         return "fp32"
     return precision
 

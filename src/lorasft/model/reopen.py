@@ -10,7 +10,6 @@ its tokenizer with the chat template and stop tokens it trained with.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from peft import PeftModel
 
 from lorasft.config import Config, ContextSection, load_config
+from lorasft.console import say
 from lorasft.data.templates import with_system
 from lorasft.data.tokenize import stop_ids
 from lorasft.hub import is_hub_id
@@ -34,10 +34,6 @@ from lorasft.model.load import (
 )
 from lorasft.model.precision import DTYPE_NAMES, base_dtype, dtype_name, resolve_precision
 from lorasft.run_files import CONFIG, RESULTS, RUN_INFO, write_json
-
-
-def say(message: str) -> None:
-    print(f"[lorasft] {message}", file=sys.stderr)
 
 
 def write_run_info(run_dir: Path, precision: str, dtype: torch.dtype, base_path: Path,

@@ -32,6 +32,8 @@ from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from lorasft.console import say
+
 INNER_KERNELS = ("sdpa", "flash_attention_2", "flash_attention_3")
 
 
@@ -235,7 +237,7 @@ def _flash_varlen(module, q, k, v, pos, inner: str, dropout: float, scale, rest:
 
 
 @contextmanager
-def s2_training(model, ctx, max_length: int, say=print):
+def s2_training(model, ctx, max_length: int):
     """Inside: the (LoRA-wrapped) model attends with S2-Attn while it trains, when the context
     section asks for it; afterwards the inner kernel again."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -245,7 +247,7 @@ def s2_training(model, ctx, max_length: int, say=print):
         return
     group = group_tokens(ctx.s2_group, max_length)
     base.set_attn_implementation(register_s2(inner, group))
-    say(f"[lorasft] S2-Attn: groups of {group} tokens (half the heads shifted by {group // 2}) "
+    say(f"S2-Attn: groups of {group} tokens (half the heads shifted by {group // 2}) "
         f"around {inner} while training; full attention in evaluation")  # fmt: skip
     try:
         yield

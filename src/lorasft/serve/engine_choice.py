@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lorasft.model.reopen import read_specs, say
+from lorasft.console import say
+from lorasft.model.reopen import read_specs
 from lorasft.serve import DEFAULT_MAX_QUEUE
 from lorasft.serve.engine import Engine, load_engine
 

@@ -33,12 +33,13 @@ import anyio
 import httpx
 import torch
 
+from lorasft.console import say
 from lorasft.export import GGUF_TYPES
 from lorasft.export.gguf import check_llama, source_pre_type, write_gguf
 from lorasft.export.gguf_lora import ADAPTER_CONFIG, ADAPTER_FILE, check_lora, write_lora_gguf
 from lorasft.model.context import plan_context, rope_parameters
 from lorasft.model.load import ModelError, cache_root, read_config, weights_stamp
-from lorasft.model.reopen import RunSpec, open_base, read_specs, say, served_context
+from lorasft.model.reopen import RunSpec, open_base, read_specs, served_context
 from lorasft.run_files import replaced
 from lorasft.serve import DEFAULT_MAX_QUEUE
 from lorasft.serve.engine import Generation, Params, served_names

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import httpx
 
+from lorasft.console import say
 from lorasft.export.gguf_lora import check_lora, read_adapter_config
 from lorasft.model.context import context_window
 from lorasft.model.load import ModelError
 from lorasft.model.precision import dtype_name
-from lorasft.model.reopen import read_specs, say
+from lorasft.model.reopen import read_specs
 from lorasft.serve import DEFAULT_MAX_QUEUE
 from lorasft.serve.engine import Generation, served_names
 from lorasft.serve.llamacpp_engine import served_config

@@ -15,6 +15,7 @@ from datasets import Dataset
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
 from lorasft.config import Config, ConfigError, TrainSection
+from lorasft.console import say
 from lorasft.data.collate import PadCollator
 from lorasft.data.packing import PackedCollator, check_packing, pack
 from lorasft.data.prepare import Prepared, describe, prepare
@@ -22,7 +23,7 @@ from lorasft.data.tokenize import Encoded
 from lorasft.model.loss import LossSettings, check_kernel, say_kernel
 from lorasft.model.plan import choose_micro_batch
 from lorasft.model.s2attn import s2_training
-from lorasft.train.launch import decided_by_rank0, say
+from lorasft.train.launch import decided_by_rank0
 from lorasft.train.progress import ProgressFile, on_terminal, readable_progress
 from lorasft.train.trackers import report_to
 from lorasft.train.trainer import GenerationScores, SupervisedTrainer
@@ -49,11 +50,11 @@ def fit(cfg: Config, model, tok, run_dir: Path, precision: str,
     """One training pass on cfg.data with cfg.train: an ordinary run, or one stage of a staged run."""
     data = prepare(cfg.data, tok)
     for line in describe(data.counts):
-        say(f"[lorasft] {line}")
+        say(f"{line}")
     cfg = fit_micro_batch(cfg, model, data, precision)
     trainer = build_trainer(cfg, model, tok, data, run_dir, precision)
     start = time.perf_counter()
-    with s2_training(model, cfg.context, cfg.data.max_length, say):
+    with s2_training(model, cfg.context, cfg.data.max_length):
         result = trainer.train(resume_from_checkpoint=checkpoint)
     info = {
         "train_seconds": round(time.perf_counter() - start, 2),
@@ -87,7 +88,7 @@ def train_dataset_and_collator(cfg: Config, model, tok, data: Prepared):
         return to_dataset(data.train), PadCollator(tok.pad_token_id)
     check_packing(model.get_base_model().config.model_type)
     rows = pack(data.train, cfg.data.max_length)
-    say(f"[lorasft] packing: {len(data.train)} sequences into {len(rows)} rows of <= "
+    say(f"packing: {len(data.train)} sequences into {len(rows)} rows of <= "
         f"{cfg.data.max_length} tokens")  # fmt: skip
     ds = Dataset.from_list([{**vars(r), "length": len(r.input_ids)} for r in rows])
     flash = cfg.model.attn_implementation.startswith("flash_attention")
@@ -163,7 +164,7 @@ def loss_settings(t: TrainSection, model) -> LossSettings:
     if problem:
         raise ConfigError(problem)
     loss = LossSettings.from_train(t)
-    say(f"[lorasft] {say_kernel(model, loss)}")
+    say(f"{say_kernel(model, loss)}")
     return loss
 
 
@@ -171,7 +172,7 @@ def report_sharding(cfg: Config, trainer: Trainer) -> None:
     """accelerate shards (FSDP) on GPUs only; on CPU it drops the setting and runs DDP, which the
     user must hear about rather than find out from the memory use."""
     if cfg.train.fsdp and not trainer.is_fsdp_enabled:
-        say(f"[lorasft] train.fsdp is not in effect: accelerate runs FSDP on GPUs only, so this "
+        say(f"train.fsdp is not in effect: accelerate runs FSDP on GPUs only, so this "
             f"run is {trainer.accelerator.distributed_type.value} (every process holds the whole "
             "model)")  # fmt: skip
 
@@ -257,7 +258,7 @@ def fit_micro_batch(cfg: Config, model, data: Prepared, precision: str) -> Confi
         budget = int(t.memory_budget_gib * 2**30)
     micro, peak = choose_micro_batch(model, cfg, length, precision, budget)
     accum = t.grad_accum * t.batch_size // micro
-    say(f"[lorasft] micro-batch {micro} x {accum} accumulation steps for a batch of "
+    say(f"micro-batch {micro} x {accum} accumulation steps for a batch of "
         f"{t.batch_size * t.grad_accum}: estimated peak {peak / 2**30:.2f} GiB of a "
         f"{budget / 2**30:.2f} GiB budget at {length} tokens")  # fmt: skip
     return cfg.model_copy(

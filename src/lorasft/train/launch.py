@@ -25,11 +25,6 @@ def process_state() -> PartialState:
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def say(message: str) -> None:
-    """Console output from rank 0 only."""
-    process_state().print(message)
-
-
 def decided_by_rank0(decide: Callable[[], Any]) -> Any:
     """Rank 0 calls `decide` and every process of a torchrun/accelerate launch gets its answer
     (one process: just the answer)."""

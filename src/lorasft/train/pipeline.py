@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorasft.config import BASE_MUTATING_INIT, Config, ConfigError, dump_config, for_answers
+from lorasft.console import say
 from lorasft.data.prepare import training_answers_han_share
 from lorasft.model.lora import trainable_summary
 from lorasft.model.precision import base_dtype
@@ -17,7 +18,6 @@ from lorasft.train.launch import (
     leave_process_group,
     process_state,
     quiet_accelerator_detection,
-    say,
 )
 from lorasft.train.setup import (
     check_before_loading,
@@ -46,7 +46,7 @@ def train(cfg: Config) -> TrainOutcome:
     if state.is_main_process and cfg.lora.init in BASE_MUTATING_INIT:
         model.save_pretrained(run_dir / INITIAL_ADAPTER)  # before any step (or resumed weights)
     params = trainable_summary(model)
-    say(f"[lorasft] model {model_path} ({precision}); trainable parameters "
+    say(f"model {model_path} ({precision}); trainable parameters "
         f"{params['trainable']:,} of {params['total']:,} ({params['share']:.2%})")  # fmt: skip
     trackers = report_to(cfg.train.report_to)
     with tracking(trackers, run_dir, cfg.output.name, state.is_main_process):
@@ -74,7 +74,7 @@ def settings_for_answers(cfg: Config) -> tuple[Config, dict | None]:
     cfg, done = for_answers(cfg, training_answers_han_share(cfg.data))
     if done["applied"]:
         settings = ", ".join(f"{k}={v}" for k, v in done["applied"].items())
-        say(f"[lorasft] {done['han_share']:.0%} of the training answers' characters are Chinese: "
+        say(f"{done['han_share']:.0%} of the training answers' characters are Chinese: "
             f"{settings} (lora.by_answer_language; docs/studies/defaults.md)")  # fmt: skip
     return cfg, done
 
@@ -82,7 +82,7 @@ def settings_for_answers(cfg: Config) -> tuple[Config, dict | None]:
 def open_run_folder(run_dir: Path, cfg: Config, checkpoint: str | None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / CONFIG)
-    say(f"[lorasft] run folder: {run_dir}" + (f" (resuming {checkpoint})" if checkpoint else ""))
+    say(f"run folder: {run_dir}" + (f" (resuming {checkpoint})" if checkpoint else ""))
 
 
 def save_adapter(out: TrainOutcome, tok) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from transformers import set_seed
 
 from lorasft.config import Config, ConfigError, TrainSection
+from lorasft.console import say
 from lorasft.data.templates import attach_template
 from lorasft.model.context import apply_context, context_modules_to_save
 from lorasft.model.load import load_model, load_tokenizer, model_folder
@@ -66,13 +66,13 @@ def run_dir_and_checkpoint(cfg: Config) -> tuple[Path, str | None]:
     if cfg.stages:  # each stage resumes from its own checkpoints (train/stages.py)
         run = find_staged_run(cfg.train.resume, cfg.output)
         if run is None:
-            print(f"[lorasft] resume=auto: no staged run '{cfg.output.name}' under "
-                  f"{cfg.output.dir}; starting a new run", file=sys.stderr)  # fmt: skip
+            say(f"resume=auto: no staged run '{cfg.output.name}' under "
+                  f"{cfg.output.dir}; starting a new run")  # fmt: skip
         return run or new_run_dir(cfg.output, datetime.now()), None
     found = find_resume(cfg.train.resume, cfg.output)
     if found is None:
-        print(f"[lorasft] resume=auto: no checkpoint of run '{cfg.output.name}' under "
-              f"{cfg.output.dir}; starting a new run", file=sys.stderr)  # fmt: skip
+        say(f"resume=auto: no checkpoint of run '{cfg.output.name}' under "
+              f"{cfg.output.dir}; starting a new run")  # fmt: skip
         return new_run_dir(cfg.output, datetime.now()), None
     return found
 
@@ -109,7 +109,7 @@ def build_model(cfg: Config, model_path: Path, precision: str):
     plan = apply_context(model, cfg.context)  # before LoRA: it resizes and rebuilds modules
     if plan is not None:
         factor = f", factor {plan.factor:g}" if plan.factor else ""
-        print(f"[lorasft] context: {plan.method} from {plan.original} to {plan.target} "
+        say(f"context: {plan.method} from {plan.original} to {plan.target} "
               f"positions{factor}")  # fmt: skip
     checkpointing = cfg.train.gradient_checkpointing
     if cfg.model.quantization != "none":
@@ -117,7 +117,7 @@ def build_model(cfg: Config, model_path: Path, precision: str):
         # embeddings, head) in fp32, inputs that require grad, checkpointing when asked
         from peft import prepare_model_for_kbit_training
 
-        print(f"[lorasft] QLoRA: the base's linear layers in {cfg.model.quantization} "
+        say(f"QLoRA: the base's linear layers in {cfg.model.quantization} "
               "(bitsandbytes)")  # fmt: skip
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
                                                 gradient_checkpointing_kwargs=NON_REENTRANT)  # fmt: skip

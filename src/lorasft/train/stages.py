@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 
 from lorasft.config import Config, ConfigError, dump_config
+from lorasft.console import say
 from lorasft.model.context import base_window
 from lorasft.run_files import CONFIG, STAGE_DONE, write_json
 from lorasft.train.checkpoints import complete_checkpoints
 from lorasft.train.fit import TrainOutcome, fit
-from lorasft.train.launch import say
 from lorasft.train.setup import set_checkpointing
 from lorasft.train.trackers import parameters_logged
 
@@ -44,7 +44,7 @@ def train_stages(cfg: Config, model, tok, run_dir: Path, precision: str, model_p
         stage_dir = run_dir / "stages" / name
         if resume and (stage_dir / STAGE_DONE).is_file():
             done = read_stage_done(stage_dir)
-            say(f"[lorasft] stage {name}: finished before, skipped")
+            say(f"stage {name}: finished before, skipped")
             history, finished = _append(history, done["log_history"], name), stage_dir
             summaries.append({"stage": name, **done["info"]})
             continue
@@ -56,7 +56,7 @@ def train_stages(cfg: Config, model, tok, run_dir: Path, precision: str, model_p
             stage_dir.mkdir(parents=True, exist_ok=True)
             dump_config(scfg, stage_dir / CONFIG)
         t = scfg.train
-        say(f"[lorasft] stage {name}: max_length {scfg.data.max_length}, batch {t.batch_size} x "
+        say(f"stage {name}: max_length {scfg.data.max_length}, batch {t.batch_size} x "
             f"accum {t.grad_accum}, checkpointing {t.gradient_checkpointing}"
             + (f", resuming {ckpts[-1]}" if ckpts else ""))  # fmt: skip
         set_checkpointing(model, t.gradient_checkpointing)
@@ -98,7 +98,7 @@ def load_adapter_weights(model, stage_dir: Path) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    say(f"[lorasft] starting from the adapter of {stage_dir.name}")
+    say(f"starting from the adapter of {stage_dir.name}")
     path = stage_dir / "adapter_model.safetensors"
     result = set_peft_model_state_dict(model, load_file(path))
     if result.unexpected_keys:
