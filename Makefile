@@ -32,9 +32,10 @@ $(TEST_STAMP): $(STAMP) scripts/build_deepspeed_ops.py scripts/build_llama_cpp_p
 	$(TORCH_EXT) $(VENV)/bin/python scripts/build_deepspeed_ops.py
 	touch $(TEST_STAMP)
 
-# llama.cpp's server, the engine of `lorasft serve` on CPUs: built with cmake from the llama.cpp
-# source vendored in llama-cpp-python's PyPI sdist (about 5-9 minutes on 2 cores the first time;
-# then copied from ~/.cache/lorasft/llama-server).
+# llama.cpp's server, the engine of `lorasft serve` on CPUs, and its llama-quantize (`lorasft
+# export --type q4_k_m` ...): built with cmake from the llama.cpp source vendored in
+# llama-cpp-python's PyPI sdist (about 5-9 minutes on 2 cores the first time; then copied from
+# ~/.cache/lorasft/llama-server).
 llama-server: $(LLAMA_SERVER)
 
 $(LLAMA_SERVER): scripts/build_llama_server.sh scripts/llama_cpp_flags.sh | $(STAMP)

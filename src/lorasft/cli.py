@@ -11,9 +11,10 @@ from importlib.resources import files
 from pathlib import Path
 
 from lorasft.config import Config, ConfigError, load_config
+from lorasft.console import say
 from lorasft.data.formats import DataError
 from lorasft.data.templates import TemplateError
-from lorasft.export import METHODS, PRUNING
+from lorasft.export import GGUF_TYPES, METHODS, PRUNING, QUANTIZE
 from lorasft.model.host_memory import release_freed_memory
 from lorasft.model.load import ModelError
 from lorasft.model.precision import DTYPE_NAMES
@@ -29,8 +30,7 @@ def _config(path: str | None, overrides: list[str]) -> Config:
         overrides, path = [path, *overrides], None
     if path is None:
         path = str(files("lorasft") / "assets" / "demo.yaml")
-        if os.environ.get("RANK", "0") == "0":  # once, not per torchrun process
-            print(f"[lorasft] no config file: running the built-in demo ({path})")
+        say(f"no config file: running the built-in demo ({path})")
     return load_config(path, overrides)
 
 
@@ -212,7 +212,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         key = _api_key(args)
         app = create_app(engine, key, args.max_tokens_cap, args.max_request_bytes)
-        print(f"[lorasft] serving {', '.join(engine.served)} on http://{args.host}:{args.port}/v1 "
+        say(f"serving {', '.join(engine.served)} on http://{args.host}:{args.port}/v1 "
               f"with {engine.name} ({engine.slots} at once, {engine.max_queue} queued)"
               f"{'; API key required' if key else ''}")  # fmt: skip
         serve(app, args.host, args.port)
@@ -265,8 +265,9 @@ def _serve_parser(sub) -> None:
                    help="requests generated at once by llama.cpp / vLLM (llama-server --parallel)")  # fmt: skip
     s.add_argument("--max-queue", type=_non_negative, default=DEFAULT_MAX_QUEUE,
                    help="requests waiting for a slot; past that the answer is 503 + Retry-After")  # fmt: skip
-    s.add_argument("--gguf-type", choices=["f16", "f32", "q8_0"], default="f16",
-                   help="llama.cpp: the type of the base GGUF lorasft writes (adapters stay F32)")  # fmt: skip
+    s.add_argument("--gguf-type", choices=GGUF_TYPES, default="f16",
+                   help="llama.cpp: the type of the base GGUF lorasft writes (adapters stay F32; "
+                   f"{', '.join(QUANTIZE)} through llama-quantize)")  # fmt: skip
     s.add_argument("--llama-server", metavar="PATH",
                    help="llama.cpp: this llama-server binary (default: the venv's, then PATH)")  # fmt: skip
     s.add_argument("--threads", type=_positive, help="llama.cpp: CPU threads (default: its own)")
@@ -348,7 +349,9 @@ def _add_export_parsers(sub) -> None:
     x.add_argument("--format", default="gguf", choices=["gguf", "ollama"],
                    help="gguf: one .gguf file; ollama: a folder with model.gguf and a Modelfile "
                    "(the run's chat template, stop tokens and system prompt)")  # fmt: skip
-    x.add_argument("--type", default="f32", choices=["f32", "f16", "q8_0"])
+    x.add_argument("--type", default="f32", choices=GGUF_TYPES,
+                   help=f"the GGUF's weights; {', '.join(QUANTIZE)} are made by llama.cpp's "
+                   "llama-quantize (`make llama-server` builds it) from an f32 file")  # fmt: skip
     x.set_defaults(fn=cmd_export)
     v = sub.add_parser("verify", help="check merged / GGUF / served forms answer like the run")
     v.add_argument("run_dir")
@@ -465,7 +468,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     key = _api_key(args)
     app = create_ui(args.dir, EngineOptions(engine=args.engine), key)
     where = f"http://{args.host}:{args.port}/" + (f"?key={key}" if key else "")
-    print(f"[lorasft] dashboard for {Path(args.dir).resolve()} on {where}")
+    say(f"dashboard for {Path(args.dir).resolve()} on {where}")
     serve(app, args.host, args.port)
     return 0
 

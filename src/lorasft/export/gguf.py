@@ -7,6 +7,8 @@ which is also what transformers' GGUF loader undoes on load.
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,12 +16,14 @@ import gguf
 import numpy as np
 import torch
 
+from lorasft.console import say
 from lorasft.data.templates import adds_bos
+from lorasft.export import GGUF_TYPES, QUANTIZE, WRITTEN
 from lorasft.model.context import context_window
 from lorasft.model.load import CONVERTED_MARK, ModelError
 
-TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}  # fmt: skip
+TYPES = dict(zip(WRITTEN, (gguf.LlamaFileType.ALL_F32, gguf.LlamaFileType.MOSTLY_F16,
+                           gguf.LlamaFileType.MOSTLY_Q8_0)))  # fmt: skip
 
 
 def check_llama(config) -> None:
@@ -220,14 +224,52 @@ def write_tokenizer(w: gguf.GGUFWriter, tok, vocab_size: int, pre: str | None = 
         w.add_chat_template(tok.chat_template)
 
 
+def llama_quantize() -> str:
+    """llama.cpp's `llama-quantize`: the one beside this Python (`make llama-server` installs it
+    into the venv with llama-server, from the same source), else the one on PATH."""
+    beside = Path(sys.executable).parent / "llama-quantize"
+    found = str(beside) if beside.is_file() else shutil.which("llama-quantize")
+    if found is None:
+        raise ModelError(
+            f"--type {', '.join(QUANTIZE)} need llama.cpp's llama-quantize: `make llama-server` "
+            "builds it into .venv/bin beside llama-server (or put a llama-quantize on PATH); "
+            f"{', '.join(WRITTEN)} need nothing more"
+        )
+    return found
+
+
+def quantize(source: Path, out: Path, qtype: str) -> str:
+    """`llama-quantize source out TYPE`; returns its fallback line (how many tensors took a
+    32-block type because their rows do not split into 256-value blocks), or ''."""
+    args = [llama_quantize(), str(source), str(out), QUANTIZE[qtype]]
+    done = subprocess.run(args, capture_output=True, text=True, check=False)
+    if done.returncode != 0 or not out.is_file():
+        tail = (done.stderr or done.stdout)[-1500:]
+        raise ModelError(f"llama-quantize {QUANTIZE[qtype]} failed ({done.returncode}): {tail}")
+    text = done.stdout + done.stderr
+    return next((line.strip() for line in text.splitlines() if "fallback" in line), "")
+
+
 def write_gguf(model, tok, out: str | Path, qtype: str = "f32", name: str = "lorasft",
                pre: str | None = None) -> Path:  # fmt: skip
-    """Write `model` (a merged, float Llama) and `tok` to one GGUF file."""
-    if qtype not in TYPES:
-        raise ModelError(f"--type {qtype}: expected one of {', '.join(TYPES)}")
+    """Write `model` (a merged, float Llama) and `tok` to one GGUF file: types of TYPES
+    directly, those of QUANTIZE as an f32 file beside `out` that llama-quantize reads."""
+    if qtype not in GGUF_TYPES:
+        raise ModelError(f"--type {qtype}: expected one of {', '.join(GGUF_TYPES)}")
     check_llama(model.config)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if qtype in QUANTIZE:
+        llama_quantize()  # before writing anything
+        source = out.with_name(out.name + ".f32.tmp")
+        try:
+            write_gguf(model, tok, source, "f32", name, pre)
+            fallback = quantize(source, out, qtype)
+        finally:
+            source.unlink(missing_ok=True)
+        if fallback:
+            say(f"llama-quantize {QUANTIZE[qtype]}: {fallback}")
+        return out
     w = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     write_hparams(w, model.config, name, TYPES[qtype])
     write_tokenizer(w, tok, model.config.vocab_size, pre)
@@ -245,10 +287,10 @@ def export_gguf(run_dirs: list[str | Path], out: str | Path, qtype: str = "f32",
     """Merge the run's adapter into its base (float32) and write the GGUF file."""
     from lorasft.export.merge import merge_runs
 
+    if qtype in QUANTIZE:
+        llama_quantize()  # before the merge
     spec, model = merge_runs(run_dirs, weights)
     name, pre = Path(run_dirs[0]).name, source_pre_type(spec.base_path)
     path = write_gguf(model, spec.tok, out, qtype, name=name, pre=pre)
-    print(
-        f"[lorasft] wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {qtype})", file=sys.stderr
-    )
+    say(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {qtype})")
     return path

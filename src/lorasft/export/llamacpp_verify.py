@@ -17,11 +17,19 @@ from lorasft.model.load import ModelError
 
 
 def file_type(path: Path) -> str:
-    """F32, F16 or Q8_0: the most common type among the file's matrices (norms and other vectors
+    """The file's type as llama.cpp names it (F32, F16, Q8_0, Q4_K_M, ...): its
+    `general.file_type`, else the most common type among its matrices (norms and other vectors
     stay F32 in every type `lorasft export` writes)."""
     import gguf
 
     reader = gguf.GGUFReader(path)
+    field = reader.fields.get("general.file_type")
+    if field is not None:
+        try:
+            name = gguf.LlamaFileType(int(field.parts[field.data[0]][0])).name
+            return name.removeprefix("ALL_").removeprefix("MOSTLY_")
+        except ValueError:  # a number this gguf-py does not know: read the tensors
+            pass
     kinds = [t.tensor_type.name for t in reader.tensors if len(t.shape) > 1]
     return max(set(kinds), key=kinds.count) if kinds else "F32"
 
