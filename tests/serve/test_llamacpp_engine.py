@@ -197,9 +197,11 @@ def long_base(tiny_llama_dir, tmp_path_factory):
 
 @pytest.fixture
 def one_slot(long_base):
-    """One slot and one place in the queue; llama-server on one thread, so the other core is left
-    to the test's client and lorasft's server, whose reactions these tests time (with both cores
-    generating, the 503 of a fresh clone's `make test` once took 4.2 s)."""
+    """One slot and one place in the queue; llama-server on one thread. What the reactions timed
+    here depend on: lorasft's event loop getting CPU time between the streams it relays. It
+    once decoded each stream's whole answer at every token, which under a 2-thread training job
+    beside the suite delayed the 503 by up to 9.7 s; decoding a window per token (TextCutter),
+    the same load left it at 0.6 s or less (2-core AVX2 EPYC, 2026-12-06)."""
     from lorasft.serve.llamacpp_engine import load_llamacpp_engine
 
     engine = load_llamacpp_engine(str(long_base), [], slots=1, max_queue=1, threads=1)
@@ -284,7 +286,8 @@ def test_past_the_queue_the_answer_is_503_with_retry_after(one_slot):
         assert http.post("/v1/chat/completions", json=_body(8, False)).status_code == 200
 
 
-@pytest.mark.timing  # how many of 8 s of requests are served depends on a CPU left to it
+@pytest.mark.timing  # how many of 8 s of requests are served depends on the CPU left to it:
+# 10 answers is a small share of what one core serves (passed with a 2-thread job beside it)
 def test_soak_mixed_clients_leave_the_server_correct_and_idle(long_base):
     """Bounded (8 s, loopback): streaming and plain clients, clients that leave mid-stream and
     clients that send bad bodies, on 2 slots and 2 queue places. Every request is answered
