@@ -106,6 +106,10 @@ RECIPES: dict[str, list[str]] = {  # in the order they run: the likeliest to mat
     "attn-r8-lr1e-3-pissa": [*recipe(ATTN, 8, "1e-3"), "lora.init=pissa"],
     "attn-r8-lr1e-3-olora": [*recipe(ATTN, 8, "1e-3"), "lora.init=olora"],
     "attn-r8-lr1e-3-loraplus16": [*recipe(ATTN, 8, "1e-3"), "train.loraplus_lr_ratio=16"],
+    # issue 34: stop at the first evaluation that does not improve (HELD's patience is 3); with
+    # the same seed the run is the chosen recipe's up to where it stops (the schedule is set by
+    # the epochs), so its score is the chosen one's wherever it keeps the same best checkpoint
+    "attn-r8-lr1e-3-patience1": [*recipe(ATTN, 8, "1e-3"), "train.early_stopping_patience=1"],
 }
 
 
