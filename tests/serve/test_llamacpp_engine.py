@@ -147,6 +147,26 @@ def _verify(run, live, served_as: str, capsys) -> tuple[int, str]:
     return rc, capsys.readouterr().out
 
 
+@pytest.fixture(scope="module")
+def q6_live(two_runs):
+    """Run a on a base that llama-quantize made (`serve --gguf-type q6_k`)."""
+    from lorasft.serve.llamacpp_engine import load_llamacpp_engine
+
+    engine = load_llamacpp_engine(None, [("a", str(two_runs[0]))], slots=1, qtype="q6_k")
+    with LiveServer(_app(engine, max_tokens_cap=64)) as server:
+        yield server
+
+
+def test_a_quantized_base_is_served_and_verify_bounds_it_by_its_type(q6_live, two_runs, capsys):
+    """/health names the base's type, and `verify --url` judges the served answers with that
+    type's bound (a share of the run's largest logit), passing the run it serves."""
+    assert httpx.get(f"{q6_live.url}/health").json()["weights"] == "Q6_K"
+    capsys.readouterr()
+    rc, out = _verify(two_runs[0], q6_live, "a", capsys)
+    assert rc == 0, out
+    assert "weights Q6_K (a near tie is a margin within 8% of the run's largest logit" in out
+
+
 def test_each_adapter_answers_as_its_run(lc_live, two_runs, capsys):
     """`verify --url` on each run: every answer equal, or different only where the run's own top
     two logits are closer than the serving engine's rounding (a near tie, shown with margins)."""
