@@ -34,9 +34,8 @@ from lorasft.export import GGUF_TYPES
 from lorasft.export.gguf import export_gguf, write_gguf
 from lorasft.export.llamacpp_verify import LlamaCpp
 from lorasft.export.verify import (
-    ROUNDING,
-    ROUNDING_SHARE,
     check_prompt_ids,
+    describe_rounding,
     greedy,
     load_reference,
     prompt_set,
@@ -93,12 +92,6 @@ def verdicts(ref, runtimes: list[LlamaCpp], prompts: list, max_new_tokens: int) 
     return out
 
 
-def bound_text(kind: str) -> str:
-    if kind in ROUNDING_SHARE:
-        return f"{ROUNDING_SHARE[kind]:.0%} of max logit"
-    return str(ROUNDING.get(kind))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path)
@@ -120,13 +113,13 @@ def main() -> None:
         lc = LlamaCpp(path)
         runtimes.append(lc)
         if t in rows:
-            rows[t]["bound"] = bound_text(lc.type)
+            rows[t]["bound"] = describe_rounding(lc.type)
             continue
         answered = answered or answers(ref, prompts, a.max_new_tokens)
         start = time.perf_counter()
         s = shifts(lc, answered)
         absolute, share = [x for x, _ in s], [y for _, y in s]
-        rows[t] = {"type": lc.type, "mib": path.stat().st_size / 2**20, "bound": bound_text(lc.type),
+        rows[t] = {"type": lc.type, "mib": path.stat().st_size / 2**20, "bound": describe_rounding(lc.type),
                    "shift_max": max(absolute), "shift_p99": float(np.percentile(absolute, 99)),
                    "shift_median": float(np.median(absolute)), "share_max": max(share),
                    "share_p99": float(np.percentile(share, 99)), "positions": len(s),

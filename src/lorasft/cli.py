@@ -213,8 +213,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         key = _api_key(args)
         app = create_app(engine, key, args.max_tokens_cap, args.max_request_bytes)
         say(f"serving {', '.join(engine.served)} on http://{args.host}:{args.port}/v1 "
-              f"with {engine.name} ({engine.slots} at once, {engine.max_queue} queued)"
-              f"{'; API key required' if key else ''}")  # fmt: skip
+            f"with {engine.name} ({engine.slots} at once, {engine.max_queue} queued)"
+            f"{'; API key required' if key else ''}")  # fmt: skip
         serve(app, args.host, args.port)
     finally:
         engine.close()

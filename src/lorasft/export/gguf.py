@@ -238,10 +238,10 @@ def llama_quantize() -> str:
     return found
 
 
-def quantize(source: Path, out: Path, qtype: str) -> str:
+def quantize(quantizer: str, source: Path, out: Path, qtype: str) -> str:
     """`llama-quantize source out TYPE`; returns its fallback line (how many tensors took a
     32-block type because their rows do not split into 256-value blocks), or ''."""
-    args = [llama_quantize(), str(source), str(out), QUANTIZE[qtype]]
+    args = [quantizer, str(source), str(out), QUANTIZE[qtype]]
     done = subprocess.run(args, capture_output=True, text=True, check=False)
     if done.returncode != 0 or not out.is_file():
         tail = (done.stderr or done.stdout)[-1500:]
@@ -260,11 +260,11 @@ def write_gguf(model, tok, out: str | Path, qtype: str = "f32", name: str = "lor
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if qtype in QUANTIZE:
-        llama_quantize()  # before writing anything
+        quantizer = llama_quantize()  # before writing anything
         source = out.with_name(out.name + ".f32.tmp")
         try:
             write_gguf(model, tok, source, "f32", name, pre)
-            fallback = quantize(source, out, qtype)
+            fallback = quantize(quantizer, source, out, qtype)
         finally:
             source.unlink(missing_ok=True)
         if fallback:

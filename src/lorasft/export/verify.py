@@ -48,6 +48,13 @@ def rounding(kind: str, logits: torch.Tensor) -> float:
     return ROUNDING.get(kind, 0.0)
 
 
+def describe_rounding(kind: str) -> str:
+    """`rounding`'s bound for this type, in words."""
+    if kind in ROUNDING_SHARE:
+        return f"{ROUNDING_SHARE[kind]:.0%} of the run's largest logit"
+    return f"{ROUNDING.get(kind, 0.0)}"
+
+
 # What a QLoRA run's own quantized base adds, its targets being merged into the dequantized
 # weights: nf4 / fp4 layers compute with exactly those dequantized values (bitsandbytes
 # dequantizes, then multiplies), so nothing beyond the target's rounding (measured on the tiny
@@ -451,10 +458,8 @@ def check_run(run_dir: str | Path, merged: str | None = None, gguf: str | None =
     if url:
         name = server_model or Path(run_dir).resolve().name
         engine, weights = server_engine(url)
-        bound = (f"{ROUNDING_SHARE[weights]:.0%} of the run's largest logit"
-                 if weights in ROUNDING_SHARE else f"{ROUNDING.get(weights, 0.0)}")  # fmt: skip
         print(f"server {url}: engine {engine}, weights {weights} (a near tie is a margin within "
-              f"{bound} + the run's logit resolution)")  # fmt: skip
+              f"{describe_rounding(weights)} + the run's logit resolution)")  # fmt: skip
         targets.append(Target("server", None, [], url=url, api_key=api_key, server_model=name,
                               weights=weights))  # fmt: skip
     if not targets and not runtimes:

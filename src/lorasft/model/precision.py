@@ -30,8 +30,8 @@ def resolve_precision(precision: str) -> str:
         return "bf16" if cpu_has_bf16() else "fp32"
     if precision == "bf16" and not cuda and not cpu_has_bf16():
         say("train.precision=bf16: this CPU has no AVX512-BF16/AMX, so bf16 is "
-              "emulated: same results as on a bf16 machine, many times slower than fp32 "
-              "(train.precision=auto picks fp32 here)")  # fmt: skip
+            "emulated: same results as on a bf16 machine, many times slower than fp32 "
+            "(train.precision=auto picks fp32 here)")  # fmt: skip
     if precision == "fp16" and not cuda:
         say("train.precision=fp16 needs a GPU; using fp32")
         return "fp32"

@@ -28,8 +28,7 @@ class TextCutter:
     def add(self, token_id: int) -> str:
         """The new text this token makes safe to send ('' if none)."""
         self.ids.append(token_id)
-        new = self._settle()
-        if new is None:  # it ends inside a multi-byte character
+        if not self._settle():  # it ends inside a multi-byte character
             return ""
         text = self.text
         cut = self._first_stop(text)
@@ -45,23 +44,21 @@ class TextCutter:
         self._settle(final=True)
         return self._release(self.text)
 
-    def _settle(self, final: bool = False) -> str | None:
+    def _settle(self, final: bool = False) -> bool:
         """Decode the window; unless it ends inside a character (and not `final`), add its new
-        text to `self.text` and move the window on. The new text, or None if held."""
+        text to `self.text` and move the window on. False if held."""
         decode = lambda ids: self.tok.decode(ids, skip_special_tokens=True)
         before = decode(self.ids[self._prefix : self._read])
         after = decode(self.ids[self._prefix :])
         if not after.startswith(before):  # a tokenizer whose window text is not its prefix
-            if not final:
-                return None
-            new, self.text = "", decode(self.ids)  # the end: the whole text, as decoded at once
-            return new
+            if final:
+                self.text = decode(self.ids)  # the end: the whole text, as decoded at once
+            return final
         if after.endswith(REPLACEMENT) and not final:
-            return None
-        new = after[len(before) :]
-        self.text += new
+            return False
+        self.text += after[len(before) :]
         self._prefix, self._read = self._read, len(self.ids)
-        return new
+        return True
 
     def _release(self, text: str) -> str:
         piece = text[self.sent :]

@@ -50,7 +50,7 @@ def fit(cfg: Config, model, tok, run_dir: Path, precision: str,
     """One training pass on cfg.data with cfg.train: an ordinary run, or one stage of a staged run."""
     data = prepare(cfg.data, tok)
     for line in describe(data.counts):
-        say(f"{line}")
+        say(line)
     cfg = fit_micro_batch(cfg, model, data, precision)
     trainer = build_trainer(cfg, model, tok, data, run_dir, precision)
     start = time.perf_counter()
@@ -164,7 +164,7 @@ def loss_settings(t: TrainSection, model) -> LossSettings:
     if problem:
         raise ConfigError(problem)
     loss = LossSettings.from_train(t)
-    say(f"{say_kernel(model, loss)}")
+    say(say_kernel(model, loss))
     return loss
 
 

@@ -67,12 +67,12 @@ def run_dir_and_checkpoint(cfg: Config) -> tuple[Path, str | None]:
         run = find_staged_run(cfg.train.resume, cfg.output)
         if run is None:
             say(f"resume=auto: no staged run '{cfg.output.name}' under "
-                  f"{cfg.output.dir}; starting a new run")  # fmt: skip
+                f"{cfg.output.dir}; starting a new run")  # fmt: skip
         return run or new_run_dir(cfg.output, datetime.now()), None
     found = find_resume(cfg.train.resume, cfg.output)
     if found is None:
         say(f"resume=auto: no checkpoint of run '{cfg.output.name}' under "
-              f"{cfg.output.dir}; starting a new run")  # fmt: skip
+            f"{cfg.output.dir}; starting a new run")  # fmt: skip
         return new_run_dir(cfg.output, datetime.now()), None
     return found
 
@@ -110,7 +110,7 @@ def build_model(cfg: Config, model_path: Path, precision: str):
     if plan is not None:
         factor = f", factor {plan.factor:g}" if plan.factor else ""
         say(f"context: {plan.method} from {plan.original} to {plan.target} "
-              f"positions{factor}")  # fmt: skip
+            f"positions{factor}")  # fmt: skip
     checkpointing = cfg.train.gradient_checkpointing
     if cfg.model.quantization != "none":
         # PEFT's documented preparation: the frozen base's remaining float weights (norms,
@@ -118,7 +118,7 @@ def build_model(cfg: Config, model_path: Path, precision: str):
         from peft import prepare_model_for_kbit_training
 
         say(f"QLoRA: the base's linear layers in {cfg.model.quantization} "
-              "(bitsandbytes)")  # fmt: skip
+            "(bitsandbytes)")  # fmt: skip
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
                                                 gradient_checkpointing_kwargs=NON_REENTRANT)  # fmt: skip
     elif checkpointing:
