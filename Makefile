@@ -69,7 +69,7 @@ test: $(TEST_STAMP) $(LLAMA_SERVER) browser go
 	$(TEST_ENV) $(VENV)/bin/python -m pytest -q -m timing
 
 bench: $(STAMP)
-	$(VENV)/bin/python bench/train_speed.py
+	$(VENV)/bin/python bench/speed/train_speed.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -14,11 +14,11 @@
 # Steps (each bounded by `timeout`, their limits adding up to 11 minutes with setup; each
 # reported even when it fails):
 #   1. environment: GPU, torch, transformers, flash-attn
-#   2. bench/train_speed.py --device cuda: naive / lorasft / packed tokens/s, peak memory, MFU
+#   2. bench/speed/train_speed.py --device cuda: naive / lorasft / packed tokens/s, peak memory, MFU
 #   3. flash attention varlen packing: a short `lorasft train` with data.packing and
 #      flash_attention_2 (flattened batches), then the same with S2-Attn around flash attention;
 #      "not run" when flash-attn is not installed
-#   4. bench/long_step.py at 16384 tokens: full attention vs S2-Attn step time and peak memory
+#   4. bench/long_context/long_step.py at 16384 tokens: full attention vs S2-Attn step time and peak memory
 #      (torch.cuda.max_memory_allocated) against `lorasft plan`
 #   5. a short 16k S2-Attn training (one stage at 16384) with the long-context evaluation after it
 #   6. vLLM behind `lorasft serve --engine vllm`: verify --url and serve_load (when installed)
@@ -127,7 +127,7 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", tr
 print("devices:", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
 print("flash_attn installed:", importlib.util.find_spec("flash_attn") is not None)'
 
-step train_speed 120 "$PY" bench/train_speed.py --steps "$SPEED_STEPS" --modes "$SPEED_MODES"
+step train_speed 120 "$PY" bench/speed/train_speed.py --steps "$SPEED_STEPS" --modes "$SPEED_MODES"
 
 if "$PY" -c 'import flash_attn' 2>/dev/null; then
   step flash_packing 90 "$PY" -m lorasft train "model.path=$MODEL" model.attn_implementation=flash_attention_2 \
@@ -142,10 +142,10 @@ else
   echo '{"step": "flash_packing", "exit": null, "note": "flash-attn not installed"}' >> "$JSON"
 fi
 
-step long_step 150 "$PY" bench/long_step.py --lengths "$L8" "$L16" --attention full s2 --steps "$STEPS" \
+step long_step 150 "$PY" bench/long_context/long_step.py --lengths "$L8" "$L16" --attention full s2 --steps "$STEPS" \
   --set "model.path=$MODEL" "context.target_length=$L16" --out "$OUT/long_step.json"
 
-step long_corpus 30 "$PY" bench/long_corpus.py "$OUT/corpus"
+step long_corpus 30 "$PY" bench/long_context/long_corpus.py "$OUT/corpus"
 cat > "$OUT/long.yaml" <<EOF
 model: {path: $MODEL}
 context: {target_length: $L16, method: yarn, trainable: [embed, norm], s2_attn: true}
@@ -176,7 +176,7 @@ if "$PY" -c 'import vllm' 2>/dev/null; then
   export -f vllm_serve
   export PY OUT
   step vllm_verify 420 bash -c vllm_serve
-  step vllm_load 240 "$PY" bench/serve_load.py --run "$OUT/run-vllm" --servers vllm transformers --seconds 5
+  step vllm_load 240 "$PY" bench/serving/serve_load.py --run "$OUT/run-vllm" --servers vllm transformers --seconds 5
 else
   echo "== vllm: not run (vLLM is not installed in this image)" | tee -a "$LOG"
   echo '{"step": "vllm", "exit": null, "note": "vllm not installed"}' >> "$JSON"

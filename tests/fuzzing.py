@@ -1,5 +1,5 @@
 """Running a fuzz property in rounds: a fixed budget with a fixed seed in `make test`, or for
-N minutes (`bench/fuzz.py`), counting cases and keeping every failure with its shrunk example.
+N minutes (`bench/fuzz/fuzz.py`), counting cases and keeping every failure with its shrunk example.
 
 A test that calls `rounds` reads its budget from the environment: `LORASFT_FUZZ_MINUTES` (rounds
 of 500 cases with seeds 0, 1, 2... until the time is up; from `LORASFT_FUZZ_SEED`) or else one

@@ -153,7 +153,7 @@ def _bench_module(name: str):
     import importlib
     import sys
 
-    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    bench = str(Path(__file__).resolve().parents[1] / "bench" / "defaults")
     sys.path.insert(0, bench)  # bench scripts import their neighbours
     try:
         return importlib.import_module(name)
@@ -162,8 +162,8 @@ def _bench_module(name: str):
 
 
 def test_defaults_are_the_recipe_the_sweep_chose():
-    """lorasft's LoRA and training defaults are the recipe bench/recipe_sweep.py chose, the one the
-    study's sweep table marks (docs/studies/defaults.md): its settings, applied over the defaults, change nothing; on
+    """lorasft's LoRA and training defaults are the recipe bench/defaults/recipe_sweep.py chose, the one the
+    study's sweep table marks (bench/defaults/README.md): its settings, applied over the defaults, change nothing; on
     answers mostly in Chinese characters the defaults become the recipe chosen for those."""
     sweep = _bench_module("recipe_sweep")
     assert sweep.CHOSEN in sweep.RECIPES and sweep.CHOSEN_HAN in sweep.RECIPES
@@ -175,7 +175,7 @@ def test_defaults_are_the_recipe_the_sweep_chose():
     assert done == {"han_share": 0.9, "applied": {
         "lora.target_modules": "all-linear", "lora.r": 16, "lora.alpha": 32.0,
         "data.augment.neftune_noise_alpha": 5.0}}  # fmt: skip
-    study = Path(__file__).resolve().parents[1] / "docs" / "studies" / "defaults.md"
+    study = Path(__file__).resolve().parents[1] / "bench" / "defaults" / "README.md"
     table = study.read_text(encoding="utf-8")
     assert f"| `{sweep.CHOSEN}` (chosen) |" in table
     assert f"| `{sweep.CHOSEN_HAN}` (chosen for Chinese answers) |" in table
@@ -311,7 +311,7 @@ def test_sweep_rows_of_a_second_invocation_are_added_not_written_over(tmp_path):
 
 
 def test_checkpoint_curve_reads_every_evaluation_and_picks_as_trainer(tmp_path):
-    """bench/checkpoint_curve.py: the validation loss and metric of every evaluation come from
+    """bench/defaults/checkpoint_curve.py: the validation loss and metric of every evaluation come from
     the last checkpoint's trainer state (not an earlier checkpoint's, which holds fewer); each rule
     picks the first of equals, as Trainer (which moves its best only on a strict improvement)."""
     curve = _bench_module("checkpoint_curve")

@@ -94,7 +94,7 @@ def test_any_yaml_and_overrides_load_or_are_refused(doc, items):
 
 
 def load_document(doc: dict, items: list[str]) -> None:
-    """The property for one case (also bench/fuzz.py's `config` target)."""
+    """The property for one case (also bench/fuzz/fuzz.py's `config` target)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "c.yaml"
         try:
@@ -160,7 +160,7 @@ def test_anchors_and_aliases_load_or_are_refused_at_once(body):
 
 
 def load_text(body: str) -> None:
-    """The property for YAML text (also bench/fuzz.py's `config` target): loaded, or refused
+    """The property for YAML text (also bench/fuzz/fuzz.py's `config` target): loaded, or refused
     with a bounded message."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "c.yaml"
@@ -189,14 +189,14 @@ def test_huge_values_are_quoted_bounded():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["lora.r=" + "9" * 100 + "x" * 1_000_000])
     assert "lora.r=" in str(e.value) and len(str(e.value)) < 1000
-    # found by bench/fuzz.py (config, seeds 14 and 17): a validator's own message quoted the value
+    # found by bench/fuzz/fuzz.py (config, seeds 14 and 17): a validator's own message quoted the value
     with pytest.raises(ConfigError, match="unknown metric 'xxx") as e:
         load_config(None, ["train.metric_for_best_model=" + "x" * 1_000_000])
     assert len(str(e.value)) < 1000
 
 
 def test_many_errors_make_a_bounded_message(tmp_path):
-    """Found by bench/fuzz.py (config, seeds 17-34 of 10 minutes): aliases nested under the
+    """Found by bench/fuzz/fuzz.py (config, seeds 17-34 of 10 minutes): aliases nested under the
     expansion bound gave one error line per element, each quoting a deep value (5 kB and more)."""
     lol = ['  a0: &a0 ["lol", 1, null]']
     lol += [f"  a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 5) + "]" for i in range(1, 5)]

@@ -167,8 +167,8 @@ class DataSection(Section):
 
 # The LoRA and training defaults (rank 8, alpha 16, the attention layers, learning rate 1e-3,
 # three epochs, no NEFTune) and the rule for answers in Chinese characters (HAN_ANSWERS) are what
-# bench/recipe_sweep.py chose on real tasks: the highest worst share of each task's best score,
-# means over nine seeds for the finalists (docs/studies/defaults.md; tests/test_config.py).
+# bench/defaults/recipe_sweep.py chose on real tasks: the highest worst share of each task's best score,
+# means over nine seeds for the finalists (bench/defaults/README.md; tests/test_config.py).
 class LoraSection(Section):
     r: int = Field(default=8, ge=1)
     """LoRA rank."""
@@ -231,7 +231,7 @@ BEST_METRICS = ("loss", *GENERATION_METRICS)
 
 
 # Positions per chunk of lorasft's loss (train.loss_chunk_tokens), chosen by measuring time and
-# memory (bench/loss_chunk.py; docs/long-context.md: "The loss at long lengths").
+# memory (bench/long_context/loss_chunk.py; docs/long-context.md: "The loss at long lengths").
 DEFAULT_CHUNK_TOKENS = 1024
 
 
@@ -369,9 +369,9 @@ class EvalSection(Section):
     the same inputs ($LORASFT_CACHE/eval)."""
     batch_size: int = Field(default=16, ge=1)
     """Records per batch for perplexity and generation. 16 rather than 8: the demo's evaluation
-    (32 records, base and tuned, fp32 on a 2-core AVX2 CPU; `bench/eval_speed.py --sizes`) took
+    (32 records, base and tuned, fp32 on a 2-core AVX2 CPU; `bench/speed/eval_speed.py --sizes`) took
     97-99 s against 123-129 s in batches of 8 (32: 91-95 s, for twice the memory) and 353 s one
-    at a time, with the same answers (docs/studies/defaults.md: Evaluation time)."""
+    at a time, with the same answers (bench/defaults/README.md: Evaluation time)."""
     batch_tokens: int = Field(default=8192, ge=1)
     """Perplexity batches hold at most this many tokens, padding included (rows x the longest);
     a longer record goes alone. Long windows batched together pad, take the masked attention path

@@ -1,5 +1,5 @@
 """The data reader's fuzzing target, shared by tests/data/test_fuzz_reader.py (a small fixed
-budget in `make test`) and bench/fuzz.py (minutes): files built from random bytes and from
+budget in `make test`) and bench/fuzz/fuzz.py (minutes): files built from random bytes and from
 random records of every format (wrong types in every field, deep nesting, control characters,
 encodings and BOMs, CRLF, empty and huge lines; CSV grids with any cells, Parquet and Arrow
 tables with any columns), each read by `load_files` as `lorasft train` and

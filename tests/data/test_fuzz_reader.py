@@ -1,5 +1,5 @@
 """Bad data never ends in a traceback: the reader fuzzed for a fixed budget (a fixed seed, so CI
-is reproducible; `python bench/fuzz.py --minutes N` runs it longer), and the cases found along the
+is reproducible; `python bench/fuzz/fuzz.py --minutes N` runs it longer), and the cases found along the
 way kept as named tests."""
 
 import json
@@ -100,5 +100,5 @@ def test_data_check_answers_with_an_error_line(tmp_path, tiny_llama_dir):
 
 def test_data_check_on_any_folder(tiny_llama_dir):
     """`lorasft data check` on random folders (mixed formats, empty and binary files): checked,
-    or an error line naming the file; `bench/fuzz.py --targets data-check` runs it for minutes."""
+    or an error line naming the file; `bench/fuzz/fuzz.py --targets data-check` runs it for minutes."""
     fuzz_target("data-check", folders(), lambda f: check_folder(f, tiny_llama_dir), examples=60)

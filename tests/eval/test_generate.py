@@ -39,7 +39,7 @@ def test_batched_greedy_equals_one_at_a_time(tiny_llama_dir, tiny_tokenizer, dty
     assert batched == alone
     assert len(set(alone)) > 4  # different prompts, different answers: a real comparison
     # A random tiny model's two best logits come within the near-tie bound somewhere in 24 steps
-    # of most rows, so many are redone alone; a real model's mostly are not (bench/eval_speed.py).
+    # of most rows, so many are redone alone; a real model's mostly are not (bench/speed/eval_speed.py).
     assert len(stats["margins"]) == len(convs)
 
 

@@ -4,7 +4,7 @@ random chat bodies. The property: a 2xx, or a 4xx with a reason; never a 5xx, an
 outside the runs folder. On the wire (tests/serve/fuzz_wire.py): any method, headers, keys,
 content types and bodies, slow, chunked, truncated and abandoned; only the documented statuses,
 no key is 401, an oversized body 413, and the same chat is answered the same after every request
-(`bench/fuzz.py --targets ui` for minutes)."""
+(`bench/fuzz/fuzz.py --targets ui` for minutes)."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def test_no_request_on_the_wire_breaks_the_ui(ui):
 
 
 def test_regressions(ui):
-    """Found by `bench/fuzz.py --targets ui` (10 minutes, seed 18): a chat body that is not
+    """Found by `bench/fuzz/fuzz.py --targets ui` (10 minutes, seed 18): a chat body that is not
     UTF-8, sent without a JSON content type, was a 500 (FastAPI's handler echoed the bytes).
     And a body over 200 kB is refused before it is read whole."""
     for headers in ((("Authorization", "Bearer k"),),

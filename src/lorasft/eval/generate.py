@@ -29,7 +29,7 @@ from lorasft.model.reopen import frozen_dtype
 # same row is computed in a batch instead of alone: a batch's matmuls run other kernels than one
 # row's, so every layer rounds differently. (Padding no longer does: `_rowwise_sdpa`.) Measured in
 # units of the base's dtype eps times the best logit's size (at least 1); in bf16 one unit is one
-# to two steps of the grid the logits lie on. On the demo run (bench/eval_speed.py, 2026-12-02),
+# to two steps of the grid the logits lie on. On the demo run (bench/speed/eval_speed.py, 2026-12-02),
 # exact batching's path without this check parted from one-at-a-time answers on 7 of 64 rows,
 # the same 7 in batches of 8 and of 32, at closest calls of 0 (5 rows), 0.70 and 1.95 units:
 # the bound is twice the largest. (With plain SDPA in batches of 32 one row had parted at 2.39;

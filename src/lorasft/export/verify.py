@@ -33,7 +33,7 @@ ROUNDING = {"F32": 1e-3, "F16": 0.05, "BF16": 0.1}
 # A quantized file's rounding is a share of each block's largest weight (a step of 1/254 of it
 # at 8 bits, 1/32 at 5, 1/16 at 4), so what it moves a logit by grows with the logits
 # themselves: these bounds are shares of the run's largest |logit| at the position, above the
-# largest change of the run's margin measured on the demo in llama.cpp (bench/gguf_types.py,
+# largest change of the run's margin measured on the demo in llama.cpp (bench/shipping/gguf_types.py,
 # 335 answer positions, docs/shipping.md: Q8_0 4.7%, Q6_K 6.8%, Q5_K_M 27.4%, Q4_K_M 12.0%,
 # Q4_0 26.1%). A k-quant file is a mix (Q4_K_M keeps some tensors at Q6_K; rows not a multiple
 # of 256, as SmolLM2-135M's 576, fall back to 32-blocks), so its bound is measured, not derived.
@@ -313,7 +313,7 @@ def compare_llamacpp(ref: Target, lc, messages: list[dict], ref_ids: list[int],
     if detail or out == ref_out:
         return Row(i, name, ids == ref_ids, out == ref_out, None, detail)
     # llama.cpp keeps K and V in f16 (its default cache type): an f32 file rounds as f16 there
-    # (measured on the demo: margins move by up to 0.027 in an f32 file; bench/gguf_types.py)
+    # (measured on the demo: margins move by up to 0.027 in an f32 file; bench/shipping/gguf_types.py)
     detail, tie = weigh_divergence(ref, ref_ids, ref_out, out, lc.type, cache="F16")
     j = _first_diff(ref_out, out)
     if j < len(rows) and j < len(ref_out):

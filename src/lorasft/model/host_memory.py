@@ -6,7 +6,7 @@ starts at 128 KiB but rises to the size of every mapped block freed, up to 32 Mi
 first long forward pass every activation under 32 MiB comes from the heaps; with two threads'
 arenas and tensors of changing sizes the heaps fragment, and resident memory climbs to several
 times what is alive. Measured with one training step of the default model at 8,192 tokens on a
-2-core AVX2 CPU (bench/long_step.py, fp32): 9.2-10.2 GiB peak resident with glibc's moving
+2-core AVX2 CPU (bench/long_context/long_step.py, fp32): 9.2-10.2 GiB peak resident with glibc's moving
 threshold; fixed at 4 MiB 2.3 GiB, about 5% slower (the kernel faults in and zeroes a fresh
 mapping for every block over 4 MiB, 4 KiB at a time), which huge pages (`THP_SWITCH`) more than
 win back; at 16 MiB 3.0 GiB (docs/long-context.md: "The loss at long lengths"). Fixing it is glibc's documented
@@ -39,7 +39,7 @@ THP_SWITCH = "THP_MEM_ALLOC_ENABLE"
 """PyTorch's own switch (c10's CPU allocator): blocks of 2 MiB and more aligned to 2 MiB and
 advised MADV_HUGEPAGE. Each mapped block's pages are then faulted in 2 MiB at a time instead of
 4 KiB: one step at 8,192 tokens took 109.0 s against 120.7 s with the threshold alone, peak
-resident the same (2.28 / 2.27 GiB; bench/long_step.py, 2-core AVX2 CPU, 2026-12-06)."""
+resident the same (2.28 / 2.27 GiB; bench/long_context/long_step.py, 2-core AVX2 CPU, 2026-12-06)."""
 
 
 def huge_pages_allowed() -> bool:

@@ -95,7 +95,7 @@ def logits_bytes(s: int, b: int, vocab: int, p: int, chunk: int = 0) -> int:
     """The loss's logits and their fp32 work: all b*s positions at once, or one chunk of them.
     A chunk's gradient is taken while its logits exist, so it holds the logits, their log-softmax
     and the logits' gradient: 12 bytes an entry in fp32 (measured 12.2-12.8 by
-    bench/loss_chunk.py), 16 in bf16 (the bf16 logits and gradient and their fp32 copies)."""
+    bench/long_context/loss_chunk.py), 16 in bf16 (the bf16 logits and gradient and their fp32 copies)."""
     if chunk > 0:
         return min(b * s, chunk) * vocab * (16 if p == 2 else 12)
     return b * s * vocab * (p + 16 if p == 2 else 16)

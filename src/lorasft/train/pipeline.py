@@ -75,7 +75,7 @@ def settings_for_answers(cfg: Config) -> tuple[Config, dict | None]:
     if done["applied"]:
         settings = ", ".join(f"{k}={v}" for k, v in done["applied"].items())
         say(f"{done['han_share']:.0%} of the training answers' characters are Chinese: "
-            f"{settings} (lora.by_answer_language; docs/studies/defaults.md)")  # fmt: skip
+            f"{settings} (lora.by_answer_language; bench/defaults/README.md)")  # fmt: skip
     return cfg, done
 
 
