@@ -30,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "defaults"))
 from recipe_sweep import CHOSEN, DEFAULT_SEED, eval_command, train_command
 from recipe_tasks import TASKS, write
 
+from lorasft.export import METHODS as MERGE_METHODS
 from lorasft.export import PRUNING
 
-METHODS = ["cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
+METHODS = MERGE_METHODS[1:]  # linear writes no adapter; cat is the same sum as one
 
 
 def run(args: list[str], threads: int) -> float:

@@ -283,8 +283,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         if path:
             new_folder(path, flag)  # both checked before either is written
     if args.density is not None and args.method not in PRUNING:
-        raise ConfigError(f"--density is for the pruning methods (ties, dare_linear, dare_ties, "
-                          f"magnitude_prune), not --method {args.method}")  # fmt: skip
+        raise ConfigError(f"--density is for the pruning methods ({', '.join(PRUNING)}), not "
+                          f"--method {args.method}")  # fmt: skip
     if args.adapter_out:
         out = write_combined_adapter(runs, args.adapter_out, args.weights, args.method,
                                      args.density)  # fmt: skip
@@ -342,7 +342,8 @@ def _add_export_parsers(sub) -> None:
                    help="how several runs' adapters combine: linear (the weighted sum of their "
                    "deltas) or one of PEFT's add_weighted_adapter methods")  # fmt: skip
     m.add_argument("--density", type=float,
-                   help="ties, dare_*, magnitude_prune: the share of each delta's entries kept")  # fmt: skip
+                   help="the pruning methods (ties*, dare_*, magnitude_prune*): the share of "
+                   "entries kept")  # fmt: skip
     m.add_argument("--adapter-out",
                    help="write the combined adapter as a run folder (methods other than linear)")  # fmt: skip
     m.set_defaults(fn=cmd_merge)

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lorasft.cli import main
-from lorasft.export import METHODS
+from lorasft.export import METHODS, PRUNING
 from lorasft.export.merge import merge_runs
 from lorasft.model.load import ModelError
 from lorasft.model.reopen import open_run
@@ -57,11 +57,28 @@ def test_cat_is_the_linear_sum_and_ties_is_not(two_runs):
     assert (logits(a_only) - want).abs().max().item() > 10 * t  # b's adapter counts
 
 
+def test_delta_pruning_at_density_1_is_the_svd_of_the_sum(two_runs, tiny_llama_dir):
+    """The *_svd methods prune each adapter's whole delta before the SVD: keeping every entry
+    (density 1) leaves the svd method's merged weights, pruning half moves them. Compared on the
+    weights (merged in fp32 for either precision's runs): in bf16 the logits move by less than
+    ten bf16 roundings for a pruned delta this small."""
+
+    def q_proj(model) -> torch.Tensor:
+        return model.model.layers[0].self_attn.q_proj.weight.detach().float()
+
+    _, svd = merge_runs(two_runs, [0.7, 0.3], "svd")
+    _, kept = merge_runs(two_runs, [0.7, 0.3], "magnitude_prune_svd", density=1.0)
+    _, half = merge_runs(two_runs, [0.7, 0.3], "magnitude_prune_svd", density=0.5)
+    delta = (q_proj(svd) - q_proj(AutoModelForCausalLM.from_pretrained(tiny_llama_dir))).norm()
+    assert delta > 0
+    assert (q_proj(kept) - q_proj(svd)).norm() < 1e-4 * delta
+    assert (q_proj(half) - q_proj(svd)).norm() > 0.1 * delta
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_writes_a_model_that_loads_and_answers(two_runs, tmp_path, method):
     out = tmp_path / method
-    density = ["--density", "0.5"] if method in ("ties", "dare_linear", "dare_ties",
-                                                 "magnitude_prune") else []  # fmt: skip
+    density = ["--density", "0.5"] if method in PRUNING else []
     assert main(["merge", str(two_runs[0]), "--also", str(two_runs[1]), "--out", str(out),
                  "--method", method, *density]) == 0  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(out).eval()

@@ -1,11 +1,17 @@
 """Merge, GGUF, Ollama and verification of a finished run (`lorasft merge / export / verify`)."""
 
-METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+FACTOR_PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+"""PEFT's pruning combinations applied to each adapter's A and B factors separately (rank x width
+matrices), then summed: the same rank, no SVD."""
+DELTA_PRUNING = ("ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+"""The same pruning applied to each adapter's whole delta B @ A (as the TIES and DARE papers do on
+full weights), then cut back to a LoRA by SVD."""
+PRUNING = FACTOR_PRUNING + DELTA_PRUNING
+"""The METHODS that prune (`--density`: the share of the entries kept)."""
+METHODS = ("linear", "cat", "svd", *PRUNING)
 """`lorasft merge --method`: linear is lorasft's exact weighted sum of the adapters' deltas; the
 others are PEFT's `add_weighted_adapter` combinations (cat: the same sum as one adapter of the
-ranks added; svd: that sum cut to a rank; ties, dare_*, magnitude_prune: pruned at `density`)."""
-PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
-"""The METHODS that prune each adapter's delta (`--density`)."""
+ranks added; svd: that sum cut to a rank by SVD; the PRUNING ones at `density`)."""
 
 WRITTEN = ("f32", "f16", "q8_0")
 """GGUF types lorasft writes itself (gguf-py's writer and quantizer)."""

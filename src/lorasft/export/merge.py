@@ -160,9 +160,8 @@ def write_combined_adapter(run_dirs: list[str | Path], out: str | Path,
 
     out = new_folder(out, "--adapter-out")
     if method == "linear":
-        raise ModelError("--adapter-out needs a --method that builds one adapter (cat, svd, "
-                         "ties, dare_linear, dare_ties, magnitude_prune); linear merges into the "
-                         "weights")  # fmt: skip
+        raise ModelError(f"--adapter-out needs a --method that builds one adapter "
+                         f"({', '.join(METHODS[1:])}); linear merges into the weights")  # fmt: skip
     spec, model = combine_runs(run_dirs, weights, method, density)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, selected_adapters=[COMBINED])
