@@ -31,6 +31,7 @@ when that one's answers proved to be one template).
 
 from __future__ import annotations
 
+import argparse
 import gettext
 import hashlib
 import json
@@ -234,4 +235,6 @@ def write(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    write(Path(sys.argv[1] if len(sys.argv) > 1 else "bench-out/tasks"))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", nargs="?", type=Path, default=Path("bench-out/tasks"))
+    write(ap.parse_args().out)

@@ -11,6 +11,7 @@ Used to check `lorasft export` against llama.cpp's own converter on the same mer
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import gguf
@@ -70,4 +71,8 @@ def compare(a_path: str, b_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(1 if compare(sys.argv[1], sys.argv[2]) else 0)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("a", help="a GGUF file")
+    ap.add_argument("b", help="the GGUF file to compare it with")
+    args = ap.parse_args()
+    sys.exit(1 if compare(args.a, args.b) else 0)
