@@ -32,17 +32,6 @@ from serve_load import start_server
 from lorasft.cli import main as lorasft
 
 
-def counts(report) -> dict:
-    """Prompts per target: same tokens, parted at a near tie, differing."""
-    out: dict[str, dict[str, int]] = {}
-    for row in report.rows:
-        if row.target == "adapter":  # the run itself, the reference
-            continue
-        c = out.setdefault(row.target, {"same": 0, "near_tie": 0, "differ": 0})
-        c["same" if row.tokens_ok and row.prompt_ok else "near_tie" if row.ok else "differ"] += 1
-    return out
-
-
 def check(run: Path, n: int, **targets) -> dict:
     from lorasft.export.verify import check_run
 
@@ -51,7 +40,7 @@ def check(run: Path, n: int, **targets) -> dict:
         report = check_run(str(run), targets.get("merged"), targets.get("gguf"),
                            targets.get("url"), None, targets.get("server_model"), 48, n,
                            targets.get("llama_cpp"), None)  # fmt: skip
-    return {"ok": report.ok, "targets": counts(report), "problems": report.problems}
+    return {"ok": report.ok, "targets": report.tally(), "problems": report.problems}
 
 
 def lifecycle(run: Path, out: Path, n: int) -> dict:

@@ -34,6 +34,7 @@ from lorasft.export import GGUF_TYPES
 from lorasft.export.gguf import export_gguf, write_gguf
 from lorasft.export.llamacpp_verify import LlamaCpp
 from lorasft.export.verify import (
+    VERDICTS,
     check_prompt_ids,
     describe_rounding,
     greedy,
@@ -80,14 +81,15 @@ def verdicts(ref, runtimes: list[LlamaCpp], prompts: list, max_new_tokens: int) 
     """verify's rows for each runtime (by its type): same tokens, near ties, differing."""
     with contextlib.redirect_stdout(io.StringIO()):
         report = verify(ref, [], prompts, max_new_tokens, tuple(runtimes))
-    out = {}
+    out, tally = {}, report.tally()
     for lc in runtimes:
-        rows = [r for r in report.rows if r.target == f"llama.cpp:{lc.type.lower()}"]
+        name = f"llama.cpp:{lc.type.lower()}"
+        rows = [r for r in report.rows if r.target == name]
         margins = [float(m) for r in rows if not r.tokens_ok
                    for m in re.findall(r"run's margin ([-\d.e+]+)", r.detail)]  # fmt: skip
-        out[lc.type] = {"n": len(rows), "same": sum(r.tokens_ok for r in rows),
-                        "ties": sum(r.near_tie and not r.tokens_ok for r in rows),
-                        "differ": sum(not r.ok for r in rows), "margins": margins,
+        t = tally.get(name, dict.fromkeys(VERDICTS, 0))
+        out[lc.type] = {"n": len(rows), "same": t["same"], "ties": t["near_tie"],
+                        "differ": t["differ"], "margins": margins,
                         "problems": report.problems}  # fmt: skip
     return out
 

@@ -95,3 +95,17 @@ def test_verify_reads_a_gguf_written_into_the_run_folder(tiny_run, capsys):
         assert "OK: 2/2 prompt-target pairs agree" in capsys.readouterr().out
     finally:
         inside.unlink(missing_ok=True)
+
+
+def test_each_compared_prompt_counts_once_by_its_verdict():
+    """Report.tally (the summary line, and the benches' tables): the reference's rows left out; a
+    prompt that tokenized differently is a failure even where the tokens then agree."""
+    from lorasft.export.verify import REFERENCE, Report, Row, render
+
+    report = Report([Row(0, REFERENCE, True, True), Row(0, "merged", True, True),
+                     Row(1, "merged", True, False, near_tie=True), Row(2, "merged", True, False),
+                     Row(0, "gguf", False, True), Row(1, "gguf", True, True)])  # fmt: skip
+    assert report.tally() == {"merged": {"same": 1, "near_tie": 1, "differ": 1},
+                              "gguf": {"same": 1, "near_tie": 0, "differ": 1}}  # fmt: skip
+    prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(3)]
+    assert "MISMATCH: 3/5 prompt-target pairs agree (1 at a near tie)" in render(report, prompts)

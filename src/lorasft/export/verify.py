@@ -64,6 +64,12 @@ def describe_rounding(kind: str) -> str:
 # 0.25, the absolute bound Q8_0 files had before theirs became a share).
 QUANTIZED_ROUNDING = {"none": 0.0, "nf4": 0.0, "fp4": 0.0, "int8": 0.25}
 
+REFERENCE = "adapter"
+"""The target name of the run itself, which every other target is compared with."""
+VERDICTS = ("same", "near_tie", "differ")
+"""A compared prompt's outcome: the same tokens; parted where the run's own margin is within the
+target's rounding (passes); or a failure."""
+
 
 @dataclass
 class Target:
@@ -93,6 +99,11 @@ class Row:
     def ok(self) -> bool:
         return self.prompt_ok and (self.tokens_ok or self.near_tie)
 
+    @property
+    def verdict(self) -> str:
+        """One of VERDICTS."""
+        return "differ" if not self.ok else "same" if self.tokens_ok else "near_tie"
+
 
 @dataclass
 class Report:
@@ -102,6 +113,14 @@ class Report:
     @property
     def ok(self) -> bool:
         return not self.problems and all(r.ok for r in self.rows)
+
+    def tally(self) -> dict[str, dict[str, int]]:
+        """Each compared target's prompts by verdict (the run itself, the reference, left out)."""
+        out: dict[str, dict[str, int]] = {}
+        for r in self.rows:
+            if r.target != REFERENCE:
+                out.setdefault(r.target, dict.fromkeys(VERDICTS, 0))[r.verdict] += 1
+        return out
 
 
 def prompt_set(spec, limit: int, required: bool = True) -> list[list[dict]]:
@@ -414,7 +433,7 @@ def load_reference(run_dir: str | Path):
     from lorasft.model.reopen import open_run
 
     run = open_run(run_dir)
-    return run.spec, Target("adapter", run.tok, run.spec.stops, run.model,
+    return run.spec, Target(REFERENCE, run.tok, run.spec.stops, run.model,
                             quantization=run.spec.quantization)  # fmt: skip
 
 
@@ -435,12 +454,11 @@ def render(report: Report, prompts: list[list[dict]]) -> str:
         lines.append(
             f"first mismatch: prompt {bad.prompt} ({user[:80]!r}) on {bad.target}: {bad.detail}"
         )
-    compared = [r for r in report.rows if r.target != "adapter"]
-    agree = sum(r.ok for r in compared)
-    ties = sum(r.ok and not r.tokens_ok for r in compared)
+    total = {v: sum(t[v] for t in report.tally().values()) for v in VERDICTS}
+    ties = total["near_tie"]
     tie_note = f" ({ties} at a near tie)" if ties else ""
-    lines.append(f"{'OK' if report.ok else 'MISMATCH'}: {agree}/{len(compared)} prompt-target "
-                 f"pairs agree{tie_note}")  # fmt: skip
+    lines.append(f"{'OK' if report.ok else 'MISMATCH'}: {total['same'] + ties}/"
+                 f"{sum(total.values())} prompt-target pairs agree{tie_note}")  # fmt: skip
     return "\n".join(lines)
 
 
